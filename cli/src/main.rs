@@ -1,0 +1,86 @@
+//! The `horcrux` command: argument parsing, logging, and wiring of stores, cache and mounts.
+//! This is the only crate that assembles everything; errors become `anyhow` here.
+
+mod cmd;
+mod paths;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Content-addressed, lazily fetched, writable copies of large directories.
+#[derive(Debug, Parser)]
+#[command(name = "horcrux", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command that uses the local cache.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Cache directory [default: /var/lib/horcrux/cache for root, else $XDG_CACHE_HOME/horcrux]
+    #[arg(long, global = true, env = "HORCRUX_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound on cached chunk data, e.g. 10G (least recently used chunks are evicted)
+    #[arg(long, global = true, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Cut a directory into content-addressed chunks and a manifest: the first commit of a volume
+    Generate(cmd::generate::GenerateArgs),
+    /// Show a repository's volume as a local filesystem, fetching only what is read
+    Mount(cmd::mount::MountArgs),
+    /// Unmount a horcrux mount
+    Umount(cmd::mount::UmountArgs),
+    /// Inspect and bound the local cache
+    Cache {
+        #[command(subcommand)]
+        command: cmd::cache::CacheCommand,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Run the main job end to end on a built-in sample: generate, mount, read, show the cache
+    Demo(cmd::demo::DemoArgs),
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    horcrux::format::parse_size(s)
+        .ok_or_else(|| format!("`{s}` is not a size: use a number with an optional K, M, G or T suffix"))
+}
+
+/// `RUST_LOG`-style logging to stderr (or to a file for detached mounts).
+pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Mount(a) => cmd::mount::run(a),
+        Command::Umount(a) => cmd::mount::run_umount(a),
+        Command::Cache { command, cache } => cmd::cache::run(command, cache),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("horcrux: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Default locations.
+
+use std::path::PathBuf;
+
+/// Is the effective user root?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Base state directory: `/var/lib/horcrux` for root, else `$XDG_CACHE_HOME/horcrux`
+/// (or `~/.cache/horcrux`).
+pub fn state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/horcrux");
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("horcrux");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("horcrux")
+}
+
+/// The cache directory to use given an optional override.
+pub fn cache_dir(explicit: Option<&PathBuf>) -> PathBuf {
+    explicit.cloned().unwrap_or_else(|| state_dir().join("cache"))
+}
+
+/// Directory for logs of detached mounts.
+pub fn log_dir() -> PathBuf {
+    state_dir().join("logs")
+}

@@ -1,0 +1,57 @@
+//! The cache index database: schema version table, migrations, WAL, busy timeout.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::CacheError;
+
+/// Current schema version of `index.sqlite`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    "CREATE TABLE chunks (
+        id BLOB PRIMARY KEY, generation INTEGER NOT NULL, len INTEGER NOT NULL,
+        block_size INTEGER NOT NULL, blocks BLOB NOT NULL, present BLOB NOT NULL,
+        bytes INTEGER NOT NULL, last_access INTEGER NOT NULL);
+     CREATE INDEX chunks_by_access ON chunks (last_access);
+     CREATE TABLE manifests (id BLOB PRIMARY KEY, size INTEGER NOT NULL, last_access INTEGER NOT NULL);",
+];
+
+pub fn open(dir: &Path) -> Result<Connection, CacheError> {
+    let d = dir.display().to_string();
+    let err = |source| CacheError::Sqlite { dir: d.clone(), source };
+    let conn = Connection::open(dir.join("index.sqlite")).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+         CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
+    )
+    .map_err(err)?;
+    // Migrate under a write lock, re-reading the version inside it: several processes may
+    // open a fresh cache at the same moment.
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+    let result = (|| {
+        let current: i64 = conn
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if current > SCHEMA_VERSION {
+            return Err(CacheError::Schema { dir: d.clone(), found: current, supported: SCHEMA_VERSION });
+        }
+        for m in MIGRATIONS.iter().skip(current as usize) {
+            conn.execute_batch(m).map_err(err)?;
+        }
+        conn.execute("DELETE FROM schema_version", []).map_err(err)?;
+        conn.execute("INSERT INTO schema_version VALUES (?1)", [SCHEMA_VERSION]).map_err(err)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(err)?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(conn)
+}

@@ -1,0 +1,251 @@
+//! Fetching chunk bytes: cache first, then the source, block by block, every block verified.
+//!
+//! - The unit of fetching is a block (`block_size`, 1 MiB by default) so a 4 KiB read never waits
+//!   for a whole chunk.
+//! - Single flight: concurrent readers of one missing block share one fetch.
+//! - Verified blocks are served at once; writing them into the cache happens on the blocking
+//!   pool and the in-flight entry stays until it is durable, so nobody fetches it twice.
+//! - A hash mismatch is an error for the reader (EIO) and is never cached.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::cache::Cache;
+use crate::format::chunk_key;
+use crate::hashtree::{self, Verified, VerifyError, block_range};
+use crate::ids::ChunkId;
+use crate::manifest::ChunkInfo;
+use crate::store::{Store, StoreError};
+
+/// Why a fetch failed. Cloneable so every waiter of a shared fetch gets the error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("fetching chunk {chunk} from {source_name}: {error}")]
+    Source { chunk: ChunkId, source_name: String, error: Arc<StoreError> },
+    #[error("{0}")]
+    Corrupt(Arc<VerifyError>),
+    #[error("fetching chunk {chunk} from {source_name}: no answer within {timeout:?}")]
+    Timeout { chunk: ChunkId, source_name: String, timeout: Duration },
+}
+
+/// Fetch tuning.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Concurrent requests to the source.
+    pub max_concurrency: usize,
+    /// Bound on one request; a dead source fails reads within this time.
+    pub request_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self { max_concurrency: 16, request_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Counters a user can read (`horcrux stats`, metrics).
+#[derive(Debug, Default)]
+pub struct FetchMetrics {
+    pub blocks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub source_errors: AtomicU64,
+    pub shared_waits: AtomicU64,
+}
+
+/// A block as a flight delivers it: found in the cache, or fetched and verified (to be cached).
+#[derive(Debug, Clone)]
+enum BlockData {
+    Cached(Bytes),
+    Fetched(Verified<Bytes>),
+}
+
+impl BlockData {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            BlockData::Cached(b) => b,
+            BlockData::Fetched(v) => v.get(),
+        }
+    }
+}
+
+type Flight = Arc<OnceCell<Result<BlockData, FetchError>>>;
+
+/// Reads chunk ranges through the cache from one source.
+#[derive(Debug)]
+pub struct Fetcher {
+    source: Arc<dyn Store>,
+    cache: Arc<Cache>,
+    block_size: u32,
+    config: FetchConfig,
+    limit: Semaphore,
+    inflight: Mutex<HashMap<(ChunkId, u32), Flight>>,
+    metrics: FetchMetrics,
+}
+
+impl Fetcher {
+    pub fn new(source: Arc<dyn Store>, cache: Arc<Cache>, block_size: u32, config: FetchConfig) -> Self {
+        Self {
+            source,
+            cache,
+            block_size,
+            limit: Semaphore::new(config.max_concurrency.max(1)),
+            config,
+            inflight: Mutex::new(HashMap::new()),
+            metrics: FetchMetrics::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub fn metrics(&self) -> &FetchMetrics {
+        &self.metrics
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Bytes `range` of chunk `info`, from the cache when every block is there (blocking read
+    /// of a local file: call from a non-runtime thread), else fetched.
+    pub fn read_cached(&self, info: &ChunkInfo, range: Range<u64>) -> Option<Bytes> {
+        self.cache.read_range(info, self.block_size, range)
+    }
+
+    /// Bytes `range` of chunk `info`, fetching missing blocks from the source.
+    pub async fn read(self: &Arc<Self>, info: &Arc<ChunkInfo>, range: Range<u64>) -> Result<Bytes, FetchError> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let bs = self.block_size as u64;
+        let first = (range.start / bs) as u32;
+        let last = ((range.end - 1) / bs) as u32;
+        let mut tasks = Vec::new();
+        for b in first..=last {
+            let this = self.clone();
+            let info = info.clone();
+            tasks.push(tokio::spawn(async move { this.block(&info, b).await }));
+        }
+        let mut blocks = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            blocks.push(t.await.expect("block task panicked")?);
+        }
+        if blocks.len() == 1 {
+            let s = (range.start - first as u64 * bs) as usize;
+            let e = (range.end - first as u64 * bs) as usize;
+            return Ok(blocks.remove(0).slice(s..e));
+        }
+        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
+        for (i, b) in blocks.iter().enumerate() {
+            let bstart = (first as u64 + i as u64) * bs;
+            let s = range.start.max(bstart) - bstart;
+            let e = range.end.min(bstart + b.len() as u64) - bstart;
+            out.extend_from_slice(&b[s as usize..e as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// One whole verified block, via cache or source, single-flight.
+    async fn block(self: &Arc<Self>, info: &Arc<ChunkInfo>, idx: u32) -> Result<Bytes, FetchError> {
+        let key = (info.id, idx);
+        let (flight, leader) = {
+            let mut m = self.inflight.lock();
+            match m.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f: Flight = Arc::new(OnceCell::new());
+                    m.insert(key, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            self.metrics.shared_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        let this = self.clone();
+        let info2 = info.clone();
+        let result = flight
+            .get_or_init(|| async move { this.fetch_block(&info2, idx).await })
+            .await
+            .clone();
+        if leader {
+            match &result {
+                Ok(BlockData::Fetched(v)) => {
+                    // Persist, then retire the flight so later readers find it in the cache.
+                    let this = self.clone();
+                    let info = info.clone();
+                    let v = v.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = this.cache.insert_blocks(&info, this.block_size, &[(idx, v)]) {
+                            tracing::warn!(chunk = %info.id, block = idx, error = %e, "could not cache block (served anyway)");
+                        }
+                        this.inflight.lock().remove(&key);
+                    });
+                }
+                _ => {
+                    self.inflight.lock().remove(&key);
+                }
+            }
+        }
+        result.map(|b| b.bytes().clone())
+    }
+
+    async fn fetch_block(&self, info: &ChunkInfo, idx: u32) -> Result<BlockData, FetchError> {
+        let r = block_range(info.len, self.block_size, idx);
+        // Another process (or an earlier flight) may have cached it meanwhile.
+        let cache = self.cache.clone();
+        let info_c = info.clone();
+        let bs = self.block_size;
+        let r2 = r.clone();
+        if let Ok(Some(b)) =
+            tokio::task::spawn_blocking(move || cache.read_range(&info_c, bs, r2)).await
+        {
+            return Ok(BlockData::Cached(b));
+        }
+        let _permit = self.limit.acquire().await.expect("semaphore open");
+        let key = chunk_key(&info.id);
+        let fut = self.source.get_range(&key, r.clone());
+        let data = match tokio::time::timeout(self.config.request_timeout, fut).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                let err = FetchError::Source {
+                    chunk: info.id,
+                    source_name: self.source.describe(),
+                    error: Arc::new(e),
+                };
+                tracing::error!(error = %err, block = idx, "fetch failed");
+                return Err(err);
+            }
+            Err(_) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                let err = FetchError::Timeout {
+                    chunk: info.id,
+                    source_name: self.source.describe(),
+                    timeout: self.config.request_timeout,
+                };
+                tracing::error!(error = %err, block = idx, "fetch timed out");
+                return Err(err);
+            }
+        };
+        let expected = info.blocks[idx as usize];
+        let verified = hashtree::verify_block(info.id, info.len, self.block_size, idx, &expected, data)
+            .map_err(|e| {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %info.id, block = idx, source = %self.source.describe(), "hash mismatch: corrupted data refused");
+                FetchError::Corrupt(Arc::new(e))
+            })?;
+        self.metrics.blocks_fetched.fetch_add(1, Ordering::Relaxed);
+        self.metrics.bytes_fetched.fetch_add(verified.get().len() as u64, Ordering::Relaxed);
+        Ok(BlockData::Fetched(verified))
+    }
+}

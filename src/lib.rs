@@ -1,0 +1,20 @@
+//! horcrux core: content-addressed, lazily fetched, verified volumes.
+//!
+//! Layers (see `docs/ARCHITECTURE.md`): [`ids`] and [`hashtree`] (naming and verification),
+//! [`format`], [`manifest`] and [`commit`] (what is stored), [`store`] (where it is stored),
+//! [`repo`] (a repository in a store), [`cache`] (local verified copies), [`fetch`]
+//! (cache-then-source reads), [`volume`] (filesystem semantics, protocol-free) and
+//! [`generate`] (turning a directory into a repository).
+
+pub mod cache;
+pub mod commit;
+pub mod fetch;
+pub mod format;
+pub mod generate;
+pub mod hashtree;
+pub mod ids;
+pub mod manifest;
+pub mod repo;
+pub mod store;
+pub mod util;
+pub mod volume;

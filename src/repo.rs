@@ -1,0 +1,247 @@
+//! A repository in a store: its config, volumes, refs and commits.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::cache::{Cache, CacheError};
+use crate::commit::{Commit, CommitError};
+use crate::format::{
+    self, CONFIG_KEY, FORMAT_VERSION, FormatError, RepoConfig, branch_key, commit_key,
+    manifest_key, tag_key,
+};
+use crate::ids::{CommitId, ManifestId};
+use crate::manifest::{Manifest, ManifestError};
+use crate::store::{Store, StoreError};
+
+/// Errors about a repository as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{0} is not a horcrux repository (no {CONFIG_KEY}); create one with `horcrux generate`")]
+    NotARepo(String),
+    #[error("{store}: {CONFIG_KEY} is not valid: {what}")]
+    BadConfig { store: String, what: String },
+    #[error(
+        "{store}: repository format version {found} is not supported by this horcrux (supports {FORMAT_VERSION}); upgrade horcrux"
+    )]
+    Version { store: String, found: u32 },
+    #[error("{store}: no volume named `{name}`; volumes here: {known}")]
+    NoSuchVolume { store: String, name: String, known: String },
+    #[error("{store}: holds several volumes ({known}); choose one with --name")]
+    NameNeeded { store: String, known: String },
+    #[error("{store}: the repository holds no volume")]
+    Empty { store: String },
+    #[error("{store}: volume `{name}` already exists; choose another name or remove it first")]
+    VolumeExists { store: String, name: String },
+    #[error("volume `{volume}`: no branch, tag or commit named `{reference}`")]
+    NoSuchRef { volume: String, reference: String },
+    #[error("volume `{volume}`: `{reference}` matches several commits; give more digits")]
+    AmbiguousRef { volume: String, reference: String },
+    #[error("{store}: ref `{key}` holds `{content}`, not a commit id")]
+    BadRef { store: String, key: String, content: String },
+    #[error("manifest {0}: downloaded content does not match its id")]
+    CorruptManifest(ManifestId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// A repository: one store holding chunks, manifests, commits and refs of one or more volumes.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn Store>,
+}
+
+impl Repository {
+    /// Open an existing repository, checking its format version.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Self, RepoError> {
+        let bytes = match store.get(CONFIG_KEY).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(RepoError::NotARepo(store.describe())),
+            Err(e) => return Err(e.into()),
+        };
+        let cfg: RepoConfig = serde_json::from_slice(&bytes).map_err(|e| RepoError::BadConfig {
+            store: store.describe(),
+            what: e.to_string(),
+        })?;
+        if cfg.format != "horcrux" {
+            return Err(RepoError::BadConfig {
+                store: store.describe(),
+                what: format!("format is `{}`, expected `horcrux`", cfg.format),
+            });
+        }
+        if cfg.version != FORMAT_VERSION {
+            return Err(RepoError::Version { store: store.describe(), found: cfg.version });
+        }
+        Ok(Self { store })
+    }
+
+    /// Open the repository, creating its config if the store is empty.
+    pub async fn open_or_init(store: Arc<dyn Store>) -> Result<Self, RepoError> {
+        match Self::open(store.clone()).await {
+            Err(RepoError::NotARepo(_)) => {
+                let cfg = serde_json::to_vec_pretty(&RepoConfig::current()).expect("serializes");
+                match store.compare_and_swap(CONFIG_KEY, None, Bytes::from(cfg)).await {
+                    Ok(()) | Err(StoreError::CasConflict { .. }) => Self::open(store).await,
+                    Err(e) => Err(e.into()),
+                }
+            }
+            other => other,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Names of the volumes in the repository.
+    pub async fn volumes(&self) -> Result<Vec<String>, RepoError> {
+        let keys = self.store.list("volumes/").await?;
+        let mut names: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix("volumes/")?.split('/').next().map(str::to_string))
+            .collect();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The volume to use: `name` if given (must exist), else the only one.
+    pub async fn pick_volume(&self, name: Option<&str>) -> Result<String, RepoError> {
+        let vols = self.volumes().await?;
+        let known = if vols.is_empty() { "none".to_string() } else { vols.join(", ") };
+        match name {
+            Some(n) if vols.iter().any(|v| v == n) => Ok(n.to_string()),
+            Some(n) => Err(RepoError::NoSuchVolume {
+                store: self.store.describe(),
+                name: n.to_string(),
+                known,
+            }),
+            None => match vols.len() {
+                0 => Err(RepoError::Empty { store: self.store.describe() }),
+                1 => Ok(vols[0].clone()),
+                _ => Err(RepoError::NameNeeded { store: self.store.describe(), known }),
+            },
+        }
+    }
+
+    /// Resolve a branch, tag, full commit id or unique commit id prefix.
+    pub async fn resolve(&self, volume: &str, reference: &str) -> Result<CommitId, RepoError> {
+        format::check_volume_name(volume)?;
+        for key in [branch_key(volume, reference), tag_key(volume, reference)] {
+            if format::check_ref_name(reference).is_err() {
+                break;
+            }
+            match self.store.get(&key).await {
+                Ok(b) => return self.parse_ref(&key, &b),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if reference.len() >= 4 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
+            let r = reference.to_ascii_lowercase();
+            let matches: Vec<String> = self
+                .store
+                .list(&format!("commits/{}", &r[..2]))
+                .await?
+                .into_iter()
+                .filter_map(|k| k.strip_prefix("commits/").map(str::to_string))
+                .filter(|h| h.starts_with(&r))
+                .collect();
+            match matches.len() {
+                1 => return Ok(matches[0].parse().expect("listed ids are hex")),
+                0 => {}
+                _ => {
+                    return Err(RepoError::AmbiguousRef {
+                        volume: volume.into(),
+                        reference: reference.into(),
+                    });
+                }
+            }
+        }
+        Err(RepoError::NoSuchRef { volume: volume.into(), reference: reference.into() })
+    }
+
+    fn parse_ref(&self, key: &str, bytes: &[u8]) -> Result<CommitId, RepoError> {
+        let s = String::from_utf8_lossy(bytes);
+        s.trim().parse().map_err(|_| RepoError::BadRef {
+            store: self.store.describe(),
+            key: key.to_string(),
+            content: s.chars().take(80).collect(),
+        })
+    }
+
+    /// Current commit of a branch, if the branch exists.
+    pub async fn branch(&self, volume: &str, branch: &str) -> Result<Option<CommitId>, RepoError> {
+        let key = branch_key(volume, branch);
+        match self.store.get(&key).await {
+            Ok(b) => Ok(Some(self.parse_ref(&key, &b)?)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Move a branch from `old` to `new` atomically (compare-and-swap).
+    pub async fn set_branch(
+        &self,
+        volume: &str,
+        branch: &str,
+        old: Option<CommitId>,
+        new: CommitId,
+    ) -> Result<(), RepoError> {
+        format::check_volume_name(volume)?;
+        format::check_ref_name(branch)?;
+        let old_bytes = old.map(|c| format!("{c}\n").into_bytes());
+        self.store
+            .compare_and_swap(
+                &branch_key(volume, branch),
+                old_bytes.as_deref(),
+                Bytes::from(format!("{new}\n")),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn commit(&self, id: CommitId) -> Result<Commit, RepoError> {
+        let bytes = self.store.get(&commit_key(&id)).await?;
+        Ok(Commit::decode(id, &bytes)?)
+    }
+
+    pub async fn put_commit(&self, c: &Commit) -> Result<CommitId, RepoError> {
+        let (id, bytes) = c.encode();
+        self.store.put(&commit_key(&id), Bytes::from(bytes)).await?;
+        Ok(id)
+    }
+
+    /// Open manifest `id`, downloading it into the cache (and verifying it) if needed.
+    pub async fn manifest(&self, id: ManifestId, cache: &Cache) -> Result<Arc<Manifest>, RepoError> {
+        let path = cache.manifest_path(&id);
+        if !cache.has_manifest(&id) {
+            let tmp = crate::util::temp_name(&path);
+            self.store.get_to_file(&manifest_key(&id), &tmp).await?;
+            let t2 = tmp.clone();
+            let got = tokio::task::spawn_blocking(move || crate::manifest::hash_file(&t2))
+                .await
+                .expect("hash task")?;
+            if got != id {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::error!(manifest = %id, source = %self.store.describe(), "manifest hash mismatch");
+                return Err(RepoError::CorruptManifest(id));
+            }
+            std::fs::rename(&tmp, &path).map_err(|source| CacheError::Io {
+                dir: cache.dir().display().to_string(),
+                source,
+            })?;
+            cache.add_manifest(&id)?;
+        }
+        let p = path.clone();
+        let m = tokio::task::spawn_blocking(move || Manifest::open(&p)).await.expect("open task")?;
+        Ok(Arc::new(m))
+    }
+}

@@ -1,0 +1,233 @@
+//! `file://` store: a directory on a local or network filesystem. Blocking file I/O runs on
+//! tokio's blocking pool, never on async workers.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::{Store, StoreError};
+use crate::util::write_atomic;
+
+/// A repository in a local directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        // Keys are produced by `format`, never by users, but refuse traversal anyway.
+        debug_assert!(!key.split('/').any(|c| c == ".." || c.is_empty()));
+        self.root.join(key)
+    }
+
+    fn err(&self, key: &str, source: io::Error) -> StoreError {
+        if source.kind() == io::ErrorKind::NotFound {
+            StoreError::NotFound { store: self.describe(), key: key.to_string() }
+        } else {
+            StoreError::Io { store: self.describe(), key: key.to_string(), source }
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&FileStore) -> io::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        let key_owned = key.to_string();
+        let r = tokio::task::spawn_blocking(move || f(&this)).await.expect("file store task");
+        r.map_err(|e| self.err(&key_owned, e))
+    }
+
+    /// Synchronous range read, for callers already on a blocking thread.
+    pub fn read_range_sync(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        read_range(&self.path(key), range).map_err(|e| self.err(key, e))
+    }
+}
+
+fn read_range(path: &Path, range: Range<u64>) -> io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let len = (range.end - range.start) as usize;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = f.read_at(&mut buf[done..], range.start + done as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("range {}..{} is past the end of the object", range.start, range.end),
+            ));
+        }
+        done += n;
+    }
+    Ok(buf)
+}
+
+#[async_trait::async_trait]
+impl Store for FileStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let p = self.path(key);
+        self.blocking(key, move |_| read_range(&p, range).map(Bytes::from)).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let p = self.path(key);
+        self.blocking(key, move |_| {
+            let mut v = Vec::new();
+            File::open(&p)?.read_to_end(&mut v)?;
+            Ok(Bytes::from(v))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let p = self.path(key);
+        self.blocking(key, move |_| write_atomic(&p, &data)).await
+    }
+
+    async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        let paths: Vec<PathBuf> = keys.iter().map(|k| self.path(k)).collect();
+        self.blocking("", move |_| Ok(paths.iter().map(|p| p.exists()).collect())).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        self.blocking("", move |_| {
+            let mut out = Vec::new();
+            walk(&root, &root, &prefix, &mut out)?;
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Bytes,
+    ) -> Result<(), StoreError> {
+        let p = self.path(key);
+        let expected = expected.map(<[u8]>::to_vec);
+        let store = self.describe();
+        let key_s = key.to_string();
+        let r = self
+            .blocking(key, move |_| {
+                // An exclusive lock file serialises writers; the rename keeps readers atomic.
+                let dir = p.parent().expect("ref has a parent");
+                fs::create_dir_all(dir)?;
+                let lock = File::options()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join(".lock"))?;
+                flock(&lock)?;
+                let current = match fs::read(&p) {
+                    Ok(v) => Some(v),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                if current.as_deref() != expected.as_deref() {
+                    return Ok(false);
+                }
+                write_atomic(&p, &new)?;
+                Ok(true)
+            })
+            .await?;
+        if r { Ok(()) } else { Err(StoreError::CasConflict { store, key: key_s }) }
+    }
+
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
+        let src = self.path(key);
+        let dest = dest.to_path_buf();
+        self.blocking(key, move |_| {
+            let tmp = crate::util::temp_name(&dest);
+            if let Some(d) = dest.parent() {
+                fs::create_dir_all(d)?;
+            }
+            let r = fs::copy(&src, &tmp).and_then(|_| File::open(&tmp)?.sync_all()).and_then(|_| fs::rename(&tmp, &dest));
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r
+        })
+        .await
+    }
+}
+
+fn flock(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid open descriptor; the lock is released when `f` is closed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in rd {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue; // temp files and locks
+        }
+        let path = entry.path();
+        let rel = path.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            let rel_dir = format!("{rel}/");
+            if rel_dir.starts_with(prefix) || prefix.starts_with(&rel_dir) {
+                walk(root, &path, prefix, out)?;
+            }
+        } else if rel.starts_with(prefix) {
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn basic_operations() {
+        let d = tempfile::tempdir().unwrap();
+        let s = FileStore::new(d.path().to_path_buf());
+        s.put("chunks/ab/x", Bytes::from_static(b"hello world")).await.unwrap();
+        assert_eq!(s.get_range("chunks/ab/x", 6..11).await.unwrap(), "world");
+        assert!(s.get_range("chunks/ab/x", 6..12).await.is_err());
+        assert!(s.get("nope").await.unwrap_err().is_not_found());
+        assert_eq!(s.exists(&["chunks/ab/x".into(), "y".into()]).await.unwrap(), vec![true, false]);
+        assert_eq!(s.list("chunks/").await.unwrap(), vec!["chunks/ab/x".to_string()]);
+        s.compare_and_swap("refs/main", None, Bytes::from_static(b"1")).await.unwrap();
+        assert!(matches!(
+            s.compare_and_swap("refs/main", None, Bytes::from_static(b"2")).await,
+            Err(StoreError::CasConflict { .. })
+        ));
+        s.compare_and_swap("refs/main", Some(b"1"), Bytes::from_static(b"2")).await.unwrap();
+        assert_eq!(s.get("refs/main").await.unwrap(), "2");
+    }
+}

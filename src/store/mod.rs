@@ -1,0 +1,91 @@
+//! Where repositories live. A [`Store`] is a minimal key → bytes interface (range get, put,
+//! exists-batch, list, compare-and-swap); backends are thin, and caching, mirrors, limits and
+//! metrics are decorators around it.
+
+mod file;
+mod url;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use file::FileStore;
+pub use url::{AccessUrl, UrlError, parse_access, parse_one};
+
+/// Errors from stores. Messages name the store and key so a user knows what failed where.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{store}: `{key}` not found")]
+    NotFound { store: String, key: String },
+    #[error("{store}: `{key}`: {source}")]
+    Io { store: String, key: String, source: std::io::Error },
+    #[error("{store}: `{key}` was changed by someone else (expected a different current value)")]
+    CasConflict { store: String, key: String },
+    #[error("{store}: {message}")]
+    Other { store: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// A place holding repository objects.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Human-readable location, free of credentials.
+    fn describe(&self) -> String;
+
+    /// Bytes `range` of `key`. A range past the end is an error, not a short read.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
+
+    /// Whole object.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Write an object atomically (readers see the old or the new bytes, never a mix).
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+
+    /// For each key, whether it exists.
+    async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError>;
+
+    /// Keys starting with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Replace `key` only if its current content is `expected` (`None` = must not exist).
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Bytes,
+    ) -> Result<(), StoreError>;
+
+    /// Copy an object into a local file (written to a temp name then renamed).
+    /// Large objects (manifests) should not be held in memory whole: backends override this.
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
+        let data = self.get(key).await?;
+        let dest = dest.to_path_buf();
+        let store = self.describe();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || crate::util::write_atomic(&dest, &data))
+            .await
+            .expect("write task")
+            .map_err(|source| StoreError::Io { store, key, source })
+    }
+}
+
+/// Open the store an access URL names.
+pub fn open_store(url: &AccessUrl) -> Result<Arc<dyn Store>, StoreError> {
+    match url {
+        AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
+        other => Err(StoreError::Unsupported(format!(
+            "{other}: this build of horcrux reads repositories from file:// (and cp://) only; \
+             scp/ssh, s3 and horcrux:// peers are not available yet"
+        ))),
+    }
+}
