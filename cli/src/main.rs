@@ -3,6 +3,7 @@
 
 mod cmd;
 mod paths;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
