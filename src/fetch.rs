@@ -249,3 +249,136 @@ impl Fetcher {
         Ok(BlockData::Fetched(verified))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::hashtree::hash_chunk;
+    use crate::store::FileStore;
+
+    const BS: u32 = 4096;
+
+    /// Counts range requests and delays them, so concurrent readers overlap.
+    #[derive(Debug)]
+    struct Counting {
+        inner: FileStore,
+        gets: AtomicUsize,
+        delay: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.inner.get_range(key, range).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+            self.inner.put(key, data).await
+        }
+        async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+            self.inner.exists(keys).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: Bytes,
+        ) -> Result<(), StoreError> {
+            self.inner.compare_and_swap(key, expected, new).await
+        }
+    }
+
+    async fn setup(
+        delay: Duration,
+        len: usize,
+    ) -> (tempfile::TempDir, Arc<Counting>, Arc<Fetcher>, Arc<ChunkInfo>, Vec<u8>) {
+        let d = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let (id, blocks) = hash_chunk(&data, BS);
+        let store = FileStore::new(d.path().join("repo"));
+        store.put(&chunk_key(&id), Bytes::from(data.clone())).await.unwrap();
+        let counting = Arc::new(Counting { inner: store, gets: AtomicUsize::new(0), delay });
+        let cache = Cache::open(CacheConfig { dir: d.path().join("cache"), max_size: None }).unwrap();
+        let f = Arc::new(Fetcher::new(
+            counting.clone(),
+            cache,
+            BS,
+            FetchConfig { max_concurrency: 8, request_timeout: Duration::from_secs(5) },
+        ));
+        let info = Arc::new(ChunkInfo { idx: 0, id, len: len as u64, blocks });
+        (d, counting, f, info, data)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_a_cold_block_share_one_fetch() {
+        let (_d, store, f, info, data) = setup(Duration::from_millis(200), 4 * 4096).await;
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let f = f.clone();
+            let info = info.clone();
+            tasks.push(tokio::spawn(async move { f.read(&info, 4096 + i..4096 + i + 100).await }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let b = t.await.unwrap().unwrap();
+            assert_eq!(&b[..], &data[4096 + i..4096 + i + 100]);
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "64 readers caused more than one fetch");
+        // Once persisted, the block is served from the cache.
+        for _ in 0..50 {
+            if f.read_cached(&info, 4096..8192).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(f.read_cached(&info, 4096..8192).unwrap(), &data[4096..8192]);
+        // A read across blocks fetches only the missing ones, exactly.
+        let b = f.read(&info, 4000..3 * 4096 + 5).await.unwrap();
+        assert_eq!(&b[..], &data[4000..3 * 4096 + 5]);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 4, "blocks 0, 2 and 3 only");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupted_source_data_is_refused_and_never_cached() {
+        let (d, _store, f, info, _data) = setup(Duration::ZERO, 2 * 4096).await;
+        let path = d.path().join("repo").join(chunk_key(&info.id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[5000] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = f.read(&info, 4096..4200).await.unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
+        assert_eq!(f.metrics().verify_failures.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(f.read_cached(&info, 4096..4200).is_none());
+        assert_eq!(f.cache().stats().unwrap().bytes, 0);
+        // The intact block still reads.
+        assert!(f.read(&info, 0..100).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_source_fails_within_the_timeout() {
+        let (_d, _store, f, info, _data) = setup(Duration::from_secs(3600), 4096).await;
+        let f = Arc::new(Fetcher::new(
+            f.source.clone(),
+            f.cache.clone(),
+            BS,
+            FetchConfig { max_concurrency: 1, request_timeout: Duration::from_millis(300) },
+        ));
+        let t = std::time::Instant::now();
+        let err = f.read(&info, 0..10).await.unwrap_err();
+        assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}

@@ -809,3 +809,6 @@ fn rand_u32() -> u32 {
     }
     u32::from_le_bytes(b)
 }
+
+#[cfg(test)]
+mod tests;
