@@ -134,10 +134,8 @@ impl Repository {
     /// Resolve a branch, tag, full commit id or unique commit id prefix.
     pub async fn resolve(&self, volume: &str, reference: &str) -> Result<CommitId, RepoError> {
         format::check_volume_name(volume)?;
-        for key in [branch_key(volume, reference), tag_key(volume, reference)] {
-            if format::check_ref_name(reference).is_err() {
-                break;
-            }
+        let named = format::check_ref_name(reference).is_ok();
+        for key in [branch_key(volume, reference), tag_key(volume, reference)].into_iter().filter(|_| named) {
             match self.store.get(&key).await {
                 Ok(b) => return self.parse_ref(&key, &b),
                 Err(e) if e.is_not_found() => {}

@@ -296,7 +296,9 @@ impl Manifest {
 
 fn open_conn(path: &Path) -> Result<Connection, ManifestError> {
     let err = |source| ManifestError::Sqlite { path: path.display().to_string(), source };
-    let uri = format!("file:{}?immutable=1", path.display());
+    // SQLite URI: escape the characters that would end or corrupt the path part.
+    let escaped = path.display().to_string().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+    let uri = format!("file:{escaped}?immutable=1");
     let conn = Connection::open_with_flags(
         uri,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
