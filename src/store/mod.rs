@@ -79,8 +79,26 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 }
 
-/// Open the store an access URL names.
+/// Options of remote stores (SSH identity and host-key policy, S3 settings), filled by the CLI.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Private key to use for SSH instead of the agent and default keys.
+    pub ssh_identity: Option<std::path::PathBuf>,
+    /// `known_hosts` file [default: ~/.ssh/known_hosts].
+    pub ssh_known_hosts: Option<std::path::PathBuf>,
+    /// Accept any SSH host key (explicit opt-out of host-key checking).
+    pub ssh_insecure_ignore_host_key: bool,
+    /// Parallel SSH sessions per host.
+    pub ssh_sessions: Option<usize>,
+}
+
+/// Open the store an access URL names, with default options.
 pub fn open_store(url: &AccessUrl) -> Result<Arc<dyn Store>, StoreError> {
+    open_store_with(url, &StoreOptions::default())
+}
+
+/// Open the store an access URL names.
+pub fn open_store_with(url: &AccessUrl, _options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
         other => Err(StoreError::Unsupported(format!(
