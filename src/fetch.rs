@@ -1,11 +1,15 @@
 //! Fetching chunk bytes: cache first, then the source, block by block, every block verified.
 //!
 //! - The unit of fetching is a block (`block_size`, 1 MiB by default) so a 4 KiB read never waits
-//!   for a whole chunk.
-//! - Single flight: concurrent readers of one missing block share one fetch.
+//!   for a whole chunk. After a foreground miss, the rest of that chunk is filled in the
+//!   background at lower priority (its own, smaller concurrency budget).
+//! - Single flight: concurrent readers of one missing block share one fetch, whether it was
+//!   started by a reader or by a background fill or prefetch.
 //! - Verified blocks are served at once; writing them into the cache happens on the blocking
 //!   pool and the in-flight entry stays until it is durable, so nobody fetches it twice.
-//! - A hash mismatch is an error for the reader (EIO) and is never cached.
+//! - The source is a [`MirrorStore`]: a mirror that fails, times out or returns data that does
+//!   not match its hash is skipped for a while and the next one is asked.
+//! - A hash mismatch from every mirror is an error for the reader (EIO) and is never cached.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -19,34 +23,51 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use crate::cache::Cache;
 use crate::format::chunk_key;
-use crate::hashtree::{self, Verified, VerifyError, block_range};
+use crate::hashtree::{self, Verified, VerifyError, block_count, block_range};
 use crate::ids::ChunkId;
 use crate::manifest::ChunkInfo;
-use crate::store::{Store, StoreError};
+use crate::store::{MirrorConfig, MirrorStore, Store, StoreError};
 
 /// Why a fetch failed. Cloneable so every waiter of a shared fetch gets the error.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("fetching chunk {chunk} from {source_name}: {error}")]
-    Source { chunk: ChunkId, source_name: String, error: Arc<StoreError> },
+    Source {
+        chunk: ChunkId,
+        source_name: String,
+        error: Arc<StoreError>,
+    },
     #[error("{0}")]
     Corrupt(Arc<VerifyError>),
     #[error("fetching chunk {chunk} from {source_name}: no answer within {timeout:?}")]
-    Timeout { chunk: ChunkId, source_name: String, timeout: Duration },
+    Timeout {
+        chunk: ChunkId,
+        source_name: String,
+        timeout: Duration,
+    },
 }
 
 /// Fetch tuning.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Concurrent requests to the source.
+    /// Concurrent foreground requests to the source.
     pub max_concurrency: usize,
-    /// Bound on one request; a dead source fails reads within this time.
+    /// Concurrent background requests (chunk fill, prefetch).
+    pub background_concurrency: usize,
+    /// Bound on one block fetch across all mirrors; a dead source fails reads within it.
     pub request_timeout: Duration,
+    /// After a miss, fetch the rest of the chunk in the background.
+    pub fill_chunks: bool,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        Self { max_concurrency: 16, request_timeout: Duration::from_secs(30) }
+        Self {
+            max_concurrency: 16,
+            background_concurrency: 4,
+            request_timeout: Duration::from_secs(30),
+            fill_chunks: true,
+        }
     }
 }
 
@@ -55,6 +76,7 @@ impl Default for FetchConfig {
 pub struct FetchMetrics {
     pub blocks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    pub background_blocks: AtomicU64,
     pub verify_failures: AtomicU64,
     pub source_errors: AtomicU64,
     pub shared_waits: AtomicU64,
@@ -78,25 +100,51 @@ impl BlockData {
 
 type Flight = Arc<OnceCell<Result<BlockData, FetchError>>>;
 
-/// Reads chunk ranges through the cache from one source.
+/// Priority of a block fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Priority {
+    Foreground,
+    Background,
+}
+
+/// Reads chunk ranges through the cache from a source (one store or several mirrors).
 #[derive(Debug)]
 pub struct Fetcher {
-    source: Arc<dyn Store>,
+    source: Arc<MirrorStore>,
     cache: Arc<Cache>,
     block_size: u32,
     config: FetchConfig,
-    limit: Semaphore,
+    foreground: Semaphore,
+    background: Semaphore,
     inflight: Mutex<HashMap<(ChunkId, u32), Flight>>,
     metrics: FetchMetrics,
 }
 
 impl Fetcher {
-    pub fn new(source: Arc<dyn Store>, cache: Arc<Cache>, block_size: u32, config: FetchConfig) -> Self {
+    /// A fetcher over one store.
+    pub fn new(
+        source: Arc<dyn Store>,
+        cache: Arc<Cache>,
+        block_size: u32,
+        config: FetchConfig,
+    ) -> Self {
+        let mirrors = Arc::new(MirrorStore::new(vec![source], MirrorConfig::default()));
+        Self::with_mirrors(mirrors, cache, block_size, config)
+    }
+
+    /// A fetcher over mirrors, in order of preference.
+    pub fn with_mirrors(
+        source: Arc<MirrorStore>,
+        cache: Arc<Cache>,
+        block_size: u32,
+        config: FetchConfig,
+    ) -> Self {
         Self {
             source,
             cache,
             block_size,
-            limit: Semaphore::new(config.max_concurrency.max(1)),
+            foreground: Semaphore::new(config.max_concurrency.max(1)),
+            background: Semaphore::new(config.background_concurrency.max(1)),
             config,
             inflight: Mutex::new(HashMap::new()),
             metrics: FetchMetrics::default(),
@@ -115,14 +163,18 @@ impl Fetcher {
         self.block_size
     }
 
-    /// Bytes `range` of chunk `info`, from the cache when every block is there (blocking read
-    /// of a local file: call from a non-runtime thread), else fetched.
+    /// Bytes `range` of chunk `info` if every block is cached. Blocking read of a local file:
+    /// call it from a FUSE worker or the blocking pool, not from an async task.
     pub fn read_cached(&self, info: &ChunkInfo, range: Range<u64>) -> Option<Bytes> {
         self.cache.read_range(info, self.block_size, range)
     }
 
     /// Bytes `range` of chunk `info`, fetching missing blocks from the source.
-    pub async fn read(self: &Arc<Self>, info: &Arc<ChunkInfo>, range: Range<u64>) -> Result<Bytes, FetchError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
@@ -133,11 +185,16 @@ impl Fetcher {
         for b in first..=last {
             let this = self.clone();
             let info = info.clone();
-            tasks.push(tokio::spawn(async move { this.block(&info, b).await }));
+            tasks.push(tokio::spawn(async move {
+                this.block(&info, b, Priority::Foreground).await
+            }));
         }
         let mut blocks = Vec::with_capacity(tasks.len());
         for t in tasks {
             blocks.push(t.await.expect("block task panicked")?);
+        }
+        if self.config.fill_chunks {
+            self.prefetch(info, 0..block_count(info.len, self.block_size));
         }
         if blocks.len() == 1 {
             let s = (range.start - first as u64 * bs) as usize;
@@ -154,8 +211,34 @@ impl Fetcher {
         Ok(out.freeze())
     }
 
+    /// Fetch `blocks` of chunk `info` in the background (skipping cached and in-flight ones).
+    /// Must be called from within the runtime or with its handle entered.
+    pub fn prefetch(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>) {
+        let present = self.cache.present(info, self.block_size);
+        let n = block_count(info.len, self.block_size);
+        for b in blocks.start..blocks.end.min(n) {
+            if present.get(b) || self.inflight.lock().contains_key(&(info.id, b)) {
+                continue;
+            }
+            let this = self.clone();
+            let info = info.clone();
+            tokio::spawn(async move {
+                if this.block(&info, b, Priority::Background).await.is_ok() {
+                    this.metrics
+                        .background_blocks
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+
     /// One whole verified block, via cache or source, single-flight.
-    async fn block(self: &Arc<Self>, info: &Arc<ChunkInfo>, idx: u32) -> Result<Bytes, FetchError> {
+    async fn block(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        idx: u32,
+        prio: Priority,
+    ) -> Result<Bytes, FetchError> {
         let key = (info.id, idx);
         let (flight, leader) = {
             let mut m = self.inflight.lock();
@@ -174,7 +257,7 @@ impl Fetcher {
         let this = self.clone();
         let info2 = info.clone();
         let result = flight
-            .get_or_init(|| async move { this.fetch_block(&info2, idx).await })
+            .get_or_init(|| async move { this.fetch_block(&info2, idx, prio).await })
             .await
             .clone();
         if leader {
@@ -185,7 +268,10 @@ impl Fetcher {
                     let info = info.clone();
                     let v = v.clone();
                     tokio::task::spawn_blocking(move || {
-                        if let Err(e) = this.cache.insert_blocks(&info, this.block_size, &[(idx, v)]) {
+                        if let Err(e) =
+                            this.cache
+                                .insert_blocks(&info, this.block_size, &[(idx, v)])
+                        {
                             tracing::warn!(chunk = %info.id, block = idx, error = %e, "could not cache block (served anyway)");
                         }
                         this.inflight.lock().remove(&key);
@@ -199,7 +285,12 @@ impl Fetcher {
         result.map(|b| b.bytes().clone())
     }
 
-    async fn fetch_block(&self, info: &ChunkInfo, idx: u32) -> Result<BlockData, FetchError> {
+    async fn fetch_block(
+        &self,
+        info: &ChunkInfo,
+        idx: u32,
+        prio: Priority,
+    ) -> Result<BlockData, FetchError> {
         let r = block_range(info.len, self.block_size, idx);
         // Another process (or an earlier flight) may have cached it meanwhile.
         let cache = self.cache.clone();
@@ -211,20 +302,56 @@ impl Fetcher {
         {
             return Ok(BlockData::Cached(b));
         }
-        let _permit = self.limit.acquire().await.expect("semaphore open");
+        let _permit = match prio {
+            Priority::Foreground => self.foreground.acquire().await,
+            Priority::Background => self.background.acquire().await,
+        }
+        .expect("semaphore open");
         let key = chunk_key(&info.id);
-        let fut = self.source.get_range(&key, r.clone());
-        let data = match tokio::time::timeout(self.config.request_timeout, fut).await {
-            Ok(Ok(d)) => d,
+        let expected = info.blocks[idx as usize];
+        let verified: Mutex<Option<Verified<Bytes>>> = Mutex::new(None);
+        let bad: Mutex<Option<VerifyError>> = Mutex::new(None);
+        let check = |b: &Bytes| match hashtree::verify_block(
+            info.id,
+            info.len,
+            bs,
+            idx,
+            &expected,
+            b.clone(),
+        ) {
+            Ok(v) => {
+                *verified.lock() = Some(v);
+                true
+            }
+            Err(e) => {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %info.id, block = idx, error = %e, "hash mismatch: corrupted data refused");
+                *bad.lock() = Some(e);
+                false
+            }
+        };
+        let fut = self.source.get_range_checked(&key, r.clone(), &check);
+        match tokio::time::timeout(self.config.request_timeout, fut).await {
+            Ok(Ok(_)) => {
+                let v = verified.lock().take().expect("checked data was kept");
+                self.metrics.blocks_fetched.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes_fetched
+                    .fetch_add(v.get().len() as u64, Ordering::Relaxed);
+                Ok(BlockData::Fetched(v))
+            }
             Ok(Err(e)) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(v) = bad.lock().take() {
+                    return Err(FetchError::Corrupt(Arc::new(v)));
+                }
                 let err = FetchError::Source {
                     chunk: info.id,
                     source_name: self.source.describe(),
                     error: Arc::new(e),
                 };
                 tracing::error!(error = %err, block = idx, "fetch failed");
-                return Err(err);
+                Err(err)
             }
             Err(_) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
@@ -234,19 +361,9 @@ impl Fetcher {
                     timeout: self.config.request_timeout,
                 };
                 tracing::error!(error = %err, block = idx, "fetch timed out");
-                return Err(err);
+                Err(err)
             }
-        };
-        let expected = info.blocks[idx as usize];
-        let verified = hashtree::verify_block(info.id, info.len, self.block_size, idx, &expected, data)
-            .map_err(|e| {
-                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(chunk = %info.id, block = idx, source = %self.source.describe(), "hash mismatch: corrupted data refused");
-                FetchError::Corrupt(Arc::new(e))
-            })?;
-        self.metrics.blocks_fetched.fetch_add(1, Ordering::Relaxed);
-        self.metrics.bytes_fetched.fetch_add(verified.get().len() as u64, Ordering::Relaxed);
-        Ok(BlockData::Fetched(verified))
+        }
     }
 }
 
@@ -304,21 +421,48 @@ mod tests {
     async fn setup(
         delay: Duration,
         len: usize,
-    ) -> (tempfile::TempDir, Arc<Counting>, Arc<Fetcher>, Arc<ChunkInfo>, Vec<u8>) {
+    ) -> (
+        tempfile::TempDir,
+        Arc<Counting>,
+        Arc<Fetcher>,
+        Arc<ChunkInfo>,
+        Vec<u8>,
+    ) {
         let d = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
         let (id, blocks) = hash_chunk(&data, BS);
         let store = FileStore::new(d.path().join("repo"));
-        store.put(&chunk_key(&id), Bytes::from(data.clone())).await.unwrap();
-        let counting = Arc::new(Counting { inner: store, gets: AtomicUsize::new(0), delay });
-        let cache = Cache::open(CacheConfig { dir: d.path().join("cache"), max_size: None }).unwrap();
+        store
+            .put(&chunk_key(&id), Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let counting = Arc::new(Counting {
+            inner: store,
+            gets: AtomicUsize::new(0),
+            delay,
+        });
+        let cache = Cache::open(CacheConfig {
+            dir: d.path().join("cache"),
+            max_size: None,
+        })
+        .unwrap();
         let f = Arc::new(Fetcher::new(
             counting.clone(),
             cache,
             BS,
-            FetchConfig { max_concurrency: 8, request_timeout: Duration::from_secs(5) },
+            FetchConfig {
+                max_concurrency: 8,
+                request_timeout: Duration::from_secs(5),
+                fill_chunks: false,
+                ..Default::default()
+            },
         ));
-        let info = Arc::new(ChunkInfo { idx: 0, id, len: len as u64, blocks });
+        let info = Arc::new(ChunkInfo {
+            idx: 0,
+            id,
+            len: len as u64,
+            blocks,
+        });
         (d, counting, f, info, data)
     }
 
@@ -329,15 +473,21 @@ mod tests {
         for i in 0..64u64 {
             let f = f.clone();
             let info = info.clone();
-            tasks.push(tokio::spawn(async move { f.read(&info, 4096 + i..4096 + i + 100).await }));
+            tasks.push(tokio::spawn(async move {
+                f.read(&info, 4096 + i..4096 + i + 100).await
+            }));
         }
         for (i, t) in tasks.into_iter().enumerate() {
             let b = t.await.unwrap().unwrap();
             assert_eq!(&b[..], &data[4096 + i..4096 + i + 100]);
         }
-        assert_eq!(store.gets.load(Ordering::SeqCst), 1, "64 readers caused more than one fetch");
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            1,
+            "64 readers caused more than one fetch"
+        );
         // Once persisted, the block is served from the cache.
-        for _ in 0..50 {
+        for _ in 0..500 {
             if f.read_cached(&info, 4096..8192).is_some() {
                 break;
             }
@@ -347,7 +497,11 @@ mod tests {
         // A read across blocks fetches only the missing ones, exactly.
         let b = f.read(&info, 4000..3 * 4096 + 5).await.unwrap();
         assert_eq!(&b[..], &data[4000..3 * 4096 + 5]);
-        assert_eq!(store.gets.load(Ordering::SeqCst), 4, "blocks 0, 2 and 3 only");
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            4,
+            "blocks 0, 2 and 3 only"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,14 +525,69 @@ mod tests {
     async fn a_silent_source_fails_within_the_timeout() {
         let (_d, _store, f, info, _data) = setup(Duration::from_secs(3600), 4096).await;
         let f = Arc::new(Fetcher::new(
-            f.source.clone(),
+            f.source.stores()[0].clone(),
             f.cache.clone(),
             BS,
-            FetchConfig { max_concurrency: 1, request_timeout: Duration::from_millis(300) },
+            FetchConfig {
+                max_concurrency: 1,
+                request_timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
         ));
         let t = std::time::Instant::now();
         let err = f.read(&info, 0..10).await.unwrap_err();
         assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
         assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_fills_the_rest_of_the_chunk_in_the_background() {
+        let (_d, store, f, info, data) = setup(Duration::ZERO, 8 * 4096 + 3).await;
+        let f = Arc::new(Fetcher::new(
+            f.source.stores()[0].clone(),
+            f.cache.clone(),
+            BS,
+            FetchConfig::default(),
+        ));
+        let b = f.read(&info, 5 * 4096..5 * 4096 + 10).await.unwrap();
+        assert_eq!(&b[..], &data[5 * 4096..5 * 4096 + 10]);
+        let mut full = false;
+        for _ in 0..500 {
+            if f.read_cached(&info, 0..info.len).is_some() {
+                full = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(full, "chunk was not filled in the background");
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            9,
+            "each block fetched exactly once"
+        );
+        assert_eq!(f.read_cached(&info, 0..info.len).unwrap(), &data[..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_mirror_is_skipped_and_the_next_one_serves() {
+        let (d, _store, f, info, data) = setup(Duration::ZERO, 2 * 4096).await;
+        // Mirror 0 holds a corrupted copy, mirror 1 the good one.
+        let bad = FileStore::new(d.path().join("bad"));
+        let mut corrupted = data.clone();
+        corrupted[100] ^= 1;
+        bad.put(&chunk_key(&info.id), Bytes::from(corrupted))
+            .await
+            .unwrap();
+        let mirrors = Arc::new(MirrorStore::new(
+            vec![Arc::new(bad), f.source.stores()[0].clone()],
+            MirrorConfig::default(),
+        ));
+        let cfg = FetchConfig {
+            fill_chunks: false,
+            ..Default::default()
+        };
+        let f = Arc::new(Fetcher::with_mirrors(mirrors, f.cache.clone(), BS, cfg));
+        assert_eq!(&f.read(&info, 0..200).await.unwrap()[..], &data[..200]);
+        assert_eq!(f.metrics().verify_failures.load(Ordering::Relaxed), 1);
     }
 }

@@ -3,6 +3,7 @@
 //! metrics are decorators around it.
 
 mod file;
+mod mirror;
 mod url;
 
 use std::fmt;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use file::FileStore;
+pub use mirror::{MirrorConfig, MirrorStore};
 pub use url::{AccessUrl, UrlError, parse_access, parse_one};
 
 /// Errors from stores. Messages name the store and key so a user knows what failed where.
@@ -21,7 +23,11 @@ pub enum StoreError {
     #[error("{store}: `{key}` not found")]
     NotFound { store: String, key: String },
     #[error("{store}: `{key}`: {source}")]
-    Io { store: String, key: String, source: std::io::Error },
+    Io {
+        store: String,
+        key: String,
+        source: std::io::Error,
+    },
     #[error("{store}: `{key}` was changed by someone else (expected a different current value)")]
     CasConflict { store: String, key: String },
     #[error("{store}: {message}")]
@@ -98,7 +104,10 @@ pub fn open_store(url: &AccessUrl) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 /// Open the store an access URL names.
-pub fn open_store_with(url: &AccessUrl, _options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open_store_with(
+    url: &AccessUrl,
+    _options: &StoreOptions,
+) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
         other => Err(StoreError::Unsupported(format!(

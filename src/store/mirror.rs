@@ -1,0 +1,299 @@
+//! Mirrors: one logical source made of several stores, in order of preference.
+//!
+//! Reads go to the first healthy store; an error, a timeout or (for chunk reads) data that
+//! fails its hash check marks that store unhealthy for a back-off period and the read moves on
+//! to the next one. When the back-off expires the preferred store is tried again, so reads go
+//! back to it once it recovers. If every store is unhealthy they are all tried anyway, in order.
+//! Writes go to the first store only: mirrors are read replicas.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{Store, StoreError};
+
+/// Health of one mirror.
+#[derive(Debug, Clone, Default)]
+struct Health {
+    /// Skip this store until then.
+    down_until: Option<Instant>,
+    /// Consecutive failures (drives the back-off).
+    failures: u32,
+}
+
+/// Fall-over tuning.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Bound on one attempt at one store before moving to the next.
+    pub attempt_timeout: Duration,
+    /// First back-off after a failure; doubles per consecutive failure up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            attempt_timeout: Duration::from_secs(10),
+            backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Several stores holding the same repository.
+#[derive(Debug)]
+pub struct MirrorStore {
+    stores: Vec<Arc<dyn Store>>,
+    health: Mutex<Vec<Health>>,
+    config: MirrorConfig,
+}
+
+/// Outcome of a check on data read from a mirror.
+pub type Check<'a> = &'a (dyn Fn(&Bytes) -> bool + Sync);
+
+impl MirrorStore {
+    /// `stores` must not be empty.
+    pub fn new(stores: Vec<Arc<dyn Store>>, config: MirrorConfig) -> Self {
+        assert!(!stores.is_empty(), "a mirror set needs at least one store");
+        let health = vec![Health::default(); stores.len()];
+        Self {
+            stores,
+            health: Mutex::new(health),
+            config,
+        }
+    }
+
+    pub fn stores(&self) -> &[Arc<dyn Store>] {
+        &self.stores
+    }
+
+    /// Indexes to try, healthy ones first (in preference order), then the rest.
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let h = self.health.lock();
+        let (up, down): (Vec<usize>, Vec<usize>) =
+            (0..self.stores.len()).partition(|&i| h[i].down_until.is_none_or(|t| t <= now));
+        up.into_iter().chain(down).collect()
+    }
+
+    fn ok(&self, i: usize) {
+        let mut h = self.health.lock();
+        if h[i].failures > 0 {
+            tracing::info!(store = %self.stores[i].describe(), "source is healthy again");
+        }
+        h[i] = Health::default();
+    }
+
+    fn failed(&self, i: usize, why: &str) {
+        let mut h = self.health.lock();
+        let f = h[i].failures.saturating_add(1);
+        let backoff = self
+            .config
+            .backoff
+            .saturating_mul(1 << (f - 1).min(16))
+            .min(self.config.max_backoff);
+        h[i] = Health {
+            down_until: Some(Instant::now() + backoff),
+            failures: f,
+        };
+        if self.stores.len() > 1 {
+            tracing::warn!(store = %self.stores[i].describe(), why, ?backoff, "source marked unhealthy; using the next mirror");
+        }
+    }
+
+    /// Which store answered last successfully is not tracked: each call picks afresh.
+    async fn each<T, F, Fut>(&self, key: &str, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Arc<dyn Store>) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, bool), StoreError>>,
+    {
+        let mut last: Option<StoreError> = None;
+        let mut not_found = 0;
+        for i in self.order() {
+            let store = self.stores[i].clone();
+            match tokio::time::timeout(self.config.attempt_timeout, op(store)).await {
+                Ok(Ok((v, true))) => {
+                    self.ok(i);
+                    return Ok(v);
+                }
+                Ok(Ok((_, false))) => {
+                    self.failed(i, "data failed verification");
+                    last = Some(StoreError::Other {
+                        store: self.stores[i].describe(),
+                        message: format!("`{key}`: data failed verification"),
+                    });
+                }
+                Ok(Err(e)) if e.is_not_found() => {
+                    // A mirror may lag behind: not a health problem, but try the others.
+                    not_found += 1;
+                    last = Some(e);
+                }
+                Ok(Err(e)) => {
+                    self.failed(i, &e.to_string());
+                    last = Some(e);
+                }
+                Err(_) => {
+                    let store = self.stores[i].describe();
+                    self.failed(i, "timed out");
+                    last = Some(StoreError::Other {
+                        store,
+                        message: format!(
+                            "`{key}`: no answer within {:?}",
+                            self.config.attempt_timeout
+                        ),
+                    });
+                }
+            }
+        }
+        if not_found == self.stores.len() {
+            return Err(StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            });
+        }
+        Err(last.expect("at least one store was tried"))
+    }
+
+    /// A range whose bytes must pass `check` (e.g. a block hash); a store returning bad data
+    /// is marked unhealthy and the next one is asked.
+    pub async fn get_range_checked(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        check: Check<'_>,
+    ) -> Result<Bytes, StoreError> {
+        self.each(key, |s| {
+            let r = range.clone();
+            async move {
+                let b = s.get_range(key, r).await?;
+                let ok = check(&b);
+                Ok((b, ok))
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MirrorStore {
+    fn describe(&self) -> String {
+        self.stores
+            .iter()
+            .map(|s| s.describe())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        self.get_range_checked(key, range, &|_| true).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.each(key, |s| async move { s.get(key).await.map(|b| (b, true)) })
+            .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.stores[0].put(key, data).await
+    }
+
+    async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        self.each(
+            "",
+            |s| async move { s.exists(keys).await.map(|v| (v, true)) },
+        )
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.each(prefix, |s| async move {
+            s.list(prefix).await.map(|v| (v, true))
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Bytes,
+    ) -> Result<(), StoreError> {
+        self.stores[0].compare_and_swap(key, expected, new).await
+    }
+
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
+        // Large objects: no per-attempt timeout (progress is made), only fall-over on error.
+        let mut last = None;
+        for i in self.order() {
+            match self.stores[i].get_to_file(key, dest).await {
+                Ok(()) => {
+                    self.ok(i);
+                    return Ok(());
+                }
+                Err(e) if e.is_not_found() => last = Some(e),
+                Err(e) => {
+                    self.failed(i, &e.to_string());
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one store"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    fn stores(n: usize) -> (tempfile::TempDir, Vec<Arc<dyn Store>>) {
+        let d = tempfile::tempdir().unwrap();
+        let v = (0..n)
+            .map(|i| Arc::new(FileStore::new(d.path().join(format!("m{i}")))) as Arc<dyn Store>)
+            .collect();
+        (d, v)
+    }
+
+    #[tokio::test]
+    async fn falls_over_on_error_and_bad_data_and_goes_back() {
+        let (d, s) = stores(2);
+        s[1].put("k", Bytes::from_static(b"good")).await.unwrap();
+        // m0 is not a directory at all: every read fails with an I/O error.
+        std::fs::write(d.path().join("m0"), b"not a dir").unwrap();
+        let m = MirrorStore::new(
+            s.clone(),
+            MirrorConfig {
+                backoff: Duration::from_millis(100),
+                ..Default::default()
+            },
+        );
+        assert_eq!(m.get("k").await.unwrap(), "good");
+        assert!(m.health.lock()[0].down_until.is_some());
+        // m0 comes back with corrupt data: the check rejects it and m1 answers.
+        std::fs::remove_file(d.path().join("m0")).unwrap();
+        s[0].put("k", Bytes::from_static(b"evil")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let got = m
+            .get_range_checked("k", 0..4, &|b| &b[..] == b"good")
+            .await
+            .unwrap();
+        assert_eq!(got, "good");
+        // Repaired: after the back-off the preferred store answers again.
+        s[0].put("k", Bytes::from_static(b"good")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        m.get_range("k", 0..4).await.unwrap();
+        assert_eq!(m.health.lock()[0].failures, 0);
+    }
+
+    #[tokio::test]
+    async fn not_found_everywhere_is_not_found() {
+        let (_d, s) = stores(2);
+        let m = MirrorStore::new(s, MirrorConfig::default());
+        assert!(m.get("missing").await.unwrap_err().is_not_found());
+    }
+}
