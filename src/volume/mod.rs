@@ -68,6 +68,12 @@ pub trait DirSink {
 /// State of one open file.
 #[derive(Debug)]
 struct OpenFile {
+    /// Sequential-read detection: where the next read starts if the reader streams.
+    next: u64,
+    /// Current prefetch window in bytes (0 = not sequential).
+    window: u64,
+    /// Prefetch has been issued up to this file offset.
+    prefetched_to: u64,
     /// Chunks this handle pins in the cache (never evicted while open).
     pinned: Vec<crate::ids::ChunkId>,
 }
@@ -84,6 +90,9 @@ pub struct Volume {
     statfs: std::sync::OnceLock<StatFs>,
 }
 
+/// Largest sequential prefetch window.
+const MAX_PREFETCH: u64 = 64 << 20;
+
 /// Entries returned per readdir query.
 const READDIR_BATCH: usize = 512;
 
@@ -93,7 +102,9 @@ impl Volume {
             manifest,
             fetcher,
             runtime,
-            chunk_infos: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(4096).unwrap())),
+            chunk_infos: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).unwrap(),
+            )),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             statfs: std::sync::OnceLock::new(),
@@ -117,17 +128,28 @@ impl Volume {
         if p.kind != NodeKind::Dir {
             return Err(VolumeError::NotDir);
         }
-        let n = self.manifest.lookup(parent, name)?.ok_or(VolumeError::NotFound)?;
+        let n = self
+            .manifest
+            .lookup(parent, name)?
+            .ok_or(VolumeError::NotFound)?;
         Ok(Attr::from_node(&n, self.manifest.header().block_size))
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr, VolumeError> {
-        Ok(Attr::from_node(&self.node(ino)?, self.manifest.header().block_size))
+        Ok(Attr::from_node(
+            &self.node(ino)?,
+            self.manifest.header().block_size,
+        ))
     }
 
     /// List directory `ino` from cookie `offset` (0 = start). Cookies 1 and 2 are `.` and `..`;
     /// entry `seq` of the catalog has cookie `seq + 3`.
-    pub fn readdir(&self, ino: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), VolumeError> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        sink: &mut dyn DirSink,
+    ) -> Result<(), VolumeError> {
         let dir = self.node(ino)?;
         if dir.kind != NodeKind::Dir {
             return Err(VolumeError::NotDir);
@@ -137,7 +159,11 @@ impl Volume {
             return Ok(());
         }
         if offset <= 1 {
-            let parent = if dir.ino == ROOT_INO { dir.clone() } else { self.node(dir.parent)? };
+            let parent = if dir.ino == ROOT_INO {
+                dir.clone()
+            } else {
+                self.node(dir.parent)?
+            };
             if sink.add(b"..", 2, &Attr::from_node(&parent, bs)) {
                 return Ok(());
             }
@@ -145,7 +171,9 @@ impl Volume {
         let mut start = offset.saturating_sub(2);
         loop {
             let batch = self.manifest.readdir(ino, start, READDIR_BATCH)?;
-            let Some(last) = batch.last() else { return Ok(()) };
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
             start = last.seq + 1;
             let n = batch.len();
             for e in batch {
@@ -179,7 +207,9 @@ impl Volume {
             return Err(VolumeError::ReadOnly);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, OpenFile { pinned: Vec::new() });
+        self.handles
+            .lock()
+            .insert(fh, OpenFile { next: 0, window: 0, prefetched_to: 0, pinned: Vec::new() });
         Ok(fh)
     }
 
@@ -203,8 +233,13 @@ impl Volume {
         })?;
         // The manifest is verified as a whole, but check the block list against the chunk id
         // too: it is cheap and keeps a block from being accepted under the wrong chunk.
-        crate::hashtree::verify_outboard(info.id, info.len, self.manifest.header().block_size, &info.blocks)
-            .map_err(|e| VolumeError::Fetch(FetchError::Corrupt(Arc::new(e))))?;
+        crate::hashtree::verify_outboard(
+            info.id,
+            info.len,
+            self.manifest.header().block_size,
+            &info.blocks,
+        )
+        .map_err(|e| VolumeError::Fetch(FetchError::Corrupt(Arc::new(e))))?;
         let info = Arc::new(info);
         self.chunk_infos.lock().put(idx, info.clone());
         Ok(info)
@@ -232,7 +267,10 @@ impl Volume {
             if cend > info.len {
                 return Err(VolumeError::Manifest(ManifestError::Invalid {
                     path: self.manifest.path().display().to_string(),
-                    what: format!("extent of inode {ino} runs past the end of chunk {}", info.id),
+                    what: format!(
+                        "extent of inode {ino} runs past the end of chunk {}",
+                        info.id
+                    ),
                 }));
             }
             parts.push((s, t, info, coff..cend));
@@ -257,6 +295,7 @@ impl Volume {
             })?;
             pieces.extend(fetched);
         }
+        self.readahead(ino, fh, offset, end, node.size);
         // Assemble, zero-filling holes between extents.
         if pieces.len() == 1 && pieces[0].0 == offset && pieces[0].1 == end {
             return Ok(pieces.into_iter().next().expect("one").2);
@@ -266,6 +305,52 @@ impl Volume {
             out[(s - offset) as usize..(t - offset) as usize].copy_from_slice(&b);
         }
         Ok(out.freeze())
+    }
+
+    /// Ramp a prefetch window for sequential readers (mountpoint-s3 style): it starts at two
+    /// blocks on the second consecutive read and doubles up to `MAX_PREFETCH`; a seek resets it.
+    /// Random readers never prefetch.
+    fn readahead(&self, ino: u64, fh: u64, offset: u64, end: u64, size: u64) {
+        let bs = self.manifest.header().block_size as u64;
+        let (from, to) = {
+            let mut h = self.handles.lock();
+            let Some(of) = h.get_mut(&fh) else { return };
+            if offset == of.next && offset != 0 {
+                of.window = (of.window * 2).clamp(2 * bs, MAX_PREFETCH);
+            } else if offset != of.next {
+                of.window = 0;
+                of.prefetched_to = 0;
+            }
+            of.next = end;
+            if of.window == 0 {
+                return;
+            }
+            let from = end.max(of.prefetched_to);
+            let to = (end + of.window).min(size);
+            if from >= to {
+                return;
+            }
+            of.prefetched_to = to;
+            (from, to)
+        };
+        let extents = match self.manifest.extents(ino, from..to) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(error = %e, "prefetch: extent lookup failed");
+                return;
+            }
+        };
+        let _guard = self.runtime.enter();
+        for e in extents {
+            let Ok(info) = self.chunk_info(e.chunk) else { continue };
+            let s = e.chunk_off + from.max(e.file_off) - e.file_off;
+            let t = e.chunk_off + to.min(e.file_off + e.len) - e.file_off;
+            if s >= t {
+                continue;
+            }
+            let blocks = (s / bs) as u32..((t - 1) / bs) as u32 + 1;
+            self.fetcher.prefetch(&info, blocks);
+        }
     }
 
     fn pin_for(&self, fh: u64, info: &ChunkInfo) {
