@@ -38,8 +38,13 @@ pub enum CommitError {
     #[error("commit {0}: content does not match its id")]
     Corrupt(CommitId),
     #[error("commit {id}: not a valid commit object: {source}")]
-    Malformed { id: CommitId, source: serde_json::Error },
-    #[error("commit {id}: format version {version} is not supported by this horcrux (supports {FORMAT_VERSION})")]
+    Malformed {
+        id: CommitId,
+        source: serde_json::Error,
+    },
+    #[error(
+        "commit {id}: format version {version} is not supported by this horcrux (supports {FORMAT_VERSION})"
+    )]
     Version { id: CommitId, version: u32 },
     #[error("commit {id}: bad manifest id")]
     BadManifest { id: CommitId },
@@ -57,10 +62,13 @@ impl Commit {
         if CommitId::of(bytes) != id {
             return Err(CommitError::Corrupt(id));
         }
-        let c: Commit =
-            serde_json::from_slice(bytes).map_err(|source| CommitError::Malformed { id, source })?;
+        let c: Commit = serde_json::from_slice(bytes)
+            .map_err(|source| CommitError::Malformed { id, source })?;
         if c.version != FORMAT_VERSION {
-            return Err(CommitError::Version { id, version: c.version });
+            return Err(CommitError::Version {
+                id,
+                version: c.version,
+            });
         }
         c.manifest_id().ok_or(CommitError::BadManifest { id })?;
         Ok(c)
@@ -91,7 +99,10 @@ mod tests {
         assert_eq!(Commit::decode(id, &bytes).unwrap(), c);
         let mut bad = bytes.clone();
         bad[3] ^= 1;
-        assert!(matches!(Commit::decode(id, &bad), Err(CommitError::Corrupt(_))));
+        assert!(matches!(
+            Commit::decode(id, &bad),
+            Err(CommitError::Corrupt(_))
+        ));
         assert!(Commit::decode(CommitId::of(b"{}"), b"{}").is_err());
     }
 }

@@ -28,7 +28,10 @@ pub struct RepoConfig {
 
 impl RepoConfig {
     pub fn current() -> Self {
-        Self { format: "horcrux".into(), version: FORMAT_VERSION }
+        Self {
+            format: "horcrux".into(),
+            version: FORMAT_VERSION,
+        }
     }
 }
 
@@ -39,7 +42,9 @@ pub enum FormatError {
         "invalid chunk size `{0}`: use a power of two between 1M and 1G, e.g. 64M (suffixes K, M, G)"
     )]
     BadChunkSize(String),
-    #[error("invalid volume name `{0}`: use letters, digits, `.`, `_` and `-` (1-128 characters, not starting with `.`)")]
+    #[error(
+        "invalid volume name `{0}`: use letters, digits, `.`, `_` and `-` (1-128 characters, not starting with `.`)"
+    )]
     BadVolumeName(String),
     #[error("invalid ref name `{0}`")]
     BadRefName(String),
@@ -75,8 +80,14 @@ pub fn check_volume_name(name: &str) -> Result<(), FormatError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok { Ok(()) } else { Err(FormatError::BadVolumeName(name.to_string())) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(FormatError::BadVolumeName(name.to_string()))
+    }
 }
 
 /// Validate a branch or tag name (a path component under `refs/heads` or `refs/tags`).

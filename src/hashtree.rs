@@ -9,7 +9,9 @@
 //!
 //! A chunk of a single block has no non-root CV: its "block hash" is the chunk id itself.
 
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 
 use crate::ids::ChunkId;
 
@@ -24,7 +26,12 @@ pub enum VerifyError {
     #[error("chunk {chunk}: block hash list does not match the chunk id")]
     OutboardMismatch { chunk: ChunkId },
     #[error("chunk {chunk}: block {index} has length {got}, expected {expected}")]
-    BadLength { chunk: ChunkId, index: u32, got: usize, expected: usize },
+    BadLength {
+        chunk: ChunkId,
+        index: u32,
+        got: usize,
+        expected: usize,
+    },
 }
 
 /// Number of blocks of a chunk of `len` bytes (an empty chunk has one empty block).
@@ -58,7 +65,11 @@ pub fn hash_chunk(data: &[u8], block_size: u32) -> (ChunkId, Vec<BlockHash>) {
         .enumerate()
         .map(|(i, b)| block_hash_at(b, i as u64 * block_size as u64, len))
         .collect();
-    let blocks = if blocks.is_empty() { vec![*blake3::hash(&[]).as_bytes()] } else { blocks };
+    let blocks = if blocks.is_empty() {
+        vec![*blake3::hash(&[]).as_bytes()]
+    } else {
+        blocks
+    };
     let id = ChunkId::of(data);
     debug_assert_eq!(root_of(&blocks, len, block_size), Some(id));
     (id, blocks)
@@ -76,7 +87,9 @@ pub fn root_of(blocks: &[BlockHash], len: u64, block_size: u32) -> Option<ChunkI
     let left = merge(l, block_size);
     let right_len = len - l.len() as u64 * block_size as u64;
     let right = merge_partial(r, right_len, block_size);
-    Some(ChunkId(*merge_subtrees_root(&left, &right, Mode::Hash).as_bytes()))
+    Some(ChunkId(
+        *merge_subtrees_root(&left, &right, Mode::Hash).as_bytes(),
+    ))
 }
 
 /// Split `blocks` (covering `len` bytes, > 1 block) the way BLAKE3 splits its tree.
@@ -135,7 +148,12 @@ pub fn verify_block<T: AsRef<[u8]>>(
     let want = (range.end - range.start) as usize;
     let got = data.as_ref().len();
     if got != want {
-        return Err(VerifyError::BadLength { chunk, index, got, expected: want });
+        return Err(VerifyError::BadLength {
+            chunk,
+            index,
+            got,
+            expected: want,
+        });
     }
     if &block_hash_at(data.as_ref(), range.start, len) != expected {
         return Err(VerifyError::BlockMismatch { chunk, index });
@@ -175,7 +193,19 @@ mod tests {
     #[test]
     fn outboard_matches_blake3_for_many_lengths() {
         let bs = 4096u32;
-        for n in [0, 1, 4095, 4096, 4097, 8192, 12288, 12289, 5 * 4096 + 7, 16 * 4096, 33 * 4096 - 1] {
+        for n in [
+            0,
+            1,
+            4095,
+            4096,
+            4097,
+            8192,
+            12288,
+            12289,
+            5 * 4096 + 7,
+            16 * 4096,
+            33 * 4096 - 1,
+        ] {
             let d = data(n);
             let (id, blocks) = hash_chunk(&d, bs);
             assert_eq!(id, ChunkId::of(&d), "len {n}");

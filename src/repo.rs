@@ -17,7 +17,9 @@ use crate::store::{Store, StoreError};
 /// Errors about a repository as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("{0} is not a horcrux repository (no {CONFIG_KEY}); create one with `horcrux generate`")]
+    #[error(
+        "{0} is not a horcrux repository (no {CONFIG_KEY}); create one with `horcrux generate`"
+    )]
     NotARepo(String),
     #[error("{store}: {CONFIG_KEY} is not valid: {what}")]
     BadConfig { store: String, what: String },
@@ -26,7 +28,11 @@ pub enum RepoError {
     )]
     Version { store: String, found: u32 },
     #[error("{store}: no volume named `{name}`; volumes here: {known}")]
-    NoSuchVolume { store: String, name: String, known: String },
+    NoSuchVolume {
+        store: String,
+        name: String,
+        known: String,
+    },
     #[error("{store}: holds several volumes ({known}); choose one with --name")]
     NameNeeded { store: String, known: String },
     #[error("{store}: the repository holds no volume")]
@@ -38,7 +44,11 @@ pub enum RepoError {
     #[error("volume `{volume}`: `{reference}` matches several commits; give more digits")]
     AmbiguousRef { volume: String, reference: String },
     #[error("{store}: ref `{key}` holds `{content}`, not a commit id")]
-    BadRef { store: String, key: String, content: String },
+    BadRef {
+        store: String,
+        key: String,
+        content: String,
+    },
     #[error("manifest {0}: downloaded content does not match its id")]
     CorruptManifest(ManifestId),
     #[error(transparent)]
@@ -78,7 +88,10 @@ impl Repository {
             });
         }
         if cfg.version != FORMAT_VERSION {
-            return Err(RepoError::Version { store: store.describe(), found: cfg.version });
+            return Err(RepoError::Version {
+                store: store.describe(),
+                found: cfg.version,
+            });
         }
         Ok(Self { store })
     }
@@ -88,7 +101,10 @@ impl Repository {
         match Self::open(store.clone()).await {
             Err(RepoError::NotARepo(_)) => {
                 let cfg = serde_json::to_vec_pretty(&RepoConfig::current()).expect("serializes");
-                match store.compare_and_swap(CONFIG_KEY, None, Bytes::from(cfg)).await {
+                match store
+                    .compare_and_swap(CONFIG_KEY, None, Bytes::from(cfg))
+                    .await
+                {
                     Ok(()) | Err(StoreError::CasConflict { .. }) => Self::open(store).await,
                     Err(e) => Err(e.into()),
                 }
@@ -106,7 +122,12 @@ impl Repository {
         let keys = self.store.list("volumes/").await?;
         let mut names: Vec<String> = keys
             .iter()
-            .filter_map(|k| k.strip_prefix("volumes/")?.split('/').next().map(str::to_string))
+            .filter_map(|k| {
+                k.strip_prefix("volumes/")?
+                    .split('/')
+                    .next()
+                    .map(str::to_string)
+            })
             .collect();
         names.dedup();
         Ok(names)
@@ -115,7 +136,11 @@ impl Repository {
     /// The volume to use: `name` if given (must exist), else the only one.
     pub async fn pick_volume(&self, name: Option<&str>) -> Result<String, RepoError> {
         let vols = self.volumes().await?;
-        let known = if vols.is_empty() { "none".to_string() } else { vols.join(", ") };
+        let known = if vols.is_empty() {
+            "none".to_string()
+        } else {
+            vols.join(", ")
+        };
         match name {
             Some(n) if vols.iter().any(|v| v == n) => Ok(n.to_string()),
             Some(n) => Err(RepoError::NoSuchVolume {
@@ -124,9 +149,14 @@ impl Repository {
                 known,
             }),
             None => match vols.len() {
-                0 => Err(RepoError::Empty { store: self.store.describe() }),
+                0 => Err(RepoError::Empty {
+                    store: self.store.describe(),
+                }),
                 1 => Ok(vols[0].clone()),
-                _ => Err(RepoError::NameNeeded { store: self.store.describe(), known }),
+                _ => Err(RepoError::NameNeeded {
+                    store: self.store.describe(),
+                    known,
+                }),
             },
         }
     }
@@ -135,7 +165,10 @@ impl Repository {
     pub async fn resolve(&self, volume: &str, reference: &str) -> Result<CommitId, RepoError> {
         format::check_volume_name(volume)?;
         let named = format::check_ref_name(reference).is_ok();
-        for key in [branch_key(volume, reference), tag_key(volume, reference)].into_iter().filter(|_| named) {
+        for key in [branch_key(volume, reference), tag_key(volume, reference)]
+            .into_iter()
+            .filter(|_| named)
+        {
             match self.store.get(&key).await {
                 Ok(b) => return self.parse_ref(&key, &b),
                 Err(e) if e.is_not_found() => {}
@@ -163,7 +196,10 @@ impl Repository {
                 }
             }
         }
-        Err(RepoError::NoSuchRef { volume: volume.into(), reference: reference.into() })
+        Err(RepoError::NoSuchRef {
+            volume: volume.into(),
+            reference: reference.into(),
+        })
     }
 
     fn parse_ref(&self, key: &str, bytes: &[u8]) -> Result<CommitId, RepoError> {
@@ -218,7 +254,11 @@ impl Repository {
     }
 
     /// Open manifest `id`, downloading it into the cache (and verifying it) if needed.
-    pub async fn manifest(&self, id: ManifestId, cache: &Cache) -> Result<Arc<Manifest>, RepoError> {
+    pub async fn manifest(
+        &self,
+        id: ManifestId,
+        cache: &Cache,
+    ) -> Result<Arc<Manifest>, RepoError> {
         let path = cache.manifest_path(&id);
         if !cache.has_manifest(&id) {
             let tmp = crate::util::temp_name(&path);
@@ -239,7 +279,9 @@ impl Repository {
             cache.add_manifest(&id)?;
         }
         let p = path.clone();
-        let m = tokio::task::spawn_blocking(move || Manifest::open(&p)).await.expect("open task")?;
+        let m = tokio::task::spawn_blocking(move || Manifest::open(&p))
+            .await
+            .expect("open task")?;
         Ok(Arc::new(m))
     }
 }

@@ -9,7 +9,10 @@ pub struct Bitmap {
 
 impl Bitmap {
     pub fn new(len: u32) -> Self {
-        Self { bits: vec![0; (len as usize).div_ceil(8)], len }
+        Self {
+            bits: vec![0; (len as usize).div_ceil(8)],
+            len,
+        }
     }
 
     /// From stored bytes; `None` if the size does not fit `len`.

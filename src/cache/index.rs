@@ -21,9 +21,13 @@ const MIGRATIONS: &[&str] = &[
 
 pub fn open(dir: &Path) -> Result<Connection, CacheError> {
     let d = dir.display().to_string();
-    let err = |source| CacheError::Sqlite { dir: d.clone(), source };
+    let err = |source| CacheError::Sqlite {
+        dir: d.clone(),
+        source,
+    };
     let conn = Connection::open(dir.join("index.sqlite")).map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(err)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
          CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
@@ -34,16 +38,26 @@ pub fn open(dir: &Path) -> Result<Connection, CacheError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
     let result = (|| {
         let current: i64 = conn
-            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )
             .map_err(err)?;
         if current > SCHEMA_VERSION {
-            return Err(CacheError::Schema { dir: d.clone(), found: current, supported: SCHEMA_VERSION });
+            return Err(CacheError::Schema {
+                dir: d.clone(),
+                found: current,
+                supported: SCHEMA_VERSION,
+            });
         }
         for m in MIGRATIONS.iter().skip(current as usize) {
             conn.execute_batch(m).map_err(err)?;
         }
-        conn.execute("DELETE FROM schema_version", []).map_err(err)?;
-        conn.execute("INSERT INTO schema_version VALUES (?1)", [SCHEMA_VERSION]).map_err(err)?;
+        conn.execute("DELETE FROM schema_version", [])
+            .map_err(err)?;
+        conn.execute("INSERT INTO schema_version VALUES (?1)", [SCHEMA_VERSION])
+            .map_err(err)?;
         Ok(())
     })();
     match result {

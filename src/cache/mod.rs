@@ -45,11 +45,18 @@ pub enum CacheError {
     #[error("cache {dir}: {source}")]
     Io { dir: String, source: io::Error },
     #[error("cache index {dir}/index.sqlite: {source}")]
-    Sqlite { dir: String, source: rusqlite::Error },
+    Sqlite {
+        dir: String,
+        source: rusqlite::Error,
+    },
     #[error(
         "cache index {dir}/index.sqlite has schema version {found}, newer than this horcrux supports ({supported}); upgrade horcrux or use another --cache-dir"
     )]
-    Schema { dir: String, found: i64, supported: i64 },
+    Schema {
+        dir: String,
+        found: i64,
+        supported: i64,
+    },
     #[error("no cached chunk matches `{0}`")]
     NoMatch(String),
     #[error("`{0}` matches several cached chunks: give more digits")]
@@ -144,34 +151,52 @@ const OPEN_ENTRIES: usize = 1024;
 const TOUCH_FLUSH: Duration = Duration::from_secs(5);
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Bytes held by the present blocks of a chunk.
 fn present_bytes(b: &Bitmap, len: u64, block_size: u32) -> u64 {
-    (0..b.len()).filter(|&i| b.get(i)).map(|i| {
-        let r = block_range(len, block_size, i);
-        r.end - r.start
-    }).sum()
+    (0..b.len())
+        .filter(|&i| b.get(i))
+        .map(|i| {
+            let r = block_range(len, block_size, i);
+            r.end - r.start
+        })
+        .sum()
 }
 
 impl Cache {
     /// Open (creating if needed) the cache at `config.dir`.
     pub fn open(config: CacheConfig) -> Result<Arc<Self>, CacheError> {
         let dir = config.dir.clone();
-        let io_err = |source| CacheError::Io { dir: dir.display().to_string(), source };
+        let io_err = |source| CacheError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
         for sub in ["", "chunks", "manifests"] {
             let p = dir.join(sub);
             if !p.exists() {
-                fs::DirBuilder::new().recursive(true).mode(0o700).create(&p).map_err(io_err)?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&p)
+                    .map_err(io_err)?;
             }
         }
         // The cache may hold data its users may not read elsewhere: keep it private.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
         let conn = index::open(&dir)?;
         let total: i64 = conn
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| r.get(0))
-            .map_err(|source| CacheError::Sqlite { dir: dir.display().to_string(), source })?;
+            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| CacheError::Sqlite {
+                dir: dir.display().to_string(),
+                source,
+            })?;
         Ok(Arc::new(Self {
             dir,
             max_size: config.max_size,
@@ -194,16 +219,25 @@ impl Cache {
     }
 
     fn sql(&self, source: rusqlite::Error) -> CacheError {
-        CacheError::Sqlite { dir: self.dir.display().to_string(), source }
+        CacheError::Sqlite {
+            dir: self.dir.display().to_string(),
+            source,
+        }
     }
 
     fn io(&self, source: io::Error) -> CacheError {
-        CacheError::Io { dir: self.dir.display().to_string(), source }
+        CacheError::Io {
+            dir: self.dir.display().to_string(),
+            source,
+        }
     }
 
     fn chunk_path(&self, id: &ChunkId, generation: i64) -> PathBuf {
         let h = id.to_hex();
-        self.dir.join("chunks").join(&h[..2]).join(format!("{h}.{generation}"))
+        self.dir
+            .join("chunks")
+            .join(&h[..2])
+            .join(format!("{h}.{generation}"))
     }
 
     /// Path of a cached manifest (it may not exist yet).
@@ -237,18 +271,31 @@ impl Cache {
             .query_row(
                 "SELECT generation, len, block_size, present FROM chunks WHERE id = ?1",
                 [&id.0[..]],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, Vec<u8>>(3)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
             )
             .optional()
             .map_err(|e| self.sql(e))?;
-        let Some((generation, len, block_size, present)) = row else { return Ok(None) };
+        let Some((generation, len, block_size, present)) = row else {
+            return Ok(None);
+        };
         let len = len as u64;
         let Some(present) = Bitmap::from_bytes(present, block_count(len, block_size)) else {
             tracing::warn!(chunk = %id, "cache row with a malformed bitmap dropped");
             self.forget(id, generation)?;
             return Ok(None);
         };
-        let file = match OpenOptions::new().read(true).write(true).open(self.chunk_path(id, generation)) {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.chunk_path(id, generation))
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(chunk = %id, "cache file missing; dropping its index row");
@@ -257,7 +304,13 @@ impl Cache {
             }
             Err(e) => return Err(self.io(e)),
         };
-        let e = Arc::new(Entry { generation, len, block_size, file, present: RwLock::new(present) });
+        let e = Arc::new(Entry {
+            generation,
+            len,
+            block_size,
+            file,
+            present: RwLock::new(present),
+        });
         self.entries.lock().put(*id, e.clone());
         Ok(Some(e))
     }
@@ -267,11 +320,18 @@ impl Cache {
         let bytes: Option<i64> = {
             let db = self.db.lock();
             let b = db
-                .query_row("SELECT bytes FROM chunks WHERE id = ?1 AND generation = ?2", params![&id.0[..], generation], |r| r.get(0))
+                .query_row(
+                    "SELECT bytes FROM chunks WHERE id = ?1 AND generation = ?2",
+                    params![&id.0[..], generation],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(|e| self.sql(e))?;
-            db.execute("DELETE FROM chunks WHERE id = ?1 AND generation = ?2", params![&id.0[..], generation])
-                .map_err(|e| self.sql(e))?;
+            db.execute(
+                "DELETE FROM chunks WHERE id = ?1 AND generation = ?2",
+                params![&id.0[..], generation],
+            )
+            .map_err(|e| self.sql(e))?;
             b
         };
         self.entries.lock().pop(id);
@@ -281,13 +341,22 @@ impl Cache {
             Err(e) => return Err(self.io(e)),
         }
         let b = bytes.unwrap_or(0).max(0) as u64;
-        let _ = self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(b)));
+        let _ = self
+            .total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(b))
+            });
         Ok(b)
     }
 
     /// Read `range` of chunk `info` if every block it touches is cached.
     /// Errors are logged and reported as a miss: the caller fetches from the source instead.
-    pub fn read_range(&self, info: &ChunkInfo, block_size: u32, range: Range<u64>) -> Option<Bytes> {
+    pub fn read_range(
+        &self,
+        info: &ChunkInfo,
+        block_size: u32,
+        range: Range<u64>,
+    ) -> Option<Bytes> {
         let e = match self.entry(&info.id) {
             Ok(Some(e)) => e,
             Ok(None) => {
@@ -299,7 +368,8 @@ impl Cache {
                 return None;
             }
         };
-        if e.block_size != block_size || e.len != info.len || range.end > e.len || range.is_empty() {
+        if e.block_size != block_size || e.len != info.len || range.end > e.len || range.is_empty()
+        {
             return None;
         }
         let first = (range.start / block_size as u64) as u32;
@@ -341,7 +411,9 @@ impl Cache {
         for (idx, data) in blocks {
             let r = block_range(info.len, block_size, *idx);
             debug_assert_eq!(r.end - r.start, data.get().len() as u64);
-            e.file.write_all_at(data.get(), r.start).map_err(|err| self.io(err))?;
+            e.file
+                .write_all_at(data.get(), r.start)
+                .map_err(|err| self.io(err))?;
             added.set(*idx);
         }
         e.file.sync_data().map_err(|err| self.io(err))?;
@@ -357,8 +429,11 @@ impl Cache {
                 .optional()
                 .map_err(|err| self.sql(err))?;
             // Evicted by another process meanwhile: the data is simply not cached.
-            let Some((present, old_bytes)) = row else { return Ok(()) };
-            let mut present = Bitmap::from_bytes(present, added.len()).unwrap_or_else(|| Bitmap::new(added.len()));
+            let Some((present, old_bytes)) = row else {
+                return Ok(());
+            };
+            let mut present = Bitmap::from_bytes(present, added.len())
+                .unwrap_or_else(|| Bitmap::new(added.len()));
             present.merge(&added);
             let bytes = present_bytes(&present, info.len, block_size);
             tx.execute(
@@ -399,8 +474,12 @@ impl Cache {
                 params![&info.id.0[..], generation, info.len as i64, block_size, blocks, Bitmap::new(n).as_bytes(), now_secs()],
             )
             .map_err(|e| self.sql(e))?;
-            db.query_row("SELECT generation FROM chunks WHERE id = ?1", [&info.id.0[..]], |r| r.get(0))
-                .map_err(|e| self.sql(e))?
+            db.query_row(
+                "SELECT generation FROM chunks WHERE id = ?1",
+                [&info.id.0[..]],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql(e))?
         };
         let path = self.chunk_path(&info.id, generation);
         fs::create_dir_all(path.parent().expect("parent")).map_err(|e| self.io(e))?;
@@ -416,7 +495,8 @@ impl Cache {
             file.set_len(info.len).map_err(|e| self.io(e))?;
         }
         self.entries.lock().pop(&info.id);
-        self.entry(&info.id)?.ok_or_else(|| self.io(io::Error::other("chunk evicted while being created")))
+        self.entry(&info.id)?
+            .ok_or_else(|| self.io(io::Error::other("chunk evicted while being created")))
     }
 
     fn touch(&self, id: &ChunkId) {
@@ -446,8 +526,11 @@ impl Cache {
         let mut db = self.db.lock();
         let tx = db.transaction().map_err(|e| self.sql(e))?;
         for id in ids {
-            tx.execute("UPDATE chunks SET last_access = ?2 WHERE id = ?1", params![&id.0[..], now])
-                .map_err(|e| self.sql(e))?;
+            tx.execute(
+                "UPDATE chunks SET last_access = ?2 WHERE id = ?1",
+                params![&id.0[..], now],
+            )
+            .map_err(|e| self.sql(e))?;
         }
         tx.commit().map_err(|e| self.sql(e))
     }
@@ -460,7 +543,9 @@ impl Cache {
         let total: i64 = self
             .db
             .lock()
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| self.sql(e))?;
         self.total.store(total as u64, Ordering::Relaxed);
         let candidates: Vec<(ChunkId, i64)> = {
@@ -489,7 +574,11 @@ impl Cache {
             self.evicted.fetch_add(1, Ordering::Relaxed);
         }
         if report.chunks > 0 {
-            tracing::debug!(chunks = report.chunks, bytes = report.bytes, "evicted from cache");
+            tracing::debug!(
+                chunks = report.chunks,
+                bytes = report.bytes,
+                "evicted from cache"
+            );
         }
         if self.total.load(Ordering::Relaxed) > target && report.skipped_pinned > 0 {
             tracing::warn!(
@@ -503,7 +592,11 @@ impl Cache {
 
     /// Remove chunks not accessed for `older_than`, then evict down to `max_size`.
     /// Manifests not used for `older_than` are removed too.
-    pub fn prune(&self, max_size: Option<u64>, older_than: Option<Duration>) -> Result<PruneReport, CacheError> {
+    pub fn prune(
+        &self,
+        max_size: Option<u64>,
+        older_than: Option<Duration>,
+    ) -> Result<PruneReport, CacheError> {
         self.flush_touches()?;
         let mut report = PruneReport::default();
         if let Some(age) = older_than {
@@ -514,7 +607,9 @@ impl Cache {
                     .prepare("SELECT id, generation FROM chunks WHERE last_access < ?1")
                     .map_err(|e| self.sql(e))?;
                 let rows = st
-                    .query_map([cutoff], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+                    .query_map([cutoff], |r| {
+                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                    })
                     .map_err(|e| self.sql(e))?;
                 rows.filter_map(|r| r.ok())
                     .filter_map(|(id, g)| ChunkId::from_slice(&id).map(|id| (id, g)))
@@ -533,10 +628,15 @@ impl Cache {
                 let mut st = db
                     .prepare("SELECT id FROM manifests WHERE last_access < ?1")
                     .map_err(|e| self.sql(e))?;
-                let rows = st.query_map([cutoff], |r| r.get(0)).map_err(|e| self.sql(e))?;
+                let rows = st
+                    .query_map([cutoff], |r| r.get(0))
+                    .map_err(|e| self.sql(e))?;
                 rows.filter_map(|r| r.ok()).collect()
             };
-            for id in old_manifests.iter().filter_map(|b| ManifestId::from_slice(b)) {
+            for id in old_manifests
+                .iter()
+                .filter_map(|b| ManifestId::from_slice(b))
+            {
                 self.db
                     .lock()
                     .execute("DELETE FROM manifests WHERE id = ?1", [&id.0[..]])
@@ -556,7 +656,9 @@ impl Cache {
 
     /// Record a manifest file already written (and verified) at [`Cache::manifest_path`].
     pub fn add_manifest(&self, id: &ManifestId) -> Result<(), CacheError> {
-        let size = fs::metadata(self.manifest_path(id)).map_err(|e| self.io(e))?.len();
+        let size = fs::metadata(self.manifest_path(id))
+            .map_err(|e| self.io(e))?
+            .len();
         self.db
             .lock()
             .execute(
@@ -573,7 +675,10 @@ impl Cache {
         let known = self
             .db
             .lock()
-            .execute("UPDATE manifests SET last_access = ?2 WHERE id = ?1", params![&id.0[..], now_secs()])
+            .execute(
+                "UPDATE manifests SET last_access = ?2 WHERE id = ?1",
+                params![&id.0[..], now_secs()],
+            )
             .map(|n| n > 0)
             .unwrap_or(false);
         known && self.manifest_path(id).exists()
@@ -602,9 +707,13 @@ impl Cache {
         let mut out = Vec::new();
         for row in rows {
             let (id, generation, len, bs, present, bytes, last) = row.map_err(|e| self.sql(e))?;
-            let Some(id) = ChunkId::from_slice(&id) else { continue };
+            let Some(id) = ChunkId::from_slice(&id) else {
+                continue;
+            };
             let total = block_count(len as u64, bs);
-            let present = Bitmap::from_bytes(present, total).map(|b| b.count()).unwrap_or(0);
+            let present = Bitmap::from_bytes(present, total)
+                .map(|b| b.count())
+                .unwrap_or(0);
             out.push(ChunkSummary {
                 id,
                 len: len as u64,
@@ -622,8 +731,11 @@ impl Cache {
     /// The cached chunk whose id starts with `prefix` (hex).
     pub fn find(&self, prefix: &str) -> Result<ChunkSummary, CacheError> {
         let p = prefix.trim().to_ascii_lowercase();
-        let mut m: Vec<ChunkSummary> =
-            self.list()?.into_iter().filter(|c| !p.is_empty() && c.id.to_hex().starts_with(&p)).collect();
+        let mut m: Vec<ChunkSummary> = self
+            .list()?
+            .into_iter()
+            .filter(|c| !p.is_empty() && c.id.to_hex().starts_with(&p))
+            .collect();
         match m.len() {
             0 => Err(CacheError::NoMatch(prefix.to_string())),
             1 => Ok(m.remove(0)),
@@ -640,17 +752,23 @@ impl Cache {
         self.flush_touches()?;
         let db = self.db.lock();
         let (chunks, bytes) = db
-            .query_row("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM chunks",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
             .map_err(|e| self.sql(e))?;
         let complete: i64 = db
-            .query_row("SELECT COUNT(*) FROM chunks WHERE bytes = len", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM chunks WHERE bytes = len", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| self.sql(e))?;
         let (manifests, mbytes) = db
-            .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM manifests", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM manifests",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
             .map_err(|e| self.sql(e))?;
         Ok(CacheStats {
             chunks: chunks as u64,
@@ -687,7 +805,9 @@ impl Cache {
                 })
                 .map_err(|e| self.sql(e))?;
             rows.filter_map(|r| r.ok())
-                .filter_map(|(id, g, l, bs, b, p)| ChunkId::from_slice(&id).map(|id| (id, g, l as u64, bs, b, p)))
+                .filter_map(|(id, g, l, bs, b, p)| {
+                    ChunkId::from_slice(&id).map(|id| (id, g, l as u64, bs, b, p))
+                })
                 .collect()
         };
         let mut rep = VerifyReport::default();
@@ -695,7 +815,10 @@ impl Cache {
         for (i, (id, generation, len, bs, blocks, present)) in rows.into_iter().enumerate() {
             rep.chunks += 1;
             let n = block_count(len, bs);
-            let hashes: Vec<BlockHash> = blocks.chunks_exact(32).map(|b| b.try_into().expect("32")).collect();
+            let hashes: Vec<BlockHash> = blocks
+                .chunks_exact(32)
+                .map(|b| b.try_into().expect("32"))
+                .collect();
             let present = Bitmap::from_bytes(present, n);
             let outboard_ok = hashtree::verify_outboard(id, len, bs, &hashes).is_ok();
             let (Some(present), true) = (present, outboard_ok) else {
@@ -721,7 +844,8 @@ impl Cache {
                 let r = block_range(len, bs, b);
                 let mut buf = vec![0u8; (r.end - r.start) as usize];
                 let ok = file.read_exact_at(&mut buf, r.start).is_ok()
-                    && hashtree::verify_block(id, len, bs, b, &hashes[b as usize], &buf[..]).is_ok();
+                    && hashtree::verify_block(id, len, bs, b, &hashes[b as usize], &buf[..])
+                        .is_ok();
                 if !ok {
                     bad.push(b);
                 }
@@ -735,13 +859,17 @@ impl Cache {
         }
         let manifests: Vec<Vec<u8>> = {
             let db = self.db.lock();
-            let mut st = db.prepare("SELECT id FROM manifests").map_err(|e| self.sql(e))?;
+            let mut st = db
+                .prepare("SELECT id FROM manifests")
+                .map_err(|e| self.sql(e))?;
             let rows = st.query_map([], |r| r.get(0)).map_err(|e| self.sql(e))?;
             rows.filter_map(|r| r.ok()).collect()
         };
         for id in manifests.iter().filter_map(|b| ManifestId::from_slice(b)) {
             let p = self.manifest_path(&id);
-            let ok = crate::manifest::hash_file(&p).map(|h| h == id).unwrap_or(false);
+            let ok = crate::manifest::hash_file(&p)
+                .map(|h| h == id)
+                .unwrap_or(false);
             if !ok {
                 rep.bad_manifests += 1;
                 tracing::warn!(manifest = %id, "cached manifest failed verification; dropped");
@@ -755,11 +883,22 @@ impl Cache {
         Ok(rep)
     }
 
-    fn drop_blocks(&self, id: &ChunkId, generation: i64, len: u64, bs: u32, bad: &[u32]) -> Result<(), CacheError> {
+    fn drop_blocks(
+        &self,
+        id: &ChunkId,
+        generation: i64,
+        len: u64,
+        bs: u32,
+        bad: &[u32],
+    ) -> Result<(), CacheError> {
         let mut db = self.db.lock();
         let tx = db.transaction().map_err(|e| self.sql(e))?;
         let present: Option<Vec<u8>> = tx
-            .query_row("SELECT present FROM chunks WHERE id = ?1 AND generation = ?2", params![&id.0[..], generation], |r| r.get(0))
+            .query_row(
+                "SELECT present FROM chunks WHERE id = ?1 AND generation = ?2",
+                params![&id.0[..], generation],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(|e| self.sql(e))?;
         if let Some(p) = present.and_then(|p| Bitmap::from_bytes(p, block_count(len, bs))) {
@@ -804,7 +943,9 @@ fn rand_u32() -> u32 {
     // SAFETY: the buffer is valid for 4 bytes.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
     if n != 4 {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         return t.subsec_nanos() ^ std::process::id();
     }
     u32::from_le_bytes(b)

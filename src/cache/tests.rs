@@ -9,19 +9,36 @@ use crate::manifest::ChunkInfo;
 const BS: u32 = 4096;
 
 fn chunk(seed: u8, len: usize) -> (ChunkInfo, Vec<u8>) {
-    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+        .collect();
     let (id, blocks) = hash_chunk(&data, BS);
-    (ChunkInfo { idx: 0, id, len: len as u64, blocks }, data)
+    (
+        ChunkInfo {
+            idx: 0,
+            id,
+            len: len as u64,
+            blocks,
+        },
+        data,
+    )
 }
 
 fn verified(info: &ChunkInfo, data: &[u8], idx: u32) -> (u32, Verified<Bytes>) {
     let r = block_range(info.len, BS, idx);
     let b = Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]);
-    (idx, verify_block(info.id, info.len, BS, idx, &info.blocks[idx as usize], b).unwrap())
+    (
+        idx,
+        verify_block(info.id, info.len, BS, idx, &info.blocks[idx as usize], b).unwrap(),
+    )
 }
 
 fn open(dir: &std::path::Path, max: Option<u64>) -> Arc<Cache> {
-    Cache::open(CacheConfig { dir: dir.to_path_buf(), max_size: max }).unwrap()
+    Cache::open(CacheConfig {
+        dir: dir.to_path_buf(),
+        max_size: max,
+    })
+    .unwrap()
 }
 
 #[test]
@@ -31,19 +48,36 @@ fn blocks_are_served_only_when_present_and_survive_reopen() {
     {
         let c = open(d.path(), None);
         assert!(c.read_range(&info, BS, 0..10).is_none());
-        c.insert_blocks(&info, BS, &[verified(&info, &data, 1), verified(&info, &data, 3)]).unwrap();
-        assert_eq!(c.read_range(&info, BS, 4096..4200).unwrap(), &data[4096..4200]);
+        c.insert_blocks(
+            &info,
+            BS,
+            &[verified(&info, &data, 1), verified(&info, &data, 3)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.read_range(&info, BS, 4096..4200).unwrap(),
+            &data[4096..4200]
+        );
         // Crossing into a missing block is a miss, never zeros.
         assert!(c.read_range(&info, BS, 4000..4200).is_none());
-        assert_eq!(c.read_range(&info, BS, 3 * 4096..info.len).unwrap(), &data[3 * 4096..]);
+        assert_eq!(
+            c.read_range(&info, BS, 3 * 4096..info.len).unwrap(),
+            &data[3 * 4096..]
+        );
         let s = c.stats().unwrap();
         assert_eq!(s.chunks, 1);
         assert_eq!(s.bytes, 4096 + 100);
     }
     let c = open(d.path(), None);
-    assert_eq!(c.read_range(&info, BS, 4096..8192).unwrap(), &data[4096..8192]);
+    assert_eq!(
+        c.read_range(&info, BS, 4096..8192).unwrap(),
+        &data[4096..8192]
+    );
     assert!(c.read_range(&info, BS, 0..1).is_none());
-    assert_eq!(std::fs::metadata(d.path()).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(d.path()).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
 }
 
 #[test]
@@ -54,12 +88,27 @@ fn eviction_keeps_the_bound_lru_order_and_pins() {
     // Pin chunk 0: it must survive although it is the least recently used.
     c.pin(&chunks[0].0.id);
     for (info, data) in &chunks {
-        c.insert_blocks(info, BS, &[verified(info, data, 0), verified(info, data, 1)]).unwrap();
+        c.insert_blocks(
+            info,
+            BS,
+            &[verified(info, data, 0), verified(info, data, 1)],
+        )
+        .unwrap();
     }
     let s = c.stats().unwrap();
-    assert!(s.bytes <= 2 * 8192 + 8192, "bound exceeded beyond the pinned chunk: {}", s.bytes);
-    assert!(c.read_range(&chunks[0].0, BS, 0..8192).is_some(), "pinned chunk evicted");
-    assert!(c.read_range(&chunks[3].0, BS, 0..8192).is_some(), "newest chunk evicted");
+    assert!(
+        s.bytes <= 2 * 8192 + 8192,
+        "bound exceeded beyond the pinned chunk: {}",
+        s.bytes
+    );
+    assert!(
+        c.read_range(&chunks[0].0, BS, 0..8192).is_some(),
+        "pinned chunk evicted"
+    );
+    assert!(
+        c.read_range(&chunks[3].0, BS, 0..8192).is_some(),
+        "newest chunk evicted"
+    );
     c.unpin(&chunks[0].0.id);
     let r = c.prune(Some(0), None).unwrap();
     assert!(r.chunks >= 2);
@@ -88,7 +137,16 @@ fn verify_drops_corrupted_blocks_and_missing_files() {
     let c = open(d.path(), None);
     let (a, da) = chunk(5, 3 * 4096);
     let (b, db) = chunk(7, 4096);
-    c.insert_blocks(&a, BS, &[verified(&a, &da, 0), verified(&a, &da, 1), verified(&a, &da, 2)]).unwrap();
+    c.insert_blocks(
+        &a,
+        BS,
+        &[
+            verified(&a, &da, 0),
+            verified(&a, &da, 1),
+            verified(&a, &da, 2),
+        ],
+    )
+    .unwrap();
     c.insert_blocks(&b, BS, &[verified(&b, &db, 0)]).unwrap();
     let list = c.list().unwrap();
     let pa = list.iter().find(|s| s.id == a.id).unwrap().path.clone();
@@ -102,7 +160,10 @@ fn verify_drops_corrupted_blocks_and_missing_files() {
     let r = c.verify(&|_, _| {}).unwrap();
     assert_eq!(r.bad_blocks, 1);
     assert_eq!(r.missing_files, 1);
-    assert!(c.read_range(&a, BS, 4096..8192).is_none(), "corrupted block still served");
+    assert!(
+        c.read_range(&a, BS, 4096..8192).is_none(),
+        "corrupted block still served"
+    );
     assert_eq!(c.read_range(&a, BS, 0..4096).unwrap(), &da[..4096]);
     let again = c.verify(&|_, _| {}).unwrap();
     assert_eq!((again.bad_blocks, again.missing_files), (0, 0));
@@ -114,11 +175,13 @@ fn a_reinserted_chunk_gets_a_new_file_and_old_readers_stay_correct() {
     let a = open(d.path(), None);
     let b = open(d.path(), None);
     let (info, data) = chunk(9, 2 * 4096);
-    a.insert_blocks(&info, BS, &[verified(&info, &data, 0)]).unwrap();
+    a.insert_blocks(&info, BS, &[verified(&info, &data, 0)])
+        .unwrap();
     assert!(a.read_range(&info, BS, 0..4096).is_some());
     // Another process evicts the chunk and caches only block 1 anew.
     b.prune(Some(0), None).unwrap();
-    b.insert_blocks(&info, BS, &[verified(&info, &data, 1)]).unwrap();
+    b.insert_blocks(&info, BS, &[verified(&info, &data, 1)])
+        .unwrap();
     // `a` still holds the old (unlinked) file: its block 0 is still the right bytes.
     assert_eq!(a.read_range(&info, BS, 0..4096).unwrap(), &data[..4096]);
     // A fresh view sees only block 1.
@@ -132,8 +195,13 @@ fn newer_schema_is_refused() {
     let d = tempfile::tempdir().unwrap();
     drop(open(d.path(), None));
     let conn = rusqlite::Connection::open(d.path().join("index.sqlite")).unwrap();
-    conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
+    conn.execute("UPDATE schema_version SET version = 99", [])
+        .unwrap();
     drop(conn);
-    let err = Cache::open(CacheConfig { dir: d.path().to_path_buf(), max_size: None }).unwrap_err();
+    let err = Cache::open(CacheConfig {
+        dir: d.path().to_path_buf(),
+        max_size: None,
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("schema version 99"), "{err}");
 }

@@ -16,8 +16,8 @@ mod reader;
 mod writer;
 
 pub use reader::{DirEntry, Manifest, ManifestStats};
-pub use writer::hash_file;
 pub use writer::ManifestWriter;
+pub use writer::hash_file;
 
 use crate::hashtree::BlockHash;
 use crate::ids::ChunkId;
@@ -31,7 +31,10 @@ pub const ROOT_INO: u64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("manifest {path}: {source}")]
-    Sqlite { path: String, source: rusqlite::Error },
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("manifest {path}: not a horcrux catalog or damaged: {what}")]
     Invalid { path: String, what: String },
     #[error(
@@ -39,7 +42,10 @@ pub enum ManifestError {
     )]
     Version { path: String, version: u32 },
     #[error("manifest {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Kind of a node, as stored (stable numbers: part of the format).

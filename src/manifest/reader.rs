@@ -40,8 +40,7 @@ pub struct ManifestStats {
     pub chunk_bytes: u64,
 }
 
-const NODE_COLS: &str =
-    "n.ino, n.parent, n.kind, n.mode, n.uid, n.gid, n.size, n.atime, n.mtime, n.ctime, n.nlink, n.rdev, n.target";
+const NODE_COLS: &str = "n.ino, n.parent, n.kind, n.mode, n.uid, n.gid, n.size, n.atime, n.mtime, n.ctime, n.nlink, n.rdev, n.target";
 
 fn node_from_row(r: &Row<'_>, base: usize) -> rusqlite::Result<Node> {
     let kind: i64 = r.get(base + 2)?;
@@ -75,26 +74,52 @@ impl Manifest {
         let conn = open_conn(path)?;
         let p = path.display().to_string();
         let get = |k: &str| -> Result<String, ManifestError> {
-            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get::<_, String>(0))
-                .optional()
-                .map_err(|source| ManifestError::Sqlite { path: p.clone(), source })?
-                .ok_or_else(|| ManifestError::Invalid { path: p.clone(), what: format!("no `{k}`") })
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()
+            .map_err(|source| ManifestError::Sqlite {
+                path: p.clone(),
+                source,
+            })?
+            .ok_or_else(|| ManifestError::Invalid {
+                path: p.clone(),
+                what: format!("no `{k}`"),
+            })
         };
         if get("format")? != "horcrux-catalog" {
-            return Err(ManifestError::Invalid { path: p, what: "wrong format marker".into() });
+            return Err(ManifestError::Invalid {
+                path: p,
+                what: "wrong format marker".into(),
+            });
         }
         let version: u32 = get("version")?.parse().unwrap_or(0);
         if version != CATALOG_VERSION {
             return Err(ManifestError::Version { path: p, version });
         }
-        let bad = |what: &str| ManifestError::Invalid { path: p.clone(), what: what.into() };
-        let chunk_size: u64 = get("chunk_size")?.parse().map_err(|_| bad("bad chunk_size"))?;
-        let block_size: u32 = get("block_size")?.parse().map_err(|_| bad("bad block_size"))?;
+        let bad = |what: &str| ManifestError::Invalid {
+            path: p.clone(),
+            what: what.into(),
+        };
+        let chunk_size: u64 = get("chunk_size")?
+            .parse()
+            .map_err(|_| bad("bad chunk_size"))?;
+        let block_size: u32 = get("block_size")?
+            .parse()
+            .map_err(|_| bad("bad block_size"))?;
         if !block_size.is_power_of_two() || block_size < 1024 || !chunk_size.is_power_of_two() {
             return Err(bad("chunk or block size is not a power of two"));
         }
-        let header = CatalogHeader { volume: get("volume")?, chunk_size, block_size };
-        Ok(Self { path: path.to_path_buf(), header, pool: Mutex::new(vec![conn]) })
+        let header = CatalogHeader {
+            volume: get("volume")?,
+            chunk_size,
+            block_size,
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            pool: Mutex::new(vec![conn]),
+        })
     }
 
     pub fn header(&self) -> &CatalogHeader {
@@ -118,7 +143,10 @@ impl Manifest {
         if pool.len() < 64 {
             pool.push(conn);
         }
-        r.map_err(|source| ManifestError::Sqlite { path: self.path.display().to_string(), source })
+        r.map_err(|source| ManifestError::Sqlite {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// The node with inode number `ino`.
@@ -208,11 +236,17 @@ impl Manifest {
         let row = self.with(|c| {
             c.prepare_cached("SELECT id, len, blocks FROM chunks WHERE idx = ?1")?
                 .query_row([idx as i64], |r| {
-                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
                 })
                 .optional()
         })?;
-        let Some((id, len, blocks)) = row else { return Ok(None) };
+        let Some((id, len, blocks)) = row else {
+            return Ok(None);
+        };
         self.decode_chunk(idx, &id, len, &blocks).map(Some)
     }
 
@@ -223,16 +257,28 @@ impl Manifest {
         len: i64,
         blocks: &[u8],
     ) -> Result<ChunkInfo, ManifestError> {
-        let bad = |what: String| ManifestError::Invalid { path: self.path.display().to_string(), what };
+        let bad = |what: String| ManifestError::Invalid {
+            path: self.path.display().to_string(),
+            what,
+        };
         let id = ChunkId::from_slice(id).ok_or_else(|| bad(format!("chunk {idx}: bad id")))?;
         let len = u64::try_from(len).map_err(|_| bad(format!("chunk {idx}: negative length")))?;
         let n = block_count(len, self.header.block_size) as usize;
         if blocks.len() != n * 32 || len > self.header.chunk_size.max(1) {
-            return Err(bad(format!("chunk {idx}: block list does not fit its length")));
+            return Err(bad(format!(
+                "chunk {idx}: block list does not fit its length"
+            )));
         }
-        let blocks: Vec<BlockHash> =
-            blocks.chunks_exact(32).map(|b| b.try_into().expect("32 bytes")).collect();
-        Ok(ChunkInfo { idx, id, len, blocks })
+        let blocks: Vec<BlockHash> = blocks
+            .chunks_exact(32)
+            .map(|b| b.try_into().expect("32 bytes"))
+            .collect();
+        Ok(ChunkInfo {
+            idx,
+            id,
+            len,
+            blocks,
+        })
     }
 
     /// Every chunk of the catalog, in index order.
@@ -249,7 +295,9 @@ impl Manifest {
             })?;
             it.collect::<rusqlite::Result<Vec<_>>>()
         })?;
-        rows.iter().map(|(i, id, len, b)| self.decode_chunk(*i, id, *len, b)).collect()
+        rows.iter()
+            .map(|(i, id, len, b)| self.decode_chunk(*i, id, *len, b))
+            .collect()
     }
 
     /// Value of extended attribute `name` of `ino`.
@@ -264,7 +312,8 @@ impl Manifest {
     /// Names of the extended attributes of `ino`.
     pub fn xattr_names(&self, ino: u64) -> Result<Vec<Vec<u8>>, ManifestError> {
         self.with(|c| {
-            let mut st = c.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+            let mut st =
+                c.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
             let it = st.query_map([ino as i64], |r| r.get(0))?;
             it.collect()
         })
@@ -295,16 +344,28 @@ impl Manifest {
 }
 
 fn open_conn(path: &Path) -> Result<Connection, ManifestError> {
-    let err = |source| ManifestError::Sqlite { path: path.display().to_string(), source };
+    let err = |source| ManifestError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    };
     // SQLite URI: escape the characters that would end or corrupt the path part.
-    let escaped = path.display().to_string().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+    let escaped = path
+        .display()
+        .to_string()
+        .replace('%', "%25")
+        .replace('?', "%3f")
+        .replace('#', "%23");
     let uri = format!("file:{escaped}?immutable=1");
     let conn = Connection::open_with_flags(
         uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(err)?;
-    conn.execute_batch("PRAGMA query_only = 1; PRAGMA cache_size = -8192; PRAGMA mmap_size = 268435456;")
-        .map_err(err)?;
+    conn.execute_batch(
+        "PRAGMA query_only = 1; PRAGMA cache_size = -8192; PRAGMA mmap_size = 268435456;",
+    )
+    .map_err(err)?;
     Ok(conn)
 }

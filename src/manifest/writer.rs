@@ -35,7 +35,10 @@ pub struct ManifestWriter {
 impl ManifestWriter {
     /// Create a catalog at `path` (which must not exist).
     pub fn create(path: &Path, header: &CatalogHeader) -> Result<Self, ManifestError> {
-        let err = |source| ManifestError::Sqlite { path: path.display().to_string(), source };
+        let err = |source| ManifestError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        };
         if path.exists() {
             return Err(ManifestError::Invalid {
                 path: path.display().to_string(),
@@ -52,8 +55,9 @@ impl ManifestWriter {
         conn.execute_batch(SCHEMA).map_err(err)?;
         conn.execute_batch("BEGIN").map_err(err)?;
         {
-            let mut st =
-                conn.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)").map_err(err)?;
+            let mut st = conn
+                .prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")
+                .map_err(err)?;
             for (k, v) in [
                 ("format", "horcrux-catalog".to_string()),
                 ("version", CATALOG_VERSION.to_string()),
@@ -64,11 +68,17 @@ impl ManifestWriter {
                 st.execute(params![k, v]).map_err(err)?;
             }
         }
-        Ok(Self { conn, path: path.to_path_buf() })
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     fn err(&self, source: rusqlite::Error) -> ManifestError {
-        ManifestError::Sqlite { path: self.path.display().to_string(), source }
+        ManifestError::Sqlite {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 
     pub fn add_node(&mut self, n: &Node) -> Result<(), ManifestError> {
@@ -133,9 +143,7 @@ impl ManifestWriter {
         let blocks: Vec<u8> = c.blocks.concat();
         self.conn
             .prepare_cached("INSERT INTO chunks (idx, id, len, blocks) VALUES (?1, ?2, ?3, ?4)")
-            .and_then(|mut st| {
-                st.execute(params![c.idx as i64, &c.id.0[..], c.len as i64, blocks])
-            })
+            .and_then(|mut st| st.execute(params![c.idx as i64, &c.id.0[..], c.len as i64, blocks]))
             .map(drop)
             .map_err(|e| self.err(e))
     }
@@ -167,10 +175,12 @@ impl ManifestWriter {
                  COMMIT;",
             )
             .map_err(|e| self.err(e))?;
-        self.conn.close().map_err(|(_, source)| ManifestError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        })?;
+        self.conn
+            .close()
+            .map_err(|(_, source)| ManifestError::Sqlite {
+                path: path.display().to_string(),
+                source,
+            })?;
         hash_file(&path)
     }
 }
@@ -179,6 +189,9 @@ impl ManifestWriter {
 pub fn hash_file(path: &Path) -> Result<ManifestId, ManifestError> {
     let mut h = blake3::Hasher::new();
     h.update_mmap_rayon(path)
-        .map_err(|source| ManifestError::Io { path: path.display().to_string(), source })?;
+        .map_err(|source| ManifestError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
     Ok(ManifestId(*h.finalize().as_bytes()))
 }

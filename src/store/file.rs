@@ -35,9 +35,16 @@ impl FileStore {
 
     fn err(&self, key: &str, source: io::Error) -> StoreError {
         if source.kind() == io::ErrorKind::NotFound {
-            StoreError::NotFound { store: self.describe(), key: key.to_string() }
+            StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            }
         } else {
-            StoreError::Io { store: self.describe(), key: key.to_string(), source }
+            StoreError::Io {
+                store: self.describe(),
+                key: key.to_string(),
+                source,
+            }
         }
     }
 
@@ -48,7 +55,9 @@ impl FileStore {
     ) -> Result<T, StoreError> {
         let this = self.clone();
         let key_owned = key.to_string();
-        let r = tokio::task::spawn_blocking(move || f(&this)).await.expect("file store task");
+        let r = tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .expect("file store task");
         r.map_err(|e| self.err(&key_owned, e))
     }
 
@@ -68,7 +77,10 @@ fn read_range(path: &Path, range: Range<u64>) -> io::Result<Vec<u8>> {
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("range {}..{} is past the end of the object", range.start, range.end),
+                format!(
+                    "range {}..{} is past the end of the object",
+                    range.start, range.end
+                ),
             ));
         }
         done += n;
@@ -84,7 +96,8 @@ impl Store for FileStore {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let p = self.path(key);
-        self.blocking(key, move |_| read_range(&p, range).map(Bytes::from)).await
+        self.blocking(key, move |_| read_range(&p, range).map(Bytes::from))
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -104,7 +117,8 @@ impl Store for FileStore {
 
     async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
         let paths: Vec<PathBuf> = keys.iter().map(|k| self.path(k)).collect();
-        self.blocking("", move |_| Ok(paths.iter().map(|p| p.exists()).collect())).await
+        self.blocking("", move |_| Ok(paths.iter().map(|p| p.exists()).collect()))
+            .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
@@ -152,7 +166,11 @@ impl Store for FileStore {
                 Ok(true)
             })
             .await?;
-        if r { Ok(()) } else { Err(StoreError::CasConflict { store, key: key_s }) }
+        if r {
+            Ok(())
+        } else {
+            Err(StoreError::CasConflict { store, key: key_s })
+        }
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
@@ -163,7 +181,9 @@ impl Store for FileStore {
             if let Some(d) = dest.parent() {
                 fs::create_dir_all(d)?;
             }
-            let r = fs::copy(&src, &tmp).and_then(|_| File::open(&tmp)?.sync_all()).and_then(|_| fs::rename(&tmp, &dest));
+            let r = fs::copy(&src, &tmp)
+                .and_then(|_| File::open(&tmp)?.sync_all())
+                .and_then(|_| fs::rename(&tmp, &dest));
             if r.is_err() {
                 let _ = fs::remove_file(&tmp);
             }
@@ -177,7 +197,11 @@ fn flock(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a valid open descriptor; the lock is released when `f` is closed.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
@@ -194,7 +218,11 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Res
             continue; // temp files and locks
         }
         let path = entry.path();
-        let rel = path.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
         let ft = entry.file_type()?;
         if ft.is_dir() {
             let rel_dir = format!("{rel}/");
@@ -216,18 +244,31 @@ mod tests {
     async fn basic_operations() {
         let d = tempfile::tempdir().unwrap();
         let s = FileStore::new(d.path().to_path_buf());
-        s.put("chunks/ab/x", Bytes::from_static(b"hello world")).await.unwrap();
+        s.put("chunks/ab/x", Bytes::from_static(b"hello world"))
+            .await
+            .unwrap();
         assert_eq!(s.get_range("chunks/ab/x", 6..11).await.unwrap(), "world");
         assert!(s.get_range("chunks/ab/x", 6..12).await.is_err());
         assert!(s.get("nope").await.unwrap_err().is_not_found());
-        assert_eq!(s.exists(&["chunks/ab/x".into(), "y".into()]).await.unwrap(), vec![true, false]);
-        assert_eq!(s.list("chunks/").await.unwrap(), vec!["chunks/ab/x".to_string()]);
-        s.compare_and_swap("refs/main", None, Bytes::from_static(b"1")).await.unwrap();
+        assert_eq!(
+            s.exists(&["chunks/ab/x".into(), "y".into()]).await.unwrap(),
+            vec![true, false]
+        );
+        assert_eq!(
+            s.list("chunks/").await.unwrap(),
+            vec!["chunks/ab/x".to_string()]
+        );
+        s.compare_and_swap("refs/main", None, Bytes::from_static(b"1"))
+            .await
+            .unwrap();
         assert!(matches!(
-            s.compare_and_swap("refs/main", None, Bytes::from_static(b"2")).await,
+            s.compare_and_swap("refs/main", None, Bytes::from_static(b"2"))
+                .await,
             Err(StoreError::CasConflict { .. })
         ));
-        s.compare_and_swap("refs/main", Some(b"1"), Bytes::from_static(b"2")).await.unwrap();
+        s.compare_and_swap("refs/main", Some(b"1"), Bytes::from_static(b"2"))
+            .await
+            .unwrap();
         assert_eq!(s.get("refs/main").await.unwrap(), "2");
     }
 }

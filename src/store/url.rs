@@ -9,10 +9,25 @@ use std::path::PathBuf;
 /// One parsed access URL. Never holds secrets: credentials come from the environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessUrl {
-    File { path: PathBuf },
-    Ssh { user: Option<String>, host: String, port: u16, path: String },
-    S3 { bucket: String, prefix: String, options: BTreeMap<String, String> },
-    Peer { host: String, port: u16, repo: String },
+    File {
+        path: PathBuf,
+    },
+    Ssh {
+        user: Option<String>,
+        host: String,
+        port: u16,
+        path: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+        options: BTreeMap<String, String>,
+    },
+    Peer {
+        host: String,
+        port: u16,
+        repo: String,
+    },
 }
 
 /// What is wrong with an access URL, precisely enough to fix it.
@@ -29,12 +44,19 @@ pub enum UrlError {
 }
 
 fn bad(url: &str, what: impl Into<String>) -> UrlError {
-    UrlError::Bad { url: url.to_string(), what: what.into() }
+    UrlError::Bad {
+        url: url.to_string(),
+        what: what.into(),
+    }
 }
 
 /// Parse a comma-separated list of mirrors.
 pub fn parse_access(s: &str) -> Result<Vec<AccessUrl>, UrlError> {
-    let parts: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     if parts.is_empty() {
         return Err(UrlError::Empty);
     }
@@ -49,9 +71,14 @@ pub fn parse_one(s: &str) -> Result<AccessUrl, UrlError> {
     }
     let Some((scheme, rest)) = s.split_once("://") else {
         if s.contains(':') && !s.starts_with('/') && !s.starts_with('.') {
-            return Err(bad(s, "not a URL or a path: write file:///path, scp://user@host:/path, ..."));
+            return Err(bad(
+                s,
+                "not a URL or a path: write file:///path, scp://user@host:/path, ...",
+            ));
         }
-        return Ok(AccessUrl::File { path: PathBuf::from(s) });
+        return Ok(AccessUrl::File {
+            path: PathBuf::from(s),
+        });
     };
     match scheme.to_ascii_lowercase().as_str() {
         "file" | "cp" => {
@@ -61,12 +88,17 @@ pub fn parse_one(s: &str) -> Result<AccessUrl, UrlError> {
                     "the path must be absolute: file:///opt/repo (three slashes), not file://opt/repo",
                 ));
             }
-            Ok(AccessUrl::File { path: PathBuf::from(percent_decode(rest)) })
+            Ok(AccessUrl::File {
+                path: PathBuf::from(percent_decode(rest)),
+            })
         }
         "scp" | "ssh" => parse_ssh(s, scheme, rest),
         "s3" => parse_s3(s, rest),
         "horcrux" => parse_peer(s, rest),
-        other => Err(UrlError::Scheme { url: s.to_string(), scheme: other.to_string() }),
+        other => Err(UrlError::Scheme {
+            url: s.to_string(),
+            scheme: other.to_string(),
+        }),
     }
 }
 
@@ -106,7 +138,12 @@ fn parse_ssh(url: &str, scheme: &str, rest: &str) -> Result<AccessUrl, UrlError>
     if path.len() <= 1 {
         return Err(bad(url, "missing path after the host"));
     }
-    Ok(AccessUrl::Ssh { user, host: host.to_string(), port, path: percent_decode(&path) })
+    Ok(AccessUrl::Ssh {
+        user,
+        host: host.to_string(),
+        port,
+        path: percent_decode(&path),
+    })
 }
 
 fn parse_s3(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
@@ -143,7 +180,8 @@ fn parse_peer(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
     let (host, port) = match hp.rsplit_once(':') {
         Some((h, p)) => (
             h,
-            p.parse::<u16>().map_err(|_| bad(url, format!("port `{p}` is not a number 1-65535")))?,
+            p.parse::<u16>()
+                .map_err(|_| bad(url, format!("port `{p}` is not a number 1-65535")))?,
         ),
         None => (hp, 7443),
     };
@@ -151,9 +189,16 @@ fn parse_peer(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
         return Err(bad(url, "missing host: horcrux://host:7443/repo"));
     }
     if repo.is_empty() {
-        return Err(bad(url, "missing repository name: horcrux://host:7443/repo"));
+        return Err(bad(
+            url,
+            "missing repository name: horcrux://host:7443/repo",
+        ));
     }
-    Ok(AccessUrl::Peer { host: host.to_string(), port, repo: repo.to_string() })
+    Ok(AccessUrl::Peer {
+        host: host.to_string(),
+        port,
+        repo: repo.to_string(),
+    })
 }
 
 fn percent_decode(s: &str) -> String {
@@ -178,7 +223,12 @@ impl fmt::Display for AccessUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AccessUrl::File { path } => write!(f, "file://{}", path.display()),
-            AccessUrl::Ssh { user, host, port, path } => {
+            AccessUrl::Ssh {
+                user,
+                host,
+                port,
+                path,
+            } => {
                 let u = user.as_ref().map(|u| format!("{u}@")).unwrap_or_default();
                 write!(f, "ssh://{u}{host}:{port}{path}")
             }
@@ -196,20 +246,46 @@ mod tests {
     fn forms() {
         assert_eq!(
             parse_one("file:///opt/x").unwrap(),
-            AccessUrl::File { path: "/opt/x".into() }
+            AccessUrl::File {
+                path: "/opt/x".into()
+            }
         );
-        assert_eq!(parse_one("cp:///opt/x").unwrap(), AccessUrl::File { path: "/opt/x".into() });
-        assert_eq!(parse_one("/opt/x").unwrap(), AccessUrl::File { path: "/opt/x".into() });
+        assert_eq!(
+            parse_one("cp:///opt/x").unwrap(),
+            AccessUrl::File {
+                path: "/opt/x".into()
+            }
+        );
+        assert_eq!(
+            parse_one("/opt/x").unwrap(),
+            AccessUrl::File {
+                path: "/opt/x".into()
+            }
+        );
         assert_eq!(
             parse_one("scp://dev@db:/opt/h").unwrap(),
-            AccessUrl::Ssh { user: Some("dev".into()), host: "db".into(), port: 22, path: "/opt/h".into() }
+            AccessUrl::Ssh {
+                user: Some("dev".into()),
+                host: "db".into(),
+                port: 22,
+                path: "/opt/h".into()
+            }
         );
         assert_eq!(
             parse_one("ssh://dev@db:2222/opt/h").unwrap(),
-            AccessUrl::Ssh { user: Some("dev".into()), host: "db".into(), port: 2222, path: "/opt/h".into() }
+            AccessUrl::Ssh {
+                user: Some("dev".into()),
+                host: "db".into(),
+                port: 2222,
+                path: "/opt/h".into()
+            }
         );
         match parse_one("s3://b/amcc?region=garage&endpoint=http://127.0.0.1:3900").unwrap() {
-            AccessUrl::S3 { bucket, prefix, options } => {
+            AccessUrl::S3 {
+                bucket,
+                prefix,
+                options,
+            } => {
                 assert_eq!(bucket, "b");
                 assert_eq!(prefix, "amcc");
                 assert_eq!(options["endpoint"], "http://127.0.0.1:3900");
@@ -218,7 +294,11 @@ mod tests {
         }
         assert_eq!(
             parse_one("horcrux://10.0.0.5:7443/amcc").unwrap(),
-            AccessUrl::Peer { host: "10.0.0.5".into(), port: 7443, repo: "amcc".into() }
+            AccessUrl::Peer {
+                host: "10.0.0.5".into(),
+                port: 7443,
+                repo: "amcc".into()
+            }
         );
         assert_eq!(parse_access("/a, file:///b").unwrap().len(), 2);
     }
