@@ -16,5 +16,6 @@ pub mod ids;
 pub mod manifest;
 pub mod repo;
 pub mod store;
+pub mod transfer;
 pub mod util;
 pub mod volume;
