@@ -44,6 +44,8 @@ enum Command {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Copy a repository (all or some volumes, with history) to another store; resumable
+    Copy(cmd::copy::CopyArgs),
     /// Run the main job end to end on a built-in sample: generate, mount, read, show the cache
     Demo(cmd::demo::DemoArgs),
 }
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => cmd::mount::run(a),
         Command::Umount(a) => cmd::mount::run_umount(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
+        Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
