@@ -1,1 +1,467 @@
-//! FUSE adapter (in progress).
+//! FUSE adapter for horcrux volumes: a thin layer over [`horcrux::volume::Volume`].
+//!
+//! Each kernel request becomes one call into the core, inside a tracing span; the result is
+//! mapped to a reply ([`attr`] for attributes, [`errno`] for failures, logged once there).
+//! No filesystem semantics live here.
+//!
+//! Threading: fuser runs `n_threads` worker threads that call these methods concurrently; the
+//! core methods are synchronous and block the calling worker while a fetch runs on the
+//! volume's tokio runtime. Workers are never runtime threads, so blocking there is safe.
+
+pub mod attr;
+pub mod errno;
+pub mod mountinfo;
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    AccessFlags, Config, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request, Session, SessionACL,
+};
+use horcrux::manifest::NodeKind;
+use horcrux::volume::{Attr, DirSink, Volume, VolumeError};
+
+pub use fuser::Session as FuseSession;
+
+use crate::attr::{file_attr, file_type};
+use crate::errno::fail;
+
+/// How long the kernel may cache entries, attributes and negative lookups. The mounted
+/// version is immutable and content-addressed, so nothing it reports can go stale.
+pub const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Readahead asked of the kernel at `init` (it may offer less; see [`tune_readahead`]).
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// Outstanding background (readahead, async) requests the kernel may queue.
+const MAX_BACKGROUND: u16 = 64;
+
+/// Capabilities requested when the kernel offers them. `FUSE_MAX_PAGES` lets a single
+/// request carry up to `fs.fuse.max_pages_limit` pages (256 = 1 MiB by default) instead of 32.
+const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
+    .union(InitFlags::FUSE_READDIRPLUS_AUTO)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS)
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_MAX_PAGES);
+
+/// A mounted volume as a fuser filesystem.
+#[derive(Debug)]
+pub struct HorcruxFs {
+    volume: Arc<Volume>,
+}
+
+impl HorcruxFs {
+    pub fn new(volume: Arc<Volume>) -> Self {
+        Self { volume }
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+}
+
+/// Adds entries to a `readdir` reply.
+struct PlainSink<'a>(&'a mut ReplyDirectory);
+
+impl DirSink for PlainSink<'_> {
+    fn add(&mut self, name: &[u8], offset: u64, attr: &Attr) -> bool {
+        self.0.add(
+            INodeNo(attr.ino),
+            offset,
+            file_type(attr.kind),
+            OsStr::from_bytes(name),
+        )
+    }
+}
+
+/// Adds entries with attributes to a `readdirplus` reply.
+struct PlusSink<'a>(&'a mut ReplyDirectoryPlus);
+
+impl DirSink for PlusSink<'_> {
+    fn add(&mut self, name: &[u8], offset: u64, attr: &Attr) -> bool {
+        self.0.add(
+            INodeNo(attr.ino),
+            offset,
+            OsStr::from_bytes(name),
+            &TTL,
+            &file_attr(attr),
+            Generation(0),
+        )
+    }
+}
+
+/// Answer an xattr request with the size-probe protocol: `size == 0` asks for the length,
+/// a non-zero `size` smaller than the value is `ERANGE`.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        match u32::try_from(value.len()) {
+            Ok(n) => reply.size(n),
+            Err(_) => reply.error(Errno::E2BIG),
+        }
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// An entry reply for "no such name" that the kernel caches for [`TTL`] (a node id of 0 is a
+/// negative entry): repeated probes for missing files (`$PATH` searches, `.git` lookups...)
+/// then never reach us. Valid because the tree cannot change under the mount.
+fn reply_negative(reply: ReplyEntry) {
+    let none = Attr {
+        ino: 0,
+        kind: NodeKind::File,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        blocks: 0,
+        atime: 0,
+        mtime: 0,
+        ctime: 0,
+        rdev: 0,
+        blksize: 0,
+    };
+    reply.entry(&TTL, &file_attr(&none), Generation(0));
+}
+
+impl Filesystem for HorcruxFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let offered = config.capabilities();
+        // Only what is offered, so this cannot fail; missing ones are logged.
+        let _ = config.add_capabilities(WANTED & offered);
+        tracing::debug!(
+            abi = %config.kernel_abi(),
+            missing = ?(WANTED - offered),
+            "FUSE session initialised"
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = tracing::debug_span!("lookup", parent = parent.0, ?name).entered();
+        match self.volume.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(VolumeError::NotFound) => reply_negative(reply),
+            Err(e) => reply.error(fail("lookup", parent.0, &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = tracing::debug_span!("getattr", ino = ino.0).entered();
+        match self.volume.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(fail("getattr", ino.0, &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _s = tracing::debug_span!("readlink", ino = ino.0).entered();
+        match self.volume.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(fail("readlink", ino.0, &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        match self.volume.open(ino.0, write) {
+            // Content never changes under an inode: keep the page cache across opens.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(fail("open", ino.0, &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = tracing::debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
+        match self.volume.read(ino.0, fh.0, offset, size) {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(fail("read", ino.0, &e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("release", ino = ino.0, fh = fh.0).entered();
+        self.volume.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
+        match self.volume.getattr(ino.0) {
+            // Listings never change: let the kernel cache them and keep them across opens.
+            Ok(a) if a.kind == NodeKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(_) => reply.error(fail("opendir", ino.0, &VolumeError::NotDir)),
+            Err(e) => reply.error(fail("opendir", ino.0, &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _s = tracing::debug_span!("readdir", ino = ino.0, offset).entered();
+        match self
+            .volume
+            .readdir(ino.0, offset, &mut PlainSink(&mut reply))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdir", ino.0, &e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let _s = tracing::debug_span!("readdirplus", ino = ino.0, offset).entered();
+        match self
+            .volume
+            .readdir(ino.0, offset, &mut PlusSink(&mut reply))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdirplus", ino.0, &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _s = tracing::debug_span!("statfs").entered();
+        match self.volume.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(fail("statfs", ino.0, &e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("getxattr", ino = ino.0, ?name, size).entered();
+        match self.volume.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) => reply_xattr(reply, size, &v),
+            Err(e) => reply.error(fail("getxattr", ino.0, &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("listxattr", ino = ino.0, size).entered();
+        match self.volume.listxattr(ino.0) {
+            Ok(names) => {
+                // The kernel's format: each name followed by a NUL.
+                let mut list = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum());
+                for n in &names {
+                    list.extend_from_slice(n);
+                    list.push(0);
+                }
+                reply_xattr(reply, size, &list);
+            }
+            Err(e) => reply.error(fail("listxattr", ino.0, &e)),
+        }
+    }
+
+    /// Only reached without `default_permissions` (the kernel checks modes itself with it):
+    /// the node must exist, and nothing is writable.
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("access", ino = ino.0, mask = mask.bits()).entered();
+        match self.volume.getattr(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => {
+                reply.error(fail("access", ino.0, &VolumeError::ReadOnly))
+            }
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(fail("access", ino.0, &e)),
+        }
+    }
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Mount read-only (`ro`): the kernel refuses every write with `EROFS` before asking us.
+    pub read_only: bool,
+    /// Let users other than the mounter in (`allow_other`).
+    pub allow_other: bool,
+    /// Mount source shown by `mount`/`df`; [`fsname`] builds the conventional one.
+    pub fsname: String,
+    /// FUSE worker threads [default: twice the CPUs, at least 4].
+    pub threads: Option<usize>,
+}
+
+/// The mount source of a volume's mount: `horcrux:<volume>` (how `umount` recognises ours).
+pub fn fsname(volume: &str) -> String {
+    format!("{}{volume}", mountinfo::FSNAME_PREFIX)
+}
+
+/// Worker threads by default: reads block a worker while a fetch runs, so more threads than
+/// CPUs keep cold readers from stalling warm ones.
+pub fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 2).max(4)
+}
+
+/// Mount `volume` on `mountpoint`. When this returns the kernel has completed the FUSE
+/// handshake: the mount is live, and requests queue until the session runs
+/// ([`Session::run`] or [`Session::spawn`]). Dropping the session unmounts.
+pub fn mount(
+    volume: Arc<Volume>,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<Session<HorcruxFs>> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.fsname.clone()),
+        MountOption::Subtype("horcrux".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if options.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    if options.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(options.threads.unwrap_or_else(default_threads).max(1));
+    // One /dev/fuse descriptor per worker: no contention on a single fd's queue.
+    config.clone_fd = true;
+    Session::new(HorcruxFs::new(volume), mountpoint, &config)
+}
+
+/// Raise the kernel readahead of a live mount to `kb` KiB (its bdi's `read_ahead_kb`), so
+/// sequential readers get requests of up to `max_pages` instead of the 128 KiB default.
+/// Needs root; best effort.
+pub fn tune_readahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
+    let m = mountinfo::find(mountpoint)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not mounted"))?;
+    std::fs::write(
+        format!("/sys/class/bdi/{}:{}/read_ahead_kb", m.major, m.minor),
+        kb.to_string(),
+    )
+}
+
+/// Unmount `mountpoint` (absolute). `lazy` detaches it even while files are open
+/// (`MNT_DETACH`, `fusermount3 -uz`). Root uses umount2(2); others go through fusermount3.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(mountpoint);
+    let out = cmd.output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("running fusermount3 (install fuse3): {e}"),
+        )
+    })?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // fusermount3 reports busy mounts in words; keep the errno for callers.
+        let kind = if msg.contains("busy") {
+            io::ErrorKind::ResourceBusy
+        } else {
+            io::ErrorKind::Other
+        };
+        return Err(io::Error::new(kind, msg));
+    }
+    Ok(())
+}
+
+/// Wait until `mountpoint` no longer appears in the mount table, up to `timeout`.
+pub fn wait_unmounted(mountpoint: &Path, timeout: Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match mountinfo::find(mountpoint)? {
+            Some(m) if m.is_horcrux() => {}
+            _ => return Ok(true),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_default() {
+        assert!(default_threads() >= 4);
+    }
+
+    #[test]
+    fn fsname_is_recognised() {
+        let m = mountinfo::MountEntry {
+            major: 0,
+            minor: 1,
+            mount_point: "/m".into(),
+            fstype: "fuse".into(),
+            source: fsname("v"),
+        };
+        assert!(m.is_horcrux());
+    }
+}
