@@ -1,8 +1,33 @@
 //! `horcrux mount` and `horcrux umount`.
+//!
+//! Detaching: `mount` without `--foreground` checks what it can cheaply (mountpoint, URL), then
+//! re-executes itself with `--foreground --ready-fd N` in a new session, stdio on /dev/null.
+//! No thread exists yet in the parent, and the child is a fresh exec, so nothing is forked
+//! with threads. The child (the daemon) logs to a file, opens the repository, mounts, and
+//! reports on the inherited pipe, one line each:
+//!   `log <path>`                       as soon as its log file is open,
+//!   `ok <volume>@<commit>`             once the FUSE handshake is done (the mount is live),
+//!   `error <message...>`               instead, if anything failed.
+//! The parent returns only after `ok` (exit 0) or an error / EOF (exit 1), so a caller can
+//! use the mount as soon as `horcrux mount` returns.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use horcrux::cache::{Cache, CacheConfig};
+use horcrux::fetch::{FetchConfig, Fetcher};
+use horcrux::repo::Repository;
+use horcrux::store::{MirrorConfig, MirrorStore, Store};
+use horcrux::volume::Volume;
+use horcrux_fuse::mountinfo;
 
 use crate::CacheArgs;
 
@@ -27,6 +52,12 @@ pub struct MountArgs {
     /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root)
     #[arg(long)]
     pub allow_other: bool,
+    /// FUSE worker threads [default: twice the CPUs, at least 4]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<RawFd>,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -35,12 +66,588 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// The mountpoint to unmount
     pub mountpoint: PathBuf,
+    /// Detach now even if files are open in it; the daemon exits once they are closed
+    #[arg(long, short = 'l')]
+    pub lazy: bool,
 }
 
-pub fn run(_a: MountArgs) -> anyhow::Result<()> {
-    anyhow::bail!("mount: being implemented")
+/// Readahead given to the kernel for a mount, in KiB (one FUSE request carries at most 1 MiB).
+const READAHEAD_KB: u32 = 1024;
+
+/// How long `umount` waits for the daemon to exit after the kernel let go of the mount.
+const DAEMON_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+pub fn run(a: MountArgs) -> anyhow::Result<()> {
+    if a.foreground || a.ready_fd.is_some() {
+        daemon(a)
+    } else {
+        detach(a)
+    }
 }
 
-pub fn run_umount(_a: UmountArgs) -> anyhow::Result<()> {
-    anyhow::bail!("umount: being implemented")
+// ---------------------------------------------------------------------------------------------
+// Checks shared by the parent and the daemon.
+
+/// Validate the mountpoint and return its canonical absolute path.
+fn check_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
+    let abs = mountinfo::absolute(p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow!(
+            "mountpoint {}: its parent directory does not exist",
+            p.display()
+        ),
+        _ => anyhow!("mountpoint {}: {e}", p.display()),
+    })?;
+    // Before stat: a dead FUSE mount answers ENOTCONN to it.
+    already_mounted(&abs)?;
+    let md = std::fs::metadata(&abs).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow!(
+            "mountpoint {} does not exist; create it with `mkdir -p {}`",
+            abs.display(),
+            abs.display()
+        ),
+        _ => anyhow!("mountpoint {}: {e}", abs.display()),
+    })?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", abs.display());
+    }
+    let canon = abs
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", abs.display()))?;
+    if canon != abs {
+        already_mounted(&canon)?;
+    }
+    let mut entries = std::fs::read_dir(&canon)
+        .with_context(|| format!("mountpoint {}: cannot list it", canon.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "mountpoint {} is not empty; horcrux mounts only on an empty directory",
+            canon.display()
+        );
+    }
+    Ok(canon)
+}
+
+fn already_mounted(abs: &Path) -> anyhow::Result<()> {
+    if let Some(m) = mountinfo::find(abs).context("reading /proc/self/mountinfo")? {
+        if m.is_horcrux() {
+            bail!(
+                "{} is already a horcrux mount ({}); unmount it first with `horcrux umount {}`",
+                abs.display(),
+                m.source,
+                abs.display()
+            );
+        }
+        bail!(
+            "{} is already a mount point ({} mount of {})",
+            abs.display(),
+            m.fstype,
+            m.source
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent side of a detached mount.
+
+fn detach(a: MountArgs) -> anyhow::Result<()> {
+    // Fail fast, in the user's terminal, on what needs no repository.
+    let mountpoint = check_mountpoint(&a.mountpoint)?;
+    horcrux::store::parse_access(&a.access)?;
+
+    let (read_end, write_end) = pipe()?;
+    let exe = std::env::current_exe().context("locating the horcrux executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(child_args(write_end.as_raw_fd()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let wfd = write_end.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (setsid, fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Let the pipe's write end survive exec (it was created close-on-exec).
+            let flags = libc::fcntl(wfd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(wfd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    // Only the child may hold the write end, or EOF never comes.
+    drop(write_end);
+
+    let mut report = String::new();
+    File::from(read_end)
+        .read_to_string(&mut report)
+        .context("reading the mount daemon's report")?;
+    let mut log = None;
+    for line in report.lines() {
+        if let Some(l) = line.strip_prefix("log ") {
+            log = Some(l.to_string());
+        }
+    }
+    let log_note = log
+        .as_deref()
+        .map(|l| format!(" (log: {l})"))
+        .unwrap_or_default();
+    if let Some(what) = report.lines().find_map(|l| l.strip_prefix("ok ")) {
+        println!(
+            "mounted {what} on {} (pid {}, log: {})",
+            mountpoint.display(),
+            child.id(),
+            log.as_deref().unwrap_or("none")
+        );
+        return Ok(());
+    }
+    if let Some(pos) = report.find("error ") {
+        // The message may span lines (anyhow's chain); it runs to the end.
+        bail!("{}{log_note}", report[pos + 6..].trim_end());
+    }
+    let status = child.wait().context("waiting for the mount daemon")?;
+    bail!("the mount daemon exited ({status}) before the mount was live{log_note}")
+}
+
+/// This process's arguments with `--foreground --ready-fd N` inserted right after the `mount`
+/// subcommand (before any `--` the user may have written).
+fn child_args(fd: RawFd) -> Vec<std::ffi::OsString> {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let at = args.iter().position(|s| s == "mount").map_or(0, |p| p + 1);
+    let mut out = args[..at].to_vec();
+    out.extend([
+        "--foreground".into(),
+        "--ready-fd".into(),
+        fd.to_string().into(),
+    ]);
+    out.extend_from_slice(&args[at..]);
+    out
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a pipe");
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon (foreground, or the detached child).
+
+/// The daemon's report channel to a waiting parent; absent in plain foreground mode.
+struct Ready(Option<File>);
+
+impl Ready {
+    fn send(&mut self, line: &str) {
+        if let Some(f) = &mut self.0 {
+            // The parent may be gone (killed while waiting): the mount goes on regardless.
+            let _ = f
+                .write_all(line.as_bytes())
+                .and_then(|_| f.write_all(b"\n"));
+        }
+    }
+
+    /// Final message; closing the pipe releases the parent.
+    fn finish(&mut self, line: &str) {
+        self.send(line);
+        self.0 = None;
+    }
+}
+
+fn daemon(a: MountArgs) -> anyhow::Result<()> {
+    let mut ready = Ready(None);
+    if let Some(fd) = a.ready_fd {
+        // SAFETY: F_GETFD only inspects the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("--ready-fd {fd} is not an open file descriptor (it is for internal use)");
+        }
+        // SAFETY: the descriptor is open and this process is its only user from now on.
+        let f = unsafe { File::from_raw_fd(fd) };
+        // Keep it out of anything we spawn (fusermount3), or the parent's EOF would wait.
+        // SAFETY: plain fcntl on an open descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        ready = Ready(Some(f));
+        match detached_logging(&a) {
+            Ok(log) => ready.send(&format!("log {}", log.display())),
+            Err(e) => {
+                ready.finish(&format!("error {e:#}"));
+                return Err(e);
+            }
+        }
+    } else {
+        crate::init_logging(None)?;
+    }
+    match serve(&a, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ready.finish(&format!("error {e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// Point stdout/stderr (panics, stray prints) and tracing at
+/// `<log_dir>/<volume-or-mountpoint>-<pid>.log`.
+fn detached_logging(a: &MountArgs) -> anyhow::Result<PathBuf> {
+    let dir = crate::paths::log_dir();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the log directory {}", dir.display()))?;
+    let base = a
+        .name
+        .clone()
+        .or_else(|| {
+            a.mountpoint
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "mount".into());
+    let base: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{base}-{}.log", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("creating the log file {}", path.display()))?;
+    // SAFETY: dup2 onto the standard descriptors of this (single-threaded so far) process.
+    unsafe {
+        libc::dup2(f.as_raw_fd(), 1);
+        libc::dup2(f.as_raw_fd(), 2);
+    }
+    crate::init_logging(Some(&path))?;
+    Ok(path)
+}
+
+/// Open the volume, mount it, report readiness, and serve until unmounted or signalled.
+fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
+    let mountpoint = check_mountpoint(&a.mountpoint)?;
+    let urls = horcrux::store::parse_access(&a.access)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("horcrux-io")
+        .build()
+        .context("starting the I/O runtime")?;
+    let cache_dir = crate::paths::cache_dir(a.cache.cache_dir.as_ref());
+    let cache = Cache::open(CacheConfig {
+        dir: cache_dir.clone(),
+        max_size: a.cache.cache_size,
+    })
+    .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
+
+    let (name, commit, manifest, source) = runtime.block_on(async {
+        let stores = urls
+            .iter()
+            .map(horcrux::store::open_store)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Metadata reads fall over between mirrors just as chunk reads do.
+        let source = Arc::new(MirrorStore::new(stores, MirrorConfig::default()));
+        let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
+        let name = repo.pick_volume(a.name.as_deref()).await?;
+        let id = repo.resolve(&name, &a.reference).await?;
+        let commit = repo.commit(id).await?;
+        let mid = commit
+            .manifest_id()
+            .ok_or_else(|| anyhow!("commit {id} of volume `{name}` names no manifest"))?;
+        let manifest = repo.manifest(mid, &cache).await?;
+        anyhow::Ok((name, id, manifest, source))
+    })?;
+
+    let block_size = manifest.header().block_size;
+    let fetcher = Fetcher::with_mirrors(source, cache.clone(), block_size, FetchConfig::default());
+    let volume = Arc::new(Volume::new(
+        manifest,
+        Arc::new(fetcher),
+        runtime.handle().clone(),
+    ));
+    if !a.read_only {
+        tracing::info!("mounting read-only: this version of horcrux has no writable overlay yet");
+    }
+    let options = horcrux_fuse::MountOptions {
+        // Writes need the overlay (a later version); until then every mount is read-only,
+        // so the kernel answers EROFS without asking us.
+        read_only: true,
+        allow_other: a.allow_other,
+        fsname: horcrux_fuse::fsname(&name),
+        threads: a.threads,
+    };
+    let session = horcrux_fuse::mount(volume, &mountpoint, &options)
+        .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+    if let Err(e) = horcrux_fuse::tune_readahead(&mountpoint, READAHEAD_KB) {
+        tracing::debug!(error = %e, "could not raise the kernel readahead");
+    }
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let worker = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })
+        .context("starting the FUSE session")?;
+    let pidfile = PidFile::create(&mountpoint);
+    let what = format!("{name}@{}", commit.short());
+    tracing::info!(volume = %name, commit = %commit, mountpoint = %mountpoint.display(), "mounted");
+    if ready.0.is_some() {
+        ready.finish(&format!("ok {what}"));
+    } else {
+        println!(
+            "mounted {what} on {} (Ctrl-C to unmount)",
+            mountpoint.display()
+        );
+        let _ = std::io::stdout().flush();
+    }
+
+    wait_for_end(&runtime, &mountpoint, done_rx)?;
+    let result = worker
+        .join()
+        .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
+    drop(pidfile);
+    // Background fills may still run; do not let them hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result.with_context(|| format!("serving {}", mountpoint.display()))?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    drop(cache);
+    Ok(())
+}
+
+/// Serve until the session ends (someone unmounted) or SIGINT/SIGTERM asks us to unmount.
+/// A busy mount is detached lazily and served until its last file closes; a second signal
+/// then exits at once.
+fn wait_for_end(
+    runtime: &tokio::runtime::Runtime,
+    mountpoint: &Path,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    runtime.block_on(async {
+        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        let sig = tokio::select! {
+            _ = &mut done => return anyhow::Ok(()),
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        tracing::info!("{sig}: unmounting {}", mountpoint.display());
+        let mp = mountpoint.to_path_buf();
+        let r = tokio::task::spawn_blocking(move || horcrux_fuse::unmount(&mp, false))
+            .await
+            .expect("unmount task");
+        match r {
+            Ok(()) => {}
+            Err(e) if is_busy(&e) => {
+                tracing::warn!(
+                    "{} is busy: detaching it; open files stay readable until closed \
+                     (signal again to exit now)",
+                    mountpoint.display()
+                );
+                let mp = mountpoint.to_path_buf();
+                tokio::task::spawn_blocking(move || horcrux_fuse::unmount(&mp, true))
+                    .await
+                    .expect("unmount task")
+                    .with_context(|| format!("detaching {}", mountpoint.display()))?;
+                tokio::select! {
+                    _ = &mut done => {}
+                    _ = int.recv() => bail!("interrupted while files were still open"),
+                    _ = term.recv() => bail!("terminated while files were still open"),
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("unmounting {}", mountpoint.display()));
+            }
+        }
+        // After a successful unmount the kernel closes the connection and the session ends.
+        let _ = done.await;
+        Ok(())
+    })
+}
+
+fn is_busy(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBUSY) || e.kind() == std::io::ErrorKind::ResourceBusy
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemon pid files, so `umount` can wait for the daemon to finish (cache index flushed).
+
+/// `<state>/run/<hash of mountpoint>.pid` holding "<pid>\n<mountpoint>\n"; removed on drop.
+struct PidFile(Option<PathBuf>);
+
+fn pidfile_path(mountpoint: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    // FNV-1a: a stable, dependency-free name for a path of any length.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in mountpoint.as_os_str().as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    crate::paths::state_dir()
+        .join("run")
+        .join(format!("{h:016x}.pid"))
+}
+
+impl PidFile {
+    fn create(mountpoint: &Path) -> Self {
+        let path = pidfile_path(mountpoint);
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| {
+                horcrux::util::write_atomic(
+                    &path,
+                    format!("{}\n{}\n", std::process::id(), mountpoint.display()).as_bytes(),
+                )
+            });
+        match r {
+            Ok(()) => Self(Some(path)),
+            Err(e) => {
+                tracing::debug!(error = %e, path = %path.display(), "no pid file");
+                Self(None)
+            }
+        }
+    }
+
+    /// The daemon serving `mountpoint`, if its pid file names a live process.
+    fn read(mountpoint: &Path) -> Option<u32> {
+        let text = std::fs::read_to_string(pidfile_path(mountpoint)).ok()?;
+        let mut lines = text.lines();
+        let pid: u32 = lines.next()?.parse().ok()?;
+        (lines.next()? == mountpoint.display().to_string() && alive(pid)).then_some(pid)
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Is `pid` a running (not zombie) process?
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// umount
+
+pub fn run_umount(a: UmountArgs) -> anyhow::Result<()> {
+    let mp = mountinfo::absolute(&a.mountpoint)
+        .with_context(|| format!("{}: no such directory", a.mountpoint.display()))?;
+    let entry = mountinfo::find(&mp)
+        .context("reading /proc/self/mountinfo")?
+        .ok_or_else(|| anyhow!("{} is not a mount point", mp.display()))?;
+    if !entry.is_horcrux() {
+        bail!(
+            "{} is not a horcrux mount (it is a {} mount of {}); use umount(8) for it",
+            mp.display(),
+            entry.fstype,
+            entry.source
+        );
+    }
+    let daemon = PidFile::read(&mp);
+    if let Err(e) = horcrux_fuse::unmount(&mp, a.lazy) {
+        if is_busy(&e) {
+            bail!(
+                "{} is busy: files or directories in it are in use; close them, or detach it \
+                 now with `horcrux umount --lazy {}`",
+                mp.display(),
+                mp.display()
+            );
+        }
+        return Err(e).with_context(|| format!("unmounting {}", mp.display()));
+    }
+    if !horcrux_fuse::wait_unmounted(&mp, DAEMON_EXIT_WAIT)? {
+        bail!(
+            "{} is still mounted after unmounting it; see `grep {} /proc/self/mountinfo`",
+            mp.display(),
+            mp.display()
+        );
+    }
+    // A lazily detached mount is served until its files close: do not wait for that.
+    if let (Some(pid), false) = (daemon, a.lazy) {
+        let deadline = std::time::Instant::now() + DAEMON_EXIT_WAIT;
+        while alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            eprintln!(
+                "horcrux: warning: unmounted {}, but its daemon (pid {pid}) is still running",
+                mp.display()
+            );
+        }
+    }
+    println!("unmounted {}", mp.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfile_names_differ_per_mountpoint() {
+        assert_ne!(
+            pidfile_path(Path::new("/a/b")),
+            pidfile_path(Path::new("/a_b"))
+        );
+        assert_eq!(pidfile_path(Path::new("/m")), pidfile_path(Path::new("/m")));
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX));
+    }
+
+    #[test]
+    fn mountpoint_errors_are_clear() {
+        let t = std::env::temp_dir().join(format!("horcrux-mp-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::create_dir_all(&t).unwrap();
+        let missing = t.join("nope");
+        let e = check_mountpoint(&missing).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let file = t.join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = check_mountpoint(&file).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let e = check_mountpoint(&t).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        let empty = t.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert_eq!(
+            check_mountpoint(&empty).unwrap(),
+            empty.canonicalize().unwrap()
+        );
+        let e = check_mountpoint(Path::new("/proc"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already a mount point"), "{e}");
+        std::fs::remove_dir_all(&t).unwrap();
+    }
 }
