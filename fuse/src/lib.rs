@@ -219,6 +219,29 @@ impl Filesystem for HorcruxFs {
         reply.ok();
     }
 
+    /// Sent on every close(2); nothing is buffered here, so there is nothing to write back.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
         match self.volume.getattr(ino.0) {
@@ -354,7 +377,13 @@ pub fn default_threads() -> usize {
 
 /// Mount `volume` on `mountpoint`. When this returns the kernel has completed the FUSE
 /// handshake: the mount is live, and requests queue until the session runs
-/// ([`Session::run`] or [`Session::spawn`]). Dropping the session unmounts.
+/// ([`Session::run`] or [`Session::spawn`]).
+///
+/// As root the mount is made here with mount(2) (type `fuse.horcrux`) and the session never
+/// unmounts by itself: unmount with [`unmount`]; the session ends once the kernel lets go.
+/// (fuser's own unmount-on-drop would also fire after an external unmount and could hit a
+/// new mount made on the same directory meanwhile.) Other users go through fusermount3,
+/// via fuser, and dropping that session unmounts.
 pub fn mount(
     volume: Arc<Volume>,
     mountpoint: &Path,
@@ -377,7 +406,71 @@ pub fn mount(
     config.n_threads = Some(options.threads.unwrap_or_else(default_threads).max(1));
     // One /dev/fuse descriptor per worker: no contention on a single fd's queue.
     config.clone_fd = true;
-    Session::new(HorcruxFs::new(volume), mountpoint, &config)
+    let fs = HorcruxFs::new(volume);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        mount_as_root(fs, mountpoint, options, config)
+    } else {
+        Session::new(fs, mountpoint, &config)
+    }
+}
+
+fn cstring(b: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(b).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path or name contains a NUL byte",
+        )
+    })
+}
+
+fn mount_as_root(
+    fs: HorcruxFs,
+    mountpoint: &Path,
+    options: &MountOptions,
+    config: Config,
+) -> io::Result<Session<HorcruxFs>> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/fuse: {e}")))?;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id=0,group_id=0,default_permissions",
+        dev.as_raw_fd(),
+        libc::S_IFDIR
+    );
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if options.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let source = cstring(options.fsname.as_bytes())?;
+    let target = cstring(mountpoint.as_os_str().as_bytes())?;
+    let fstype = cstring(b"fuse.horcrux")?;
+    let data = cstring(data.as_bytes())?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("mount(2): {e}")));
+    }
+    let acl = config.acl;
+    // The kernel queued INIT at mount time; from_fd answers it.
+    Session::from_fd(fs, OwnedFd::from(dev), acl, config).inspect_err(|_| {
+        let _ = unmount(mountpoint, true);
+    })
 }
 
 /// Raise the kernel readahead of a live mount to `kb` KiB (its bdi's `read_ahead_kb`), so

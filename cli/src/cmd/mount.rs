@@ -288,7 +288,7 @@ fn daemon(a: MountArgs) -> anyhow::Result<()> {
     match serve(&a, &mut ready) {
         Ok(()) => Ok(()),
         Err(e) => {
-            tracing::error!("{e:#}");
+            // main prints it to stderr (the log file, when detached).
             ready.finish(&format!("error {e:#}"));
             Err(e)
         }
@@ -389,6 +389,8 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     };
     let session = horcrux_fuse::mount(volume, &mountpoint, &options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+    // Until the session runs, a failure here must not leave a mount nobody serves.
+    let guard = DetachOnDrop(Some(mountpoint.clone()));
     if let Err(e) = horcrux_fuse::tune_readahead(&mountpoint, READAHEAD_KB) {
         tracing::debug!(error = %e, "could not raise the kernel readahead");
     }
@@ -402,6 +404,7 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
             r
         })
         .context("starting the FUSE session")?;
+    guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
     let what = format!("{name}@{}", commit.short());
     tracing::info!(volume = %name, commit = %commit, mountpoint = %mountpoint.display(), "mounted");
@@ -426,6 +429,23 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
     Ok(())
+}
+
+/// Lazily unmounts a mount on drop unless disarmed.
+struct DetachOnDrop(Option<PathBuf>);
+
+impl DetachOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(mp) = self.0.take() {
+            let _ = horcrux_fuse::unmount(&mp, true);
+        }
+    }
 }
 
 /// Serve until the session ends (someone unmounted) or SIGINT/SIGTERM asks us to unmount.
@@ -464,7 +484,7 @@ fn wait_for_end(
                     .expect("unmount task")
                     .with_context(|| format!("detaching {}", mountpoint.display()))?;
                 tokio::select! {
-                    _ = &mut done => {}
+                    _ = &mut done => return Ok(()),
                     _ = int.recv() => bail!("interrupted while files were still open"),
                     _ = term.recv() => bail!("terminated while files were still open"),
                 }
