@@ -145,15 +145,12 @@ impl Store for FileStore {
         let key_s = key.to_string();
         let r = self
             .blocking(key, move |_| {
-                // An exclusive lock file serialises writers; the rename keeps readers atomic.
+                // Writers are serialised by an atomic `mkdir` of `.lock.d` next to the ref: the
+                // same protocol the SSH store uses, so local and remote writers of one
+                // repository exclude each other.
                 let dir = p.parent().expect("ref has a parent");
                 fs::create_dir_all(dir)?;
-                let lock = File::options()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(dir.join(".lock"))?;
-                flock(&lock)?;
+                let _lock = DirLock::acquire(&dir.join(".lock.d"))?;
                 let current = match fs::read(&p) {
                     Ok(v) => Some(v),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -193,14 +190,50 @@ impl Store for FileStore {
     }
 }
 
-fn flock(f: &File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a valid open descriptor; the lock is released when `f` is closed.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// A lock held by the existence of a directory (atomic `mkdir`), released on drop.
+/// A lock older than [`STALE_LOCK`] is considered abandoned by a crashed writer and broken.
+struct DirLock(PathBuf);
+
+const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl DirLock {
+    fn acquire(path: &Path) -> io::Result<Self> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut wait = std::time::Duration::from_millis(5);
+        loop {
+            match fs::create_dir(path) {
+                Ok(()) => return Ok(Self(path.to_path_buf())),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let age = fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|a| a > STALE_LOCK) {
+                        tracing::warn!(lock = %path.display(), "breaking a stale ref lock");
+                        let _ = fs::remove_dir(path);
+                        continue;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            format!(
+                                "ref lock {} is held by another writer; retry, or remove it if no horcrux is writing",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
     }
 }
 
@@ -238,6 +271,8 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Res
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test]
@@ -270,5 +305,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.get("refs/main").await.unwrap(), "2");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_compare_and_swap_loses_no_update() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Arc::new(FileStore::new(d.path().to_path_buf()));
+        s.put("refs/n", Bytes::from_static(b"0")).await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        loop {
+                            let cur = s.get("refs/n").await.unwrap();
+                            let n: u32 = std::str::from_utf8(&cur).unwrap().parse().unwrap();
+                            let next = Bytes::from((n + 1).to_string());
+                            match s.compare_and_swap("refs/n", Some(&cur), next).await {
+                                Ok(()) => break,
+                                Err(StoreError::CasConflict { .. }) => continue,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.get("refs/n").await.unwrap(), "80");
+        assert!(!d.path().join("refs/.lock.d").exists());
     }
 }

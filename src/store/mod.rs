@@ -4,6 +4,7 @@
 
 mod file;
 mod mirror;
+mod ssh;
 mod url;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 
 pub use file::FileStore;
 pub use mirror::{MirrorConfig, MirrorStore};
+pub use ssh::SshStore;
 pub use url::{AccessUrl, UrlError, parse_access, parse_one};
 
 /// Errors from stores. Messages name the store and key so a user knows what failed where.
@@ -106,13 +108,14 @@ pub fn open_store(url: &AccessUrl) -> Result<Arc<dyn Store>, StoreError> {
 /// Open the store an access URL names.
 pub fn open_store_with(
     url: &AccessUrl,
-    _options: &StoreOptions,
+    options: &StoreOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
+        AccessUrl::Ssh { .. } => Ok(Arc::new(SshStore::from_url(url, options)?)),
         other => Err(StoreError::Unsupported(format!(
-            "{other}: this build of horcrux reads repositories from file:// (and cp://) only; \
-             scp/ssh, s3 and horcrux:// peers are not available yet"
+            "{other}: this build of horcrux cannot read this kind of source yet \
+             (supported: file://, cp://, scp://, ssh://)"
         ))),
     }
 }
