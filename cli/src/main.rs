@@ -16,6 +16,39 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// How to reach remote stores (any command that opens a repository).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// SSH private key to use (instead of ssh-agent and ~/.ssh/id_*)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// known_hosts file for SSH host-key checks [default: ~/.ssh/known_hosts]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Do not check SSH host keys (exposes you to man-in-the-middle attacks)
+    #[arg(long, global = true)]
+    pub insecure_ignore_host_key: bool,
+    /// Parallel SSH sessions per host
+    #[arg(long, global = true, value_name = "N")]
+    pub ssh_sessions: Option<usize>,
+}
+
+static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> = std::sync::OnceLock::new();
+
+/// Store options from the command line, for every command that opens a store.
+pub fn store_options() -> horcrux::store::StoreOptions {
+    STORE_OPTIONS.get().cloned().unwrap_or_default()
+}
+
+/// Open the store an access URL names, with the command line's store options.
+pub fn open_store(
+    url: &horcrux::store::AccessUrl,
+) -> Result<std::sync::Arc<dyn horcrux::store::Store>, horcrux::store::StoreError> {
+    horcrux::store::open_store_with(url, &store_options())
 }
 
 /// Options shared by every command that uses the local cache.
@@ -72,6 +105,12 @@ pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = STORE_OPTIONS.set(horcrux::store::StoreOptions {
+        ssh_identity: cli.store.identity.clone(),
+        ssh_known_hosts: cli.store.known_hosts.clone(),
+        ssh_insecure_ignore_host_key: cli.store.insecure_ignore_host_key,
+        ssh_sessions: cli.store.ssh_sessions,
+    });
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Mount(a) => cmd::mount::run(a),

@@ -42,10 +42,10 @@ pub fn run(a: CopyArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let src_url = horcrux::store::parse_one(&a.source)?;
         let dst_url = horcrux::store::parse_one(&a.destination)?;
-        let src = Repository::open(horcrux::store::open_store(&src_url)?)
+        let src = Repository::open(crate::open_store(&src_url)?)
             .await
             .with_context(|| format!("opening the source {src_url}"))?;
-        let dst: Arc<dyn horcrux::store::Store> = horcrux::store::open_store(&dst_url)?;
+        let dst: Arc<dyn horcrux::store::Store> = crate::open_store(&dst_url)?;
         let bar = crate::progress::bar("copying");
         let opts = CopyOptions { volumes: a.names.clone(), force: a.force, concurrency: a.jobs };
         let t = std::time::Instant::now();
