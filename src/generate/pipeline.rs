@@ -1,0 +1,552 @@
+//! The content pipeline: worker threads read and hash chunks, async tasks upload them, and a
+//! reorder buffer puts the results back in chunk-index order.
+//!
+//! ```text
+//! planner ──ChunkTask (idx order, bounded queue)──▶ N workers: read + hash
+//!                                                     │ ChunkRec ──▶ reorder by idx ──▶ spill file
+//!                                                     └ buffer ───▶ upload task (tokio; ≤ U in flight)
+//! ```
+//!
+//! Memory is bounded by the buffer pool: every chunk's bytes live in one pooled buffer of at most
+//! `chunk_size`, taken by a worker before it reads and given back once the upload is done (or
+//! found unnecessary). The pool holds `workers + U` buffers, so at most that many chunks are in
+//! memory at once. The per-chunk results (id and block hashes, ~32 bytes per MiB of data) are
+//! streamed to a spill file in index order, so they do not accumulate in memory either.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use blake3::hazmat::HasherExt;
+use bytes::Bytes;
+
+use super::walk::{self, Stat};
+use super::{GenerateError, Progress};
+use crate::format::chunk_key;
+use crate::hashtree::{BlockHash, root_of};
+use crate::ids::ChunkId;
+use crate::manifest::{ChunkInfo, NodeKind};
+use crate::store::{Store, StoreError};
+
+/// A regular file at least one block long, opened once by the planner and shared by the tasks of
+/// its windows (so every window reads the same inode, even if the path is replaced meanwhile).
+#[derive(Debug)]
+pub(super) struct OpenFile {
+    pub path: PathBuf,
+    pub file: File,
+    /// Size measured when planning; any other size while reading is an error.
+    pub size: u64,
+}
+
+/// A run of bytes to append to a chunk.
+#[derive(Debug)]
+pub(super) enum Piece {
+    /// A whole small file (packed), opened by the worker.
+    Whole {
+        dir: Arc<PathBuf>,
+        name: OsString,
+        size: u64,
+    },
+    /// A data region of a large file.
+    Range {
+        file: Arc<OpenFile>,
+        off: u64,
+        len: u64,
+    },
+}
+
+/// One chunk to build: the concatenation of `pieces`, `len` bytes in all.
+#[derive(Debug)]
+pub(super) struct ChunkTask {
+    pub idx: u64,
+    pub len: u64,
+    /// File bytes this chunk accounts for in the progress (holes of its window included).
+    pub logical: u64,
+    pub pieces: Vec<Piece>,
+}
+
+/// The first error of any stage; the others see the flag and stop early.
+#[derive(Debug, Default)]
+pub(super) struct Failure {
+    failed: AtomicBool,
+    first: Mutex<Option<GenerateError>>,
+}
+
+impl Failure {
+    pub fn set(&self, e: GenerateError) {
+        let mut first = self.first.lock().expect("failure lock");
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn take(&self) -> Option<GenerateError> {
+        self.first.lock().expect("failure lock").take()
+    }
+}
+
+/// Fixed set of chunk buffers; `take` blocks while all are in use.
+#[derive(Debug)]
+struct BufferPool {
+    state: Mutex<PoolState>,
+    cv: Condvar,
+    max: usize,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    /// Buffers handed out and not yet returned (in a worker or an upload).
+    out: usize,
+}
+
+impl BufferPool {
+    fn take(&self) -> Vec<u8> {
+        let mut st = self.state.lock().expect("pool lock");
+        loop {
+            if let Some(b) = st.free.pop() {
+                st.out += 1;
+                return b;
+            }
+            if st.out < self.max {
+                st.out += 1;
+                return Vec::with_capacity(self.capacity);
+            }
+            st = self.cv.wait(st).expect("pool lock");
+        }
+    }
+
+    /// Give a buffer back (`None`: it was lost, e.g. still shared; a new one will be allocated).
+    fn give(&self, buf: Option<Vec<u8>>) {
+        let mut st = self.state.lock().expect("pool lock");
+        st.out -= 1;
+        if let Some(mut b) = buf {
+            b.clear();
+            st.free.push(b);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait until every buffer is back (no read or upload in flight).
+    fn wait_idle(&self) {
+        let mut st = self.state.lock().expect("pool lock");
+        while st.out > 0 {
+            st = self.cv.wait(st).expect("pool lock");
+        }
+    }
+}
+
+/// A buffer taken from the pool; returned on drop, so a panicking task cannot leak a slot.
+struct Lease {
+    pool: Arc<BufferPool>,
+    buf: Option<Vec<u8>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.give(self.buf.take());
+    }
+}
+
+/// What the manifest needs of a chunk, kept until it can be written in index order.
+#[derive(Debug)]
+struct ChunkRec {
+    id: ChunkId,
+    len: u64,
+    blocks: Vec<BlockHash>,
+}
+
+/// Reorders chunk results by index and appends them to a spill file.
+struct Collector {
+    next: u64,
+    pending: BTreeMap<u64, ChunkRec>,
+    spill: BufWriter<File>,
+    path: PathBuf,
+}
+
+impl Collector {
+    fn insert(&mut self, idx: u64, rec: ChunkRec) -> io::Result<()> {
+        self.pending.insert(idx, rec);
+        while let Some(rec) = self.pending.remove(&self.next) {
+            self.spill.write_all(&rec.len.to_le_bytes())?;
+            self.spill.write_all(&rec.id.0)?;
+            self.spill
+                .write_all(&(rec.blocks.len() as u32).to_le_bytes())?;
+            for b in &rec.blocks {
+                self.spill.write_all(b)?;
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the spilled chunk records back, in index order.
+pub(super) struct SpillReader {
+    r: BufReader<File>,
+    idx: u64,
+    count: u64,
+}
+
+impl SpillReader {
+    /// Number of chunks in the file.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn next_chunk(&mut self) -> io::Result<Option<ChunkInfo>> {
+        if self.idx == self.count {
+            return Ok(None);
+        }
+        let mut u64b = [0u8; 8];
+        self.r.read_exact(&mut u64b)?;
+        let len = u64::from_le_bytes(u64b);
+        let mut id = [0u8; 32];
+        self.r.read_exact(&mut id)?;
+        let mut u32b = [0u8; 4];
+        self.r.read_exact(&mut u32b)?;
+        let n = u32::from_le_bytes(u32b) as usize;
+        let mut blocks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut b = [0u8; 32];
+            self.r.read_exact(&mut b)?;
+            blocks.push(b);
+        }
+        let info = ChunkInfo {
+            idx: self.idx,
+            id: ChunkId(id),
+            len,
+            blocks,
+        };
+        self.idx += 1;
+        Ok(Some(info))
+    }
+}
+
+/// State shared with the `'static` upload tasks.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<dyn Store>,
+    pool: Arc<BufferPool>,
+    failure: Arc<Failure>,
+    uploads: Arc<tokio::sync::Semaphore>,
+    chunks_written: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// Upload counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Written {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Parameters of the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PipelineConfig {
+    pub chunk_size: u64,
+    pub block_size: u32,
+    pub workers: usize,
+    pub uploads_in_flight: usize,
+}
+
+/// The worker side of generate (everything after planning).
+pub(super) struct Pipeline<'a> {
+    cfg: PipelineConfig,
+    progress: &'a dyn Progress,
+    runtime: &'a tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    collector: Mutex<Collector>,
+    spill_path: PathBuf,
+}
+
+impl<'a> Pipeline<'a> {
+    pub fn new(
+        cfg: PipelineConfig,
+        store: Arc<dyn Store>,
+        failure: Arc<Failure>,
+        runtime: &'a tokio::runtime::Handle,
+        progress: &'a dyn Progress,
+        spill_path: &Path,
+    ) -> Result<Self, GenerateError> {
+        let spill = File::create_new(spill_path).map_err(|source| GenerateError::Temp {
+            path: spill_path.to_path_buf(),
+            source,
+        })?;
+        let pool = Arc::new(BufferPool {
+            state: Mutex::new(PoolState::default()),
+            cv: Condvar::new(),
+            max: cfg.workers + cfg.uploads_in_flight,
+            capacity: cfg.chunk_size as usize,
+        });
+        Ok(Self {
+            cfg,
+            progress,
+            runtime,
+            shared: Arc::new(Shared {
+                store,
+                pool,
+                failure,
+                uploads: Arc::new(tokio::sync::Semaphore::new(cfg.uploads_in_flight)),
+                chunks_written: AtomicU64::new(0),
+                bytes_written: AtomicU64::new(0),
+            }),
+            collector: Mutex::new(Collector {
+                next: 0,
+                pending: BTreeMap::new(),
+                spill: BufWriter::with_capacity(1 << 20, spill),
+                path: spill_path.to_path_buf(),
+            }),
+            spill_path: spill_path.to_path_buf(),
+        })
+    }
+
+    /// A worker thread: take tasks until the planner hangs up. After a failure it keeps draining
+    /// the queue (without reading) so the planner never blocks on a full queue.
+    pub fn worker(&self, tasks: &Mutex<Receiver<ChunkTask>>) {
+        loop {
+            let task = match tasks.lock().expect("task queue lock").recv() {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            if self.shared.failure.is_set() {
+                continue;
+            }
+            if let Err(e) = self.process(task) {
+                self.shared.failure.set(e);
+            }
+        }
+    }
+
+    fn process(&self, task: ChunkTask) -> Result<(), GenerateError> {
+        let mut lease = Lease {
+            pool: self.shared.pool.clone(),
+            buf: Some(self.shared.pool.take()),
+        };
+        let buf = lease.buf.as_mut().expect("leased buffer");
+        read_task(&task, buf)?;
+        debug_assert_eq!(buf.len() as u64, task.len);
+        let (id, blocks) = hash_blocks(buf, self.cfg.block_size);
+        self.progress.advance(task.logical);
+        self.collector
+            .lock()
+            .expect("collector lock")
+            .insert(
+                task.idx,
+                ChunkRec {
+                    id,
+                    len: task.len,
+                    blocks,
+                },
+            )
+            .map_err(|source| GenerateError::Temp {
+                path: self.spill_path.clone(),
+                source,
+            })?;
+        let data = Bytes::from(lease.buf.take().expect("leased buffer"));
+        let shared = self.shared.clone();
+        // The lease moves into the task: the buffer slot is freed when the upload ends.
+        self.runtime.spawn(async move {
+            let mut lease = lease;
+            let Ok(_permit) = shared.uploads.clone().acquire_owned().await else {
+                return;
+            };
+            if shared.failure.is_set() {
+                return;
+            }
+            match put_missing(&*shared.store, &chunk_key(&id), data).await {
+                Ok((written, data)) => {
+                    if written {
+                        shared.chunks_written.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .bytes_written
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    // Reuses the allocation when nobody else holds the bytes any more.
+                    lease.buf = Some(Vec::from(data));
+                }
+                Err(e) => shared.failure.set(GenerateError::Store(e)),
+            }
+        });
+        Ok(())
+    }
+
+    /// Wait for every upload, then hand over the spill file of chunk records.
+    pub fn finish(self) -> Result<(SpillReader, Written), GenerateError> {
+        self.shared.pool.wait_idle();
+        if let Some(e) = self.shared.failure.take() {
+            return Err(e);
+        }
+        let c = self.collector.into_inner().expect("collector lock");
+        let temp = |source| GenerateError::Temp {
+            path: c.path.clone(),
+            source,
+        };
+        if !c.pending.is_empty() {
+            return Err(GenerateError::Internal(format!(
+                "chunk {} was never hashed",
+                c.next
+            )));
+        }
+        let file = c.spill.into_inner().map_err(|e| temp(e.into_error()))?;
+        drop(file);
+        let file = File::open(&c.path).map_err(temp)?;
+        Ok((
+            SpillReader {
+                r: BufReader::with_capacity(1 << 20, file),
+                idx: 0,
+                count: c.next,
+            },
+            Written {
+                chunks: self.shared.chunks_written.load(Ordering::Relaxed),
+                bytes: self.shared.bytes_written.load(Ordering::Relaxed),
+            },
+        ))
+    }
+}
+
+/// Read the bytes of a chunk into `buf` (empty on entry).
+pub(super) fn read_task(task: &ChunkTask, buf: &mut Vec<u8>) -> Result<(), GenerateError> {
+    buf.reserve(task.len as usize);
+    let mut last: Option<&Arc<OpenFile>> = None;
+    for piece in &task.pieces {
+        match piece {
+            Piece::Whole { dir, name, size } => read_whole(&dir.join(name), *size, buf)?,
+            Piece::Range { file, off, len } => {
+                let n = walk::pread_append(&file.file, buf, *off, *len as usize)
+                    .map_err(|source| unreadable(&file.path, source))?;
+                if n as u64 != *len {
+                    return Err(changed(&file.path, "it shrank"));
+                }
+                if last.is_some_and(|l| !Arc::ptr_eq(l, file)) {
+                    check_size(last.expect("checked"))?;
+                }
+                last = Some(file);
+            }
+        }
+    }
+    if let Some(f) = last {
+        check_size(f)?;
+    }
+    Ok(())
+}
+
+/// After reading a large file's window: its size must not have changed since planning.
+fn check_size(f: &OpenFile) -> Result<(), GenerateError> {
+    let st = walk::fstat(&f.file).map_err(|source| unreadable(&f.path, source))?;
+    if st.size != f.size {
+        return Err(changed(
+            &f.path,
+            &format!("its size went from {} to {} bytes", f.size, st.size),
+        ));
+    }
+    Ok(())
+}
+
+/// Append a whole small file of `size` bytes (as planned) to `buf`.
+fn read_whole(path: &Path, size: u64, buf: &mut Vec<u8>) -> Result<(), GenerateError> {
+    let file = walk::open_file(path).map_err(|source| match source.raw_os_error() {
+        Some(libc::ENOENT) => changed(path, "it was removed"),
+        Some(libc::ELOOP) => changed(path, "it was replaced by a symlink"),
+        _ => unreadable(path, source),
+    })?;
+    let st: Stat = walk::fstat(&file).map_err(|source| unreadable(path, source))?;
+    if st.kind != NodeKind::File {
+        return Err(changed(path, "it is no longer a regular file"));
+    }
+    if st.size != size {
+        return Err(changed(
+            path,
+            &format!("its size went from {size} to {} bytes", st.size),
+        ));
+    }
+    let n = walk::pread_append(&file, buf, 0, size as usize)
+        .map_err(|source| unreadable(path, source))?;
+    if n as u64 != size {
+        return Err(changed(path, "it shrank"));
+    }
+    if walk::has_byte_at(&file, size).map_err(|source| unreadable(path, source))? {
+        return Err(changed(path, "it grew"));
+    }
+    Ok(())
+}
+
+fn unreadable(path: &Path, source: io::Error) -> GenerateError {
+    GenerateError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn changed(path: &Path, what: &str) -> GenerateError {
+    GenerateError::Changed {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    }
+}
+
+/// Chunk id and block hashes in one pass over the data: each block's chaining value is computed
+/// once and the id is merged from them (same result as `hashtree::hash_chunk`, half the work).
+pub(super) fn hash_blocks(data: &[u8], block_size: u32) -> (ChunkId, Vec<BlockHash>) {
+    let len = data.len() as u64;
+    if len <= block_size as u64 {
+        // One block: its hash is the chunk id itself.
+        let h = *blake3::hash(data).as_bytes();
+        return (ChunkId(h), vec![h]);
+    }
+    let blocks: Vec<BlockHash> = data
+        .chunks(block_size as usize)
+        .enumerate()
+        .map(|(i, b)| {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(i as u64 * block_size as u64);
+            h.update(b);
+            h.finalize_non_root()
+        })
+        .collect();
+    let id = root_of(&blocks, len, block_size).expect("one hash per block");
+    (id, blocks)
+}
+
+/// Store `data` under `key` unless it is there already; 3 attempts with backoff.
+/// Returns whether it was written, and the bytes back (so the buffer can be reused).
+pub(super) async fn put_missing(
+    store: &dyn Store,
+    key: &str,
+    data: Bytes,
+) -> Result<(bool, Bytes), StoreError> {
+    const ATTEMPTS: u32 = 3;
+    let keys = [key.to_string()];
+    let mut attempt = 1;
+    loop {
+        let r = async {
+            if store.exists(&keys).await?.first().copied().unwrap_or(false) {
+                return Ok(false);
+            }
+            store.put(key, data.clone()).await.map(|()| true)
+        }
+        .await;
+        match r {
+            Ok(written) => return Ok((written, data)),
+            Err(e) if attempt < ATTEMPTS => {
+                let wait = Duration::from_millis(200 * 4u64.pow(attempt - 1));
+                tracing::warn!(key, attempt, error = %e, "upload failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
