@@ -1,0 +1,649 @@
+//! Shared helpers of the FUSE integration tests (`tests/fuse_*.rs`): the `horcrux` binary,
+//! temporary directories, `generate` and `mount` through the CLI, guards that always unmount,
+//! and a builder of source trees with every kind of entry.
+//!
+//! These tests use the real kernel FUSE (`/dev/fuse`) and `fusermount3`, and run `horcrux`
+//! as a separate process, exactly as a user does. Build it first: `cargo build --workspace`.
+
+#![allow(dead_code)]
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+/// The `horcrux` binary: `$HORCRUX_BIN`, else the one built beside this test executable
+/// (`<target>/debug/horcrux`), else `<workspace>/target/debug/horcrux`.
+pub fn horcrux_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HORCRUX_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "HORCRUX_BIN={} does not exist", p.display());
+        return p;
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // <target>/debug/deps/<test> → <target>/debug/horcrux
+        if let Some(dir) = exe.parent().and_then(Path::parent) {
+            candidates.push(dir.join("horcrux"));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/horcrux"));
+    for c in &candidates {
+        if c.exists() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "the horcrux binary is not built (looked at {candidates:?}): run `cargo build --workspace` \
+         before these tests, or set HORCRUX_BIN"
+    );
+}
+
+/// A temporary directory under /var/tmp (tmpfs under /tmp may refuse user xattrs).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("horcrux-fuse-test")
+        .tempdir_in("/var/tmp")
+        .expect("create a temporary directory in /var/tmp")
+}
+
+/// `horcrux ARGS...` to completion.
+pub fn horcrux(args: &[&OsStr]) -> Output {
+    Command::new(horcrux_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run horcrux")
+}
+
+/// Like [`horcrux`] but the command must succeed; returns its stdout.
+pub fn horcrux_ok(args: &[&OsStr]) -> String {
+    let out = horcrux(args);
+    assert!(
+        out.status.success(),
+        "horcrux {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `horcrux generate NAME IN OUT --chunk-size 1M`.
+pub fn generate(name: &str, input: &Path, repo: &Path) {
+    horcrux_ok(&[
+        "generate".as_ref(),
+        name.as_ref(),
+        input.as_os_str(),
+        repo.as_os_str(),
+        "--chunk-size".as_ref(),
+        "1M".as_ref(),
+    ]);
+}
+
+/// `file://` URL of a local repository directory.
+pub fn url(repo: &Path) -> String {
+    format!("file://{}", repo.display())
+}
+
+/// Is `path` currently a mount point (per this process's mount table)?
+pub fn is_mounted(path: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.as_os_str().as_bytes();
+    text.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == want))
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Is process `pid` running (and not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+/// Last resort cleanup: lazy unmount through fusermount3 (works on dead mounts too).
+pub fn force_unmount(mp: &Path) {
+    if is_mounted(mp) {
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mp)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A detached mount made with `horcrux mount`; unmounted (and its daemon stopped) on drop.
+#[derive(Debug)]
+pub struct Mount {
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    /// The daemon, as `horcrux mount` reports it.
+    pub pid: u32,
+    /// Its log file.
+    pub log: PathBuf,
+    /// What `horcrux mount` printed.
+    pub stdout: String,
+}
+
+impl Mount {
+    /// `horcrux mount <file://repo> <mountpoint> --cache-dir <cache_dir> EXTRA...`, which
+    /// must succeed. The mountpoint is created if missing.
+    pub fn new(repo: &Path, mountpoint: &Path, cache_dir: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(mountpoint).unwrap();
+        let u = url(repo);
+        let mut args: Vec<&OsStr> = vec![
+            "mount".as_ref(),
+            u.as_ref(),
+            mountpoint.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache_dir.as_os_str(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        let stdout = horcrux_ok(&args);
+        // "mounted VOL@COMMIT on MP (pid N, log: FILE)"
+        let pid = stdout
+            .split("(pid ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in mount's output: {stdout}"));
+        let log = stdout
+            .split("log: ")
+            .nth(1)
+            .map(|r| PathBuf::from(r.trim().trim_end_matches(')')))
+            .unwrap_or_default();
+        Mount {
+            mountpoint: mountpoint.canonicalize().unwrap(),
+            cache_dir: cache_dir.to_path_buf(),
+            pid,
+            log,
+            stdout,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// `horcrux umount`, which must succeed; afterwards the daemon is gone.
+    pub fn unmount(mut self) {
+        horcrux_ok(&["umount".as_ref(), self.mountpoint.as_os_str()]);
+        assert!(!is_mounted(&self.mountpoint));
+        wait_until(Duration::from_secs(10), || !alive(self.pid));
+        assert!(!alive(self.pid), "the daemon outlived its unmount");
+        self.pid = 0;
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.pid == 0 {
+            return;
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = horcrux(&["umount".as_ref(), self.mountpoint.as_os_str()]);
+        }
+        force_unmount(&self.mountpoint);
+        if alive(self.pid) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `horcrux mount --foreground` as a child process of the test; stopped on drop.
+#[derive(Debug)]
+pub struct Foreground {
+    pub mountpoint: PathBuf,
+    pub child: Child,
+    /// The line it printed once live.
+    pub banner: String,
+}
+
+impl Foreground {
+    /// Start it and wait for its "mounted ..." line (the mount is live then).
+    pub fn new(repo: &Path, mountpoint: &Path, cache_dir: &Path, extra: &[&str]) -> Foreground {
+        fs::create_dir_all(mountpoint).unwrap();
+        let mut child = Command::new(horcrux_bin())
+            .arg("mount")
+            .arg(url(repo))
+            .arg(mountpoint)
+            .arg("--foreground")
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(Self::log_path(mountpoint)).unwrap())
+            .spawn()
+            .expect("start horcrux mount --foreground");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let banner = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let mut fg = Foreground {
+            mountpoint: mountpoint.canonicalize().unwrap(),
+            child,
+            banner,
+        };
+        if !fg.banner.starts_with("mounted ") {
+            let status = fg.child.try_wait().ok().flatten();
+            panic!(
+                "horcrux mount --foreground did not report a live mount (status {status:?}, \
+                 printed {:?}); its stderr:\n{}",
+                fg.banner,
+                fg.log_text()
+            );
+        }
+        fg
+    }
+
+    /// Where its stderr (the log, in the foreground) goes: beside the mountpoint.
+    fn log_path(mountpoint: &Path) -> PathBuf {
+        mountpoint.with_extension("stderr.log")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(Self::log_path(&self.mountpoint)).unwrap_or_default()
+    }
+
+    /// Send `sig` and wait for the process to exit (within 20 s).
+    pub fn stop(&mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "horcrux mount did not exit after signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        force_unmount(&self.mountpoint);
+    }
+}
+
+/// Poll `cond` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), distinct per seed.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// Set atime and mtime of `p` (not following symlinks), in ns since the epoch.
+pub fn set_times(p: &Path, atime_ns: i64, mtime_ns: i64) {
+    let ts = |ns: i64| libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000),
+    };
+    let times = [ts(atime_ns), ts(mtime_ns)];
+    let c = cpath(p);
+    // SAFETY: valid path and a two-element timespec array.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `mknod` (fifos, devices).
+pub fn mknod(p: &Path, mode: u32, dev: u64) {
+    let c = cpath(p);
+    // SAFETY: valid path.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev as libc::dev_t) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `lchown`.
+pub fn lchown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
+}
+
+/// Whether `dir`'s filesystem accepts user xattrs.
+pub fn xattrs_supported(dir: &Path) -> bool {
+    let p = dir.join(".xattr-probe");
+    fs::write(&p, b"").unwrap();
+    let ok = xattr::set(&p, "user.probe", b"1").is_ok();
+    fs::remove_file(&p).unwrap();
+    ok
+}
+
+/// What [`rich_tree`] made, for tests that need to know.
+#[derive(Debug)]
+pub struct RichTree {
+    pub xattrs: bool,
+    /// A live socket in the tree (bound while this lives).
+    pub _socket: std::os::unix::net::UnixListener,
+}
+
+/// A source tree with every file type and the edge cases the format must keep: empty files,
+/// files of exactly the chunk size (1 MiB) and ±1 byte, multi-chunk and sparse files, hard
+/// links, symlinks (relative, absolute, dangling), fifo, socket, character and block devices,
+/// setuid/setgid/sticky modes, other owners, times before the epoch and with nanoseconds,
+/// xattrs (empty, binary, large), unicode names, a deep path and a directory large enough to
+/// be listed in several batches.
+pub fn rich_tree(root: &Path) -> RichTree {
+    fs::create_dir_all(root).unwrap();
+    let w = |rel: &str, data: &[u8]| {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, data).unwrap();
+    };
+    w("empty", b"");
+    w("small.txt", b"hello horcrux\n");
+    for (name, len) in [
+        ("chunk-1", MIB - 1),
+        ("chunk", MIB),
+        ("chunk+1", MIB + 1),
+        ("two-chunks", 2 * MIB),
+    ] {
+        w(name, &bytes(len, len as usize));
+    }
+    w("big.bin", &bytes(7, (3 * MIB + 12345) as usize));
+    for i in 0..1500u64 {
+        w(
+            &format!("many/f{i:04}"),
+            &bytes(i, (i * 97 % 5000) as usize),
+        );
+    }
+    w("dir/ünïcødé 文件 🚀.txt", "unicode name\n".as_bytes());
+    w("dir/with space & 'quotes'", b"odd name\n");
+    w("dir/\u{200b}zero-width", b"zw\n");
+    let deep: String = (0..40).map(|i| format!("d{i}/")).collect();
+    w(&format!("{deep}leaf"), b"deep\n");
+
+    // Sparse files: data, a hole across a chunk boundary, data; and one that is all hole.
+    let f = fs::File::create(root.join("sparse")).unwrap();
+    f.write_all_at(&bytes(11, 5000), 0).unwrap();
+    f.write_all_at(&bytes(12, 7000), 3 * MIB + 100).unwrap();
+    f.set_len(5 * MIB).unwrap();
+    fs::File::create(root.join("all-hole"))
+        .unwrap()
+        .set_len(2 * MIB + 3)
+        .unwrap();
+
+    std::os::unix::fs::symlink("small.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("../small.txt", root.join("dir/up-link")).unwrap();
+    fs::hard_link(root.join("small.txt"), root.join("dir/hard")).unwrap();
+    fs::hard_link(root.join("big.bin"), root.join("many/big-hard")).unwrap();
+    fs::hard_link(root.join("big.bin"), root.join("big-hard-2")).unwrap();
+
+    mknod(&root.join("fifo"), libc::S_IFIFO | 0o640, 0);
+    mknod(
+        &root.join("null-dev"),
+        libc::S_IFCHR | 0o600,
+        libc::makedev(1, 3),
+    );
+    mknod(
+        &root.join("block-dev"),
+        libc::S_IFBLK | 0o660,
+        libc::makedev(7, 200),
+    );
+    let socket = std::os::unix::net::UnixListener::bind(root.join("live.sock")).unwrap();
+
+    let mode = |rel: &str, m: u32| {
+        fs::set_permissions(root.join(rel), fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode("small.txt", 0o4755);
+    w("setgid", b"g\n");
+    mode("setgid", 0o2750);
+    w("private", b"secret\n");
+    mode("private", 0o400);
+    fs::create_dir_all(root.join("sticky")).unwrap();
+    mode("sticky", 0o1777);
+    fs::create_dir_all(root.join("emptydir")).unwrap();
+    mode("emptydir", 0o700);
+    w("owned", b"by someone else\n");
+    lchown(&root.join("owned"), 1234, 5678);
+    lchown(&root.join("dangling"), 4321, 8765);
+    lchown(&root.join("sticky"), 99, 99);
+
+    let xattrs = xattrs_supported(root);
+    if xattrs {
+        xattr::set(root.join("small.txt"), "user.colour", b"green").unwrap();
+        xattr::set(root.join("small.txt"), "user.binary", &[0, 1, 2, 255, 0]).unwrap();
+        xattr::set(root.join("dir"), "user.empty", b"").unwrap();
+        xattr::set(root.join("big.bin"), "user.large", &bytes(99, 3000)).unwrap();
+    }
+
+    // Times last: creating entries changes their directory's times.
+    set_times(
+        &root.join("small.txt"),
+        1_000_000_000_123,
+        1_600_000_000_987_654_321,
+    );
+    set_times(&root.join("empty"), -1_000_000_000, -86_400_000_000_123);
+    set_times(&root.join("link"), 5, 1_234_567_890_000_000_001);
+    set_times(&root.join("many"), 0, 42_000_000_007);
+    set_times(&root.join("emptydir"), 0, -1);
+    RichTree {
+        xattrs,
+        _socket: socket,
+    }
+}
+
+/// Compare the tree under `mnt` with the source `src` entry by entry: names, type and mode,
+/// owner, mtime and ctime (to the nanosecond), link count, size, device numbers, symlink
+/// targets, xattrs, contents byte for byte, and hard links (names sharing a source inode share
+/// a mounted inode, and only those). Panics listing every difference; returns the number of
+/// entries compared.
+pub fn compare_trees(src: &Path, mnt: &Path, with_xattrs: bool) -> u64 {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    let mut diffs = Vec::new();
+    let mut links: HashMap<u64, u64> = HashMap::new();
+    let mut seen_mnt: HashMap<u64, u64> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    let mut count = 0u64;
+    while let Some(rel) = stack.pop() {
+        let (s, m) = (src.join(&rel), mnt.join(&rel));
+        let sm = fs::symlink_metadata(&s).unwrap();
+        let mm = match fs::symlink_metadata(&m) {
+            Ok(x) => x,
+            Err(e) => {
+                diffs.push(format!("{}: missing in the mount: {e}", rel.display()));
+                continue;
+            }
+        };
+        count += 1;
+        let r = rel.display();
+        let mut check = |what: &str, a: i128, b: i128| {
+            if a != b {
+                diffs.push(format!("{r}: {what}: source {a:#o}/{a}, mount {b:#o}/{b}"));
+            }
+        };
+        check("mode", sm.mode().into(), mm.mode().into());
+        check("uid", sm.uid().into(), mm.uid().into());
+        check("gid", sm.gid().into(), mm.gid().into());
+        check("mtime", sm.mtime().into(), mm.mtime().into());
+        check("mtime_nsec", sm.mtime_nsec().into(), mm.mtime_nsec().into());
+        check("ctime", sm.ctime().into(), mm.ctime().into());
+        check("ctime_nsec", sm.ctime_nsec().into(), mm.ctime_nsec().into());
+        check("nlink", sm.nlink().into(), mm.nlink().into());
+        let ft = sm.file_type();
+        if !ft.is_dir() {
+            check("size", sm.size().into(), mm.size().into());
+        }
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_char_device() || ft.is_block_device() {
+                check("rdev", sm.rdev().into(), mm.rdev().into());
+            }
+        }
+        // Hard links: the same source inode must appear as the same mounted inode.
+        match links.insert(sm.ino(), mm.ino()) {
+            Some(prev) if prev != mm.ino() => diffs.push(format!(
+                "{r}: hard link to source inode {} shows as inode {} and {prev}",
+                sm.ino(),
+                mm.ino()
+            )),
+            _ => {}
+        }
+        if let Some(prev_src) = seen_mnt.insert(mm.ino(), sm.ino()) {
+            if prev_src != sm.ino() {
+                diffs.push(format!(
+                    "{r}: mounted inode {} is shared by unrelated files",
+                    mm.ino()
+                ));
+            }
+        }
+        if with_xattrs && !ft.is_symlink() {
+            let names = |p: &Path| {
+                let mut v: Vec<_> = xattr::list(p).unwrap().collect();
+                v.sort();
+                v
+            };
+            let (sn, mn) = (names(&s), names(&m));
+            if sn != mn {
+                diffs.push(format!("{r}: xattr names: source {sn:?}, mount {mn:?}"));
+            }
+            for n in &sn {
+                let (a, b) = (xattr::get(&s, n).unwrap(), xattr::get(&m, n).ok().flatten());
+                if a != b {
+                    diffs.push(format!("{r}: xattr {n:?} differs"));
+                }
+            }
+        }
+        if ft.is_symlink() {
+            let (a, b) = (fs::read_link(&s).unwrap(), fs::read_link(&m).ok());
+            if Some(&a) != b.as_ref() {
+                diffs.push(format!("{r}: symlink target: source {a:?}, mount {b:?}"));
+            }
+        } else if ft.is_file() {
+            let a = fs::read(&s).unwrap();
+            match fs::read(&m) {
+                Ok(b) if a == b => {}
+                Ok(b) => {
+                    let at = a.iter().zip(&b).position(|(x, y)| x != y);
+                    diffs.push(format!(
+                        "{r}: content differs (lengths {} and {}, first difference at {at:?})",
+                        a.len(),
+                        b.len()
+                    ));
+                }
+                Err(e) => diffs.push(format!("{r}: read failed: {e}")),
+            }
+        } else if ft.is_dir() {
+            let names = |p: &Path| {
+                let mut v: Vec<_> = fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            let (sn, mn) = (names(&s), names(&m));
+            if sn != mn {
+                diffs.push(format!(
+                    "{r}: listing differs: {} source entries, {} mounted",
+                    sn.len(),
+                    mn.len()
+                ));
+            }
+            stack.extend(sn.into_iter().map(|n| rel.join(n)));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences over {count} entries:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    count
+}
