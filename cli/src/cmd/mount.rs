@@ -354,7 +354,7 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     let (name, commit, manifest, source) = runtime.block_on(async {
         let stores = urls
             .iter()
-            .map(horcrux::store::open_store)
+            .map(crate::open_store)
             .collect::<Result<Vec<_>, _>>()?;
         // Metadata reads fall over between mirrors just as chunk reads do.
         let source = Arc::new(MirrorStore::new(stores, MirrorConfig::default()));
