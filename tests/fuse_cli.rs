@@ -31,6 +31,14 @@ fn fails(args: &[&OsStr]) -> String {
         "horcrux {args:?} succeeded:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A daemon that failed names its log ("(log: FILE)"); the error is all it holds.
+    if let Some(log) = stderr
+        .split("(log: ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+    {
+        let _ = std::fs::remove_file(log);
+    }
     stderr
 }
 
@@ -219,4 +227,5 @@ fn umount_refuses_what_is_not_a_horcrux_mount() {
         wait_until(Duration::from_secs(10), || !alive(m.pid)),
         "the daemon did not exit after its last file closed"
     );
+    let _ = std::fs::remove_file(&m.log);
 }

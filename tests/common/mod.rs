@@ -198,6 +198,8 @@ impl Mount {
         wait_until(Duration::from_secs(10), || !alive(self.pid));
         assert!(!alive(self.pid), "the daemon outlived its unmount");
         self.pid = 0;
+        // Logs land in the system's log directory: keep them only when something failed.
+        let _ = fs::remove_file(&self.log);
     }
 
     /// The daemon's log so far.
