@@ -411,7 +411,16 @@ pub fn mount(
     if unsafe { libc::geteuid() } == 0 {
         mount_as_root(fs, mountpoint, options, config)
     } else {
-        Session::new(fs, mountpoint, &config)
+        Session::new(fs, mountpoint, &config).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}: mounting as a non-root user needs fusermount3 installed setuid root \
+                     (Debian package fuse3) and a mountpoint you own"
+                ),
+            ),
+            _ => e,
+        })
     }
 }
 
