@@ -205,8 +205,11 @@ fn detach(a: MountArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if let Some(pos) = report.find("error ") {
-        // The message may span lines (anyhow's chain); it runs to the end.
+    // The message may span lines (anyhow's chain): it runs from its tag to the end.
+    if let Some((pos, _)) = report
+        .match_indices("error ")
+        .find(|&(i, _)| i == 0 || report.as_bytes()[i - 1] == b'\n')
+    {
         bail!("{}{log_note}", report[pos + 6..].trim_end());
     }
     let status = child.wait().context("waiting for the mount daemon")?;
