@@ -4,6 +4,7 @@
 
 mod file;
 mod mirror;
+mod s3;
 mod ssh;
 mod url;
 
@@ -16,6 +17,7 @@ use bytes::Bytes;
 
 pub use file::FileStore;
 pub use mirror::{MirrorConfig, MirrorStore};
+pub use s3::{S3Config, S3Credentials, S3Env, S3Options, S3Store};
 pub use ssh::SshStore;
 pub use url::{AccessUrl, UrlError, parse_access, parse_one};
 
@@ -98,6 +100,9 @@ pub struct StoreOptions {
     pub ssh_insecure_ignore_host_key: bool,
     /// Parallel SSH sessions per host.
     pub ssh_sessions: Option<usize>,
+    /// S3: environment to take credentials, region and endpoint from (`None` = the process's)
+    /// and timeouts.
+    pub s3: S3Options,
 }
 
 /// Open the store an access URL names, with default options.
@@ -113,9 +118,12 @@ pub fn open_store_with(
     match url {
         AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
         AccessUrl::Ssh { .. } => Ok(Arc::new(SshStore::from_url(url, options)?)),
+        AccessUrl::S3 { bucket, prefix, options: query } => {
+            Ok(Arc::new(S3Store::from_url(bucket, prefix, query, &options.s3)?))
+        }
         other => Err(StoreError::Unsupported(format!(
             "{other}: this build of horcrux cannot read this kind of source yet \
-             (supported: file://, cp://, scp://, ssh://)"
+             (supported: file://, cp://, scp://, ssh://, s3://)"
         ))),
     }
 }
