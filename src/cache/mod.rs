@@ -129,6 +129,8 @@ pub struct VerifyReport {
     pub bad_blocks: u64,
     pub missing_files: u64,
     pub bad_manifests: u64,
+    /// Chunk files no index row names (left by a crash between file and row); removed.
+    pub orphan_files: u64,
 }
 
 /// The cache. Cheap to share (`Arc`); safe to use from many threads and processes at once.
@@ -146,6 +148,9 @@ pub struct Cache {
     inserted: AtomicU64,
     evicted: AtomicU64,
 }
+
+/// A chunk row as `verify` reads it: id, generation, length, block size, hashes, bitmap.
+type VerifyRow = (ChunkId, i64, u64, u32, Vec<u8>, Vec<u8>);
 
 const OPEN_ENTRIES: usize = 1024;
 const TOUCH_FLUSH: Duration = Duration::from_secs(5);
@@ -463,15 +468,28 @@ impl Cache {
             // Same bytes cut in different block sizes: start over with the new layout.
             self.forget(&info.id, e.generation)?;
         }
-        let generation: i64 = {
+        // File first, then the row: a row always names an existing file. A crash in between
+        // leaves an orphan file that `verify` removes.
+        let mine = (rand_u32() >> 1) as i64;
+        let path = self.chunk_path(&info.id, mine);
+        fs::create_dir_all(path.parent().expect("parent")).map_err(|e| self.io(e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode_private()
+            .open(&path)
+            .map_err(|e| self.io(e))?;
+        file.set_len(info.len).map_err(|e| self.io(e))?;
+        file.sync_all().map_err(|e| self.io(e))?;
+        let winner: i64 = {
             let db = self.db.lock();
-            let generation = (rand_u32() >> 1) as i64;
             let n = block_count(info.len, block_size);
             let blocks: Vec<u8> = info.blocks.concat();
             db.execute(
                 "INSERT OR IGNORE INTO chunks (id, generation, len, block_size, blocks, present, bytes, last_access)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7)",
-                params![&info.id.0[..], generation, info.len as i64, block_size, blocks, Bitmap::new(n).as_bytes(), now_secs()],
+                params![&info.id.0[..], mine, info.len as i64, block_size, blocks, Bitmap::new(n).as_bytes(), now_secs()],
             )
             .map_err(|e| self.sql(e))?;
             db.query_row(
@@ -481,18 +499,10 @@ impl Cache {
             )
             .map_err(|e| self.sql(e))?
         };
-        let path = self.chunk_path(&info.id, generation);
-        fs::create_dir_all(path.parent().expect("parent")).map_err(|e| self.io(e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode_private()
-            .open(&path)
-            .map_err(|e| self.io(e))?;
-        if file.metadata().map_err(|e| self.io(e))?.len() != info.len {
-            file.set_len(info.len).map_err(|e| self.io(e))?;
+        if winner != mine {
+            // Another thread or process created it first: use theirs.
+            drop(file);
+            let _ = fs::remove_file(&path);
         }
         self.entries.lock().pop(&info.id);
         self.entry(&info.id)?
@@ -787,7 +797,7 @@ impl Cache {
     /// Re-hash every cached block (and manifest); drop blocks that fail. `progress(done, total)`
     /// is called after each chunk.
     pub fn verify(&self, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport, CacheError> {
-        let rows: Vec<(ChunkId, i64, u64, u32, Vec<u8>, Vec<u8>)> = {
+        let rows: Vec<VerifyRow> = {
             let db = self.db.lock();
             let mut st = db
                 .prepare("SELECT id, generation, len, block_size, blocks, present FROM chunks ORDER BY id")
@@ -857,6 +867,7 @@ impl Cache {
             }
             progress(i as u64 + 1, total);
         }
+        rep.orphan_files = self.remove_orphans()?;
         let manifests: Vec<Vec<u8>> = {
             let db = self.db.lock();
             let mut st = db
@@ -881,6 +892,55 @@ impl Cache {
             }
         }
         Ok(rep)
+    }
+
+    /// Remove chunk files that no row names. Files younger than a minute are left alone: a
+    /// concurrent creator may be between writing its file and its row.
+    fn remove_orphans(&self) -> Result<u64, CacheError> {
+        let mut removed = 0;
+        let root = self.dir.join("chunks");
+        let subdirs = match fs::read_dir(&root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io(e)),
+        };
+        for sub in subdirs.flatten() {
+            let Ok(files) = fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some((hex, generation)) = name.split_once('.') else {
+                    continue;
+                };
+                let (Ok(id), Ok(generation)) = (hex.parse::<ChunkId>(), generation.parse::<i64>())
+                else {
+                    continue;
+                };
+                let known: bool = self
+                    .db
+                    .lock()
+                    .query_row(
+                        "SELECT COUNT(*) FROM chunks WHERE id = ?1 AND generation = ?2",
+                        params![&id.0[..], generation],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map_err(|e| self.sql(e))?
+                    > 0;
+                let young = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|a| a < Duration::from_secs(60));
+                if !known && !young {
+                    tracing::info!(file = %f.path().display(), "removing orphan cache file");
+                    fs::remove_file(f.path()).map_err(|e| self.io(e))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn drop_blocks(

@@ -205,3 +205,30 @@ fn newer_schema_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("schema version 99"), "{err}");
 }
+
+#[test]
+fn verify_removes_orphan_files_left_by_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let c = open(d.path(), None);
+    let (info, data) = chunk(4, 4096);
+    c.insert_blocks(&info, BS, &[verified(&info, &data, 0)])
+        .unwrap();
+    // A crash between writing a chunk file and its row leaves a file no row names.
+    let orphan = d
+        .path()
+        .join("chunks")
+        .join(&info.id.to_hex()[..2])
+        .join(format!("{}.7", info.id));
+    std::fs::write(&orphan, b"partial").unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let r = c.verify(&|_, _| {}).unwrap();
+    assert_eq!(r.orphan_files, 1);
+    assert!(!orphan.exists());
+    assert_eq!(c.read_range(&info, BS, 0..4096).unwrap(), &data[..]);
+}

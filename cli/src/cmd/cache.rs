@@ -34,20 +34,29 @@ pub enum CacheCommand {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration: use e.g. 7d, 12h, 30m, 90s"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration: use e.g. 7d, 12h, 30m, 90s"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
         "w" => 7 * 86400,
-        _ => return Err(format!("`{s}` has an unknown unit `{unit}`: use s, m, h, d or w")),
+        _ => {
+            return Err(format!(
+                "`{s}` has an unknown unit `{unit}`: use s, m, h, d or w"
+            ));
+        }
     };
     Ok(Duration::from_secs(n * mult))
 }
 
 fn ago(secs: i64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let d = (now - secs).max(0);
     match d {
         0..=59 => format!("{d}s ago"),
@@ -61,14 +70,23 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
     crate::init_logging(None)?;
     let dir = crate::paths::cache_dir(args.cache_dir.as_ref());
     if !dir.exists() && !matches!(command, CacheCommand::Stats) {
-        bail!("no cache at {} (nothing has been mounted with it yet; --cache-dir to choose another)", dir.display());
+        bail!(
+            "no cache at {} (nothing has been mounted with it yet; --cache-dir to choose another)",
+            dir.display()
+        );
     }
-    let cache = Cache::open(CacheConfig { dir: dir.clone(), max_size: args.cache_size })
-        .with_context(|| format!("opening the cache at {}", dir.display()))?;
+    let cache = Cache::open(CacheConfig {
+        dir: dir.clone(),
+        max_size: args.cache_size,
+    })
+    .with_context(|| format!("opening the cache at {}", dir.display()))?;
     match command {
         CacheCommand::Ls => {
             let list = cache.list()?;
-            println!("{:<16} {:>10} {:>10} {:>9}  {}", "CHUNK", "SIZE", "CACHED", "BLOCKS", "USED");
+            println!(
+                "{:<16} {:>10} {:>10} {:>9}  USED",
+                "CHUNK", "SIZE", "CACHED", "BLOCKS"
+            );
             for c in &list {
                 println!(
                     "{:<16} {:>10} {:>10} {:>4}/{:<4}  {}",
@@ -87,11 +105,19 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
             let c = cache.find(&chunk)?;
             println!("chunk        {}", c.id);
             println!("length       {} ({} bytes)", human_size(c.len), c.len);
-            println!("cached       {} in {} of {} blocks of {}", human_size(c.bytes), c.blocks_present, c.blocks_total, human_size(c.block_size as u64));
+            println!(
+                "cached       {} in {} of {} blocks of {}",
+                human_size(c.bytes),
+                c.blocks_present,
+                c.blocks_total,
+                human_size(c.block_size as u64)
+            );
             println!("last used    {}", ago(c.last_access));
             println!("file         {}", c.path.display());
             if let Some(b) = cache.bitmap_of(&c.id)? {
-                let map: String = (0..b.len()).map(|i| if b.get(i) { '#' } else { '.' }).collect();
+                let map: String = (0..b.len())
+                    .map(|i| if b.get(i) { '#' } else { '.' })
+                    .collect();
                 println!("blocks       {map}");
             }
         }
@@ -100,16 +126,31 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
             println!("cache        {}", dir.display());
             println!("chunks       {} ({} complete)", s.chunks, s.complete_chunks);
             println!("data         {}", human_size(s.bytes));
-            println!("manifests    {} ({})", s.manifests, human_size(s.manifest_bytes));
+            println!(
+                "manifests    {} ({})",
+                s.manifests,
+                human_size(s.manifest_bytes)
+            );
             match s.max_size {
-                Some(m) => println!("bound        {} ({:.0}% used)", human_size(m), s.bytes as f64 * 100.0 / m.max(1) as f64),
-                None => println!("bound        none (set one with --cache-size or prune with `horcrux cache prune --max-size`)"),
+                Some(m) => println!(
+                    "bound        {} ({:.0}% used)",
+                    human_size(m),
+                    s.bytes as f64 * 100.0 / m.max(1) as f64
+                ),
+                None => println!(
+                    "bound        none (set one with --cache-size or prune with `horcrux cache prune --max-size`)"
+                ),
             }
         }
-        CacheCommand::Prune { max_size, older_than } => {
+        CacheCommand::Prune {
+            max_size,
+            older_than,
+        } => {
             let max_size = max_size.or(args.cache_size);
             if max_size.is_none() && older_than.is_none() {
-                bail!("say what to prune: --max-size SIZE and/or --older-than AGE (e.g. --max-size 1G)");
+                bail!(
+                    "say what to prune: --max-size SIZE and/or --older-than AGE (e.g. --max-size 1G)"
+                );
             }
             let r = cache.prune(max_size, older_than)?;
             println!(
@@ -117,7 +158,11 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 r.chunks,
                 human_size(r.bytes),
                 r.manifests,
-                if r.skipped_pinned > 0 { format!("; {} chunks in use were kept", r.skipped_pinned) } else { String::new() }
+                if r.skipped_pinned > 0 {
+                    format!("; {} chunks in use were kept", r.skipped_pinned)
+                } else {
+                    String::new()
+                }
             );
         }
         CacheCommand::Verify => {
@@ -128,10 +173,10 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
             })?;
             bar.finish_and_clear();
             println!(
-                "checked {} chunks, {} blocks: {} bad blocks dropped, {} missing files, {} bad manifests",
-                r.chunks, r.blocks, r.bad_blocks, r.missing_files, r.bad_manifests
+                "checked {} chunks, {} blocks: {} bad blocks dropped, {} missing files, {} bad manifests, {} orphan files removed",
+                r.chunks, r.blocks, r.bad_blocks, r.missing_files, r.bad_manifests, r.orphan_files
             );
-            if r.bad_blocks + r.missing_files + r.bad_manifests > 0 {
+            if r.bad_blocks + r.missing_files + r.bad_manifests + r.orphan_files > 0 {
                 println!("the cache is consistent again: dropped data is fetched anew when read");
             } else {
                 println!("cache is clean");
@@ -147,7 +192,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("7y").is_err());
         assert!(parse_duration("x").is_err());
