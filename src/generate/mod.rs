@@ -5,8 +5,9 @@
 //! - the calling thread is the **planner** ([`plan`]): it walks the tree in a fixed order, writes
 //!   every metadata row of the catalog and sends chunk tasks, in index order, to a bounded queue;
 //! - `workers` threads read and hash chunks (each holds at most one chunk buffer);
-//! - uploads run as tasks on the caller's tokio runtime, a few at a time, with retries; a chunk
-//!   the store already has is not uploaded again, so an interrupted run resumes cheaply.
+//! - a few uploader threads store hashed chunks through the caller's tokio runtime
+//!   (`block_on`), with retries; a chunk the store already has is not uploaded again, so an
+//!   interrupted run resumes cheaply.
 //!
 //! Chunk rows go into the catalog last, in index order, so the catalog's bytes (hence the
 //! manifest id) do not depend on thread timing: the same input gives the same manifest id.
@@ -19,8 +20,8 @@ mod walk;
 mod tests;
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -33,7 +34,7 @@ use crate::manifest::{CatalogHeader, ManifestError, ManifestWriter};
 use crate::repo::{RepoError, Repository};
 use crate::store::StoreError;
 
-use pipeline::{Failure, Pipeline, PipelineConfig};
+use pipeline::{Pipeline, PipelineConfig};
 use plan::Planner;
 
 /// What to generate.
@@ -243,48 +244,59 @@ pub fn generate(
     };
     progress.start(total_bytes, total_files);
 
-    let failure = Arc::new(Failure::default());
+    let uploaders = uploads_in_flight(opts.chunk_size);
     let pipeline = Pipeline::new(
         PipelineConfig {
             chunk_size: opts.chunk_size,
             block_size: opts.block_size,
             workers,
-            uploads_in_flight: uploads_in_flight(opts.chunk_size),
+            uploaders,
         },
         store.clone(),
-        failure.clone(),
         runtime,
         progress,
         &scratch.0.join("chunks.spill"),
     )?;
-    let (tx, rx) = sync_channel(workers);
-    let rx = Mutex::new(rx);
+    // Threads exit when their queue's senders are gone: workers when the planner returns,
+    // uploaders when the last worker has.
+    let (tasks_tx, tasks_rx) = sync_channel(workers);
+    let (uploads_tx, uploads_rx) = sync_channel(uploaders);
+    let (tasks_rx, uploads_rx) = (Mutex::new(tasks_rx), Mutex::new(uploads_rx));
     let planned = std::thread::scope(|s| {
+        let (pipeline, tasks_rx, uploads_rx) = (&pipeline, &tasks_rx, &uploads_rx);
+        for i in 0..uploaders {
+            std::thread::Builder::new()
+                .name(format!("generate-up-{i}"))
+                .spawn_scoped(s, move || pipeline.uploader(uploads_rx))
+                .expect("spawn generate uploader");
+        }
         for i in 0..workers {
-            let (pipeline, rx) = (&pipeline, &rx);
+            let uploads_tx = uploads_tx.clone();
             std::thread::Builder::new()
                 .name(format!("generate-{i}"))
-                .spawn_scoped(s, move || pipeline.worker(rx))
+                .spawn_scoped(s, move || pipeline.worker(tasks_rx, uploads_tx))
                 .expect("spawn generate worker");
         }
+        drop(uploads_tx);
         let planner = Planner::new(
             &mut writer,
             opts.chunk_size,
             opts.block_size,
-            tx,
-            &failure,
+            tasks_tx,
+            pipeline.failure(),
             progress,
         );
         let r = planner.run(&opts.input);
         if let Err(e) = &r {
             if !matches!(e, GenerateError::Aborted) {
                 // Stop the workers early; the planner's own error is the one to report.
-                failure.set(GenerateError::Aborted);
+                pipeline.failure().set(GenerateError::Aborted);
             }
         }
         r
     });
-    // Wait for every upload even after an error, so nothing runs once we return.
+    // Every thread has ended here, even after an error: nothing runs once we return.
+    drop((tasks_rx, uploads_rx));
     let finished = pipeline.finish();
     let stats = match planned {
         Ok(stats) => stats,
@@ -315,11 +327,12 @@ pub fn generate(
         path: catalog.clone(),
         source,
     })?;
-    runtime.block_on(pipeline::put_missing(
+    pipeline::put_missing(
+        runtime,
         &*store,
         &manifest_key(&manifest),
         Bytes::from(data),
-    ))?;
+    )?;
     let commit = Commit {
         version: FORMAT_VERSION,
         volume: opts.name.clone(),

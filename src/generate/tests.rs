@@ -16,7 +16,7 @@ use crate::format::{DEFAULT_BLOCK_SIZE, chunk_key};
 use crate::hashtree::{hash_chunk, verify_outboard};
 use crate::ids::ChunkId;
 use crate::manifest::{Manifest, NodeKind, ROOT_INO};
-use crate::store::FileStore;
+use crate::store::{FileStore, StoreError};
 
 const MIB: u64 = 1 << 20;
 
@@ -729,4 +729,100 @@ fn many_files_in_bounded_rows() {
     assert_eq!(report.files, 3000);
     assert_eq!(report.chunks, 1);
     assert_eq!(m.chunks().unwrap()[0].len, 1500);
+}
+
+#[test]
+fn works_with_a_current_thread_runtime() {
+    let src = scratch();
+    let out = tempfile::tempdir().unwrap();
+    write(&src.path().join("a"), &bytes(3 * MIB, 1));
+    write(&src.path().join("b"), &bytes(10, 2));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let repo = repo_at(&rt, out.path());
+    let r = generate(
+        &options("vol", src.path(), MIB),
+        &repo,
+        rt.handle(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(r.chunks, 4);
+    assert_eq!(r.chunks_written, 4);
+}
+
+/// A file store whose chunk uploads always fail.
+#[derive(Debug)]
+struct FailingPuts {
+    inner: FileStore,
+    puts: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl crate::store::Store for FailingPuts {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), StoreError> {
+        if key.starts_with("chunks/") {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Other {
+                store: self.describe(),
+                message: format!("`{key}`: disk on fire"),
+            });
+        }
+        self.inner.put(key, data).await
+    }
+    async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+        self.inner.exists(keys).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: bytes::Bytes,
+    ) -> Result<(), StoreError> {
+        self.inner.compare_and_swap(key, expected, new).await
+    }
+}
+
+#[test]
+fn a_failing_store_is_retried_then_reported() {
+    let src = scratch();
+    let out = tempfile::tempdir().unwrap();
+    write(&src.path().join("a"), &bytes(5000, 1));
+    let store = Arc::new(FailingPuts {
+        inner: FileStore::new(out.path().to_path_buf()),
+        puts: AtomicU64::new(0),
+    });
+    let rt = runtime();
+    let repo = rt
+        .block_on(Repository::open_or_init(store.clone()))
+        .unwrap();
+    let err = generate(
+        &options("vol", src.path(), MIB),
+        &repo,
+        rt.handle(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(matches!(err, GenerateError::Store(_)), "{err}");
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert_eq!(store.puts.load(Ordering::SeqCst), 3, "3 attempts");
+    assert!(rt.block_on(repo.volumes()).unwrap().is_empty());
 }
