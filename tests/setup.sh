@@ -6,6 +6,7 @@
 #   - Debian packages the build, the tests and the demo use (fuse3 for fusermount3, attr, ...);
 #   - /dev/fuse (loads the `fuse` module or creates the node if needed);
 #   - a Rust toolchain with rustfmt and clippy (rustup, installed non-interactively if missing);
+#   - moto[server] (the S3 server of the tests) for python3, or $HORCRUX_PYTHON;
 #   - cargo-nextest only if HORCRUX_INSTALL_NEXTEST=1 (tests/run.sh falls back to `cargo test`);
 #   - then runs every tests/setup.d/*.sh (hooks later features add for their own services).
 set -euo pipefail
@@ -32,7 +33,7 @@ packages=(
     attr                          # getfattr/setfattr: xattr checks in tests and the demo
     psmisc procps util-linux      # fuser, pgrep/ps, mountpoint
     openssh-server openssh-client # loopback sshd for ssh:// tests
-    python3 ca-certificates curl git
+    python3 python3-pip python3-venv ca-certificates curl git
 )
 if command -v dpkg-query >/dev/null 2>&1; then
     missing=()
@@ -99,6 +100,16 @@ fi
 if [ "${HORCRUX_INSTALL_NEXTEST:-0}" = 1 ] && ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked
+fi
+
+# --- S3 test server: moto[server] for the python3 the tests run ($HORCRUX_PYTHON or python3) ----
+py="${HORCRUX_PYTHON:-python3}"
+if ! "$py" -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1; then
+    log "installing moto[server] for $py (S3 server of the tests)"
+    # Debian's own python3 is "externally managed": pip refuses without the flag, and installs
+    # into /usr/local (not over Debian's packages) with it. A test machine is what it is for.
+    "$py" -m pip install --quiet --disable-pip-version-check 'moto[server]' 2>/dev/null \
+        || "$py" -m pip install --quiet --disable-pip-version-check --break-system-packages 'moto[server]'
 fi
 
 # --- hooks of later features (sshd keys, S3 server, Docker image, ...) -------------------------
