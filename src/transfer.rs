@@ -64,12 +64,23 @@ pub enum CopyError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{what} {id} read from {store} does not match its id: source is corrupted; nothing was written for it")]
-    Corrupt { what: &'static str, id: String, store: String },
+    #[error(
+        "{what} {id} read from {store} does not match its id: source is corrupted; nothing was written for it"
+    )]
+    Corrupt {
+        what: &'static str,
+        id: String,
+        store: String,
+    },
     #[error(
         "volume `{volume}`: branch `{branch}` at the destination ({dst}) is not an ancestor of the source's ({src}); fetch and merge first, or pass --force to overwrite it"
     )]
-    Diverged { volume: String, branch: String, src: String, dst: String },
+    Diverged {
+        volume: String,
+        branch: String,
+        src: String,
+        dst: String,
+    },
     #[error("temporary file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -98,13 +109,14 @@ pub async fn copy(
         let prefix = format!("volumes/{v}/refs/");
         for key in src.store().list(&prefix).await? {
             let bytes = src.store().get(&key).await?;
-            let id: CommitId = String::from_utf8_lossy(&bytes).trim().parse().map_err(|_| {
-                RepoError::BadRef {
+            let id: CommitId = String::from_utf8_lossy(&bytes)
+                .trim()
+                .parse()
+                .map_err(|_| RepoError::BadRef {
                     store: src.store().describe(),
                     key: key.clone(),
                     content: String::from_utf8_lossy(&bytes).chars().take(80).collect(),
-                }
-            })?;
+                })?;
             refs.push((v.clone(), key, id));
         }
     }
@@ -185,7 +197,11 @@ pub async fn copy(
                 .await
                 .expect("hash task");
             if !ok {
-                return Err(CopyError::Corrupt { what: "chunk", id: id.to_hex(), store: s.describe() });
+                return Err(CopyError::Corrupt {
+                    what: "chunk",
+                    id: id.to_hex(),
+                    store: s.describe(),
+                });
             }
             let n = data.len() as u64;
             d.put(&key, data).await?;
@@ -219,7 +235,11 @@ pub async fn copy(
         if !dst_store.exists(std::slice::from_ref(&key)).await?[0] {
             let data = src.store().get(&key).await?;
             if CommitId::of(&data) != *c {
-                return Err(CopyError::Corrupt { what: "commit", id: c.to_hex(), store: src.store().describe() });
+                return Err(CopyError::Corrupt {
+                    what: "commit",
+                    id: c.to_hex(),
+                    store: src.store().describe(),
+                });
             }
             dst_store.put(&key, data).await?;
         }
@@ -249,20 +269,28 @@ pub async fn copy(
                         volume,
                         branch: key.rsplit('/').next().unwrap_or_default().to_string(),
                         src: id.short(),
-                        dst: dst_id.map(|d| d.short()).unwrap_or_else(|| "unreadable".into()),
+                        dst: dst_id
+                            .map(|d| d.short())
+                            .unwrap_or_else(|| "unreadable".into()),
                     });
                 }
             }
             _ => {}
         }
-        dst_store.compare_and_swap(&key, current.as_deref(), new).await?;
+        dst_store
+            .compare_and_swap(&key, current.as_deref(), new)
+            .await?;
         report.refs_updated.push(key);
     }
     Ok(report)
 }
 
 /// Whether `ancestor` is reachable from `head` through parents (in `repo`).
-async fn is_ancestor(repo: &Repository, ancestor: CommitId, head: CommitId) -> Result<bool, RepoError> {
+async fn is_ancestor(
+    repo: &Repository,
+    ancestor: CommitId,
+    head: CommitId,
+) -> Result<bool, RepoError> {
     let mut stack = vec![head];
     let mut seen = HashSet::new();
     while let Some(c) = stack.pop() {
@@ -273,7 +301,12 @@ async fn is_ancestor(repo: &Repository, ancestor: CommitId, head: CommitId) -> R
             continue;
         }
         let commit = repo.commit(c).await?;
-        stack.extend(commit.parents.iter().filter_map(|p| p.parse::<CommitId>().ok()));
+        stack.extend(
+            commit
+                .parents
+                .iter()
+                .filter_map(|p| p.parse::<CommitId>().ok()),
+        );
     }
     Ok(false)
 }

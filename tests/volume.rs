@@ -37,7 +37,10 @@ fn read_all(v: &Volume, ino: u64, size: u64) -> Vec<u8> {
         assert!(!b.is_empty(), "short read at {}", out.len());
         out.extend_from_slice(&b);
     }
-    assert!(v.read(ino, fh, size, 4096).unwrap().is_empty(), "read past EOF returned data");
+    assert!(
+        v.read(ino, fh, size, 4096).unwrap().is_empty(),
+        "read past EOF returned data"
+    );
     v.release(fh);
     out
 }
@@ -71,33 +74,61 @@ fn compare(v: &Volume, src: &Path, ino: u64, inos: &mut HashMap<u64, u64>) -> us
         assert_eq!(attr.kind, kind_of(&m), "{}", path.display());
         assert_eq!(attr.perm, m.mode() & 0o7777, "{}", path.display());
         assert_eq!((attr.uid, attr.gid), (m.uid(), m.gid()));
-        assert_eq!(attr.mtime, m.mtime() * 1_000_000_000 + m.mtime_nsec(), "{}", path.display());
-        assert_eq!(attr.ctime, m.ctime() * 1_000_000_000 + m.ctime_nsec(), "{}", path.display());
+        assert_eq!(
+            attr.mtime,
+            m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            "{}",
+            path.display()
+        );
+        assert_eq!(
+            attr.ctime,
+            m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            "{}",
+            path.display()
+        );
         if attr.kind != NodeKind::Dir {
             assert_eq!(attr.nlink as u64, m.nlink(), "{}", path.display());
         }
         // Hard links share one inode in the volume iff they do in the source.
         let prev = inos.insert(m.ino(), attr.ino);
         if let Some(p) = prev {
-            assert_eq!(p, attr.ino, "hard link {} has another inode", path.display());
+            assert_eq!(
+                p,
+                attr.ino,
+                "hard link {} has another inode",
+                path.display()
+            );
         }
-        let names: Vec<Vec<u8>> = xattr::list(&path).unwrap().map(|n| n.as_bytes().to_vec()).collect();
+        let names: Vec<Vec<u8>> = xattr::list(&path)
+            .unwrap()
+            .map(|n| n.as_bytes().to_vec())
+            .collect();
         let mut vnames = v.listxattr(attr.ino).unwrap();
         vnames.sort();
         let mut snames = names.clone();
         snames.sort();
         assert_eq!(vnames, snames, "xattrs of {}", path.display());
         for xn in &names {
-            let want = xattr::get(&path, std::ffi::OsStr::from_bytes(xn)).unwrap().unwrap();
+            let want = xattr::get(&path, std::ffi::OsStr::from_bytes(xn))
+                .unwrap()
+                .unwrap();
             assert_eq!(v.getxattr(attr.ino, xn).unwrap(), want);
         }
         match attr.kind {
             NodeKind::File => {
                 assert_eq!(attr.size, m.size(), "{}", path.display());
-                assert_eq!(read_all(v, attr.ino, attr.size), fs::read(&path).unwrap(), "{}", path.display());
+                assert_eq!(
+                    read_all(v, attr.ino, attr.size),
+                    fs::read(&path).unwrap(),
+                    "{}",
+                    path.display()
+                );
             }
             NodeKind::Symlink => {
-                assert_eq!(v.readlink(attr.ino).unwrap(), fs::read_link(&path).unwrap().as_os_str().as_bytes());
+                assert_eq!(
+                    v.readlink(attr.ino).unwrap(),
+                    fs::read_link(&path).unwrap().as_os_str().as_bytes()
+                );
             }
             NodeKind::Dir => n += compare(v, &path, attr.ino, inos),
             NodeKind::CharDev | NodeKind::BlockDev => assert_eq!(attr.rdev, m.rdev()),
@@ -121,7 +152,10 @@ fn a_mounted_version_is_the_source_exactly() {
     assert_eq!(v.lookup(1, b"nope").unwrap_err().errno(), libc::ENOENT);
     assert_eq!(v.lookup(1, b"..").unwrap_err().errno(), libc::ENOENT);
     let small = v.lookup(1, b"small.txt").unwrap();
-    assert_eq!(v.lookup(small.ino, b"x").unwrap_err().errno(), libc::ENOTDIR);
+    assert_eq!(
+        v.lookup(small.ino, b"x").unwrap_err().errno(),
+        libc::ENOTDIR
+    );
     assert_eq!(v.open(small.ino, true).unwrap_err().errno(), libc::EROFS);
     assert!(v.statfs().unwrap().files > 250);
 }
@@ -135,7 +169,19 @@ fn reads_across_chunk_and_block_boundaries_are_exact() {
         let want = fs::read(fx.src.join(name)).unwrap();
         let fh = v.open(a.ino, false).unwrap();
         let bs = 256 << 10;
-        let mut offsets = vec![0u64, 1, 4095, bs - 1, bs, bs + 1, MIB - 1, MIB, MIB + 1, 2 * MIB - 3, 3 * MIB];
+        let mut offsets = vec![
+            0u64,
+            1,
+            4095,
+            bs - 1,
+            bs,
+            bs + 1,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            2 * MIB - 3,
+            3 * MIB,
+        ];
         offsets.extend((0..40).map(|i| (i * 104_729) % a.size));
         for off in offsets.into_iter().filter(|o| *o < a.size) {
             for size in [1u32, 17, 4096, 131_072, (MIB + 5) as u32] {
@@ -181,13 +227,20 @@ fn a_small_cache_bound_evicts_but_reads_stay_correct() {
     let v = fx.volume(cache.clone());
     for name in ["big.bin", "chunk", "chunk+1", "chunk-1"] {
         let a = v.lookup(1, name.as_bytes()).unwrap();
-        assert_eq!(read_all(&v, a.ino, a.size), fs::read(fx.src.join(name)).unwrap());
+        assert_eq!(
+            read_all(&v, a.ino, a.size),
+            fs::read(fx.src.join(name)).unwrap()
+        );
     }
     // Background fills may still be landing: wait for them, then check the bound.
     std::thread::sleep(std::time::Duration::from_millis(500));
     cache.evict_to(2 * MIB).unwrap();
     let s = cache.stats().unwrap();
-    assert!(s.bytes <= 2 * MIB, "cache holds {} bytes over a 2 MiB bound", s.bytes);
+    assert!(
+        s.bytes <= 2 * MIB,
+        "cache holds {} bytes over a 2 MiB bound",
+        s.bytes
+    );
     assert!(s.evicted_chunks > 0, "nothing was evicted");
 }
 
@@ -214,25 +267,45 @@ fn a_corrupted_chunk_gives_eio_and_is_never_cached() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let r = cache.verify(&|_, _| {}).unwrap();
     assert_eq!(r.bad_blocks, 0, "a corrupted block reached the cache");
-    assert!(v.read(a.ino, fh, 300_000, 10).is_err(), "corrupted data served from the cache");
+    assert!(
+        v.read(a.ino, fh, 300_000, 10).is_err(),
+        "corrupted data served from the cache"
+    );
 }
 
 #[test]
 fn copy_to_another_store_is_complete_and_resumable() {
     let fx = Fixture::new(rich_tree);
     let dst_dir = fx.dir.path().join("copy");
-    let dst: Arc<dyn horcrux::store::Store> = Arc::new(horcrux::store::FileStore::new(dst_dir.clone()));
-    let src = fx.runtime.block_on(horcrux::repo::Repository::open(fx.store())).unwrap();
-    let opts = horcrux::transfer::CopyOptions { concurrency: 4, ..Default::default() };
+    let dst: Arc<dyn horcrux::store::Store> =
+        Arc::new(horcrux::store::FileStore::new(dst_dir.clone()));
+    let src = fx
+        .runtime
+        .block_on(horcrux::repo::Repository::open(fx.store()))
+        .unwrap();
+    let opts = horcrux::transfer::CopyOptions {
+        concurrency: 4,
+        ..Default::default()
+    };
     let r = fx
         .runtime
-        .block_on(horcrux::transfer::copy(&src, dst.clone(), &opts, &horcrux::transfer::NoCopyProgress))
+        .block_on(horcrux::transfer::copy(
+            &src,
+            dst.clone(),
+            &opts,
+            &horcrux::transfer::NoCopyProgress,
+        ))
         .unwrap();
     assert!(r.chunks_copied > 0 && r.chunks_copied == r.chunks);
     assert_eq!(r.refs_updated.len(), 1);
     let again = fx
         .runtime
-        .block_on(horcrux::transfer::copy(&src, dst.clone(), &opts, &horcrux::transfer::NoCopyProgress))
+        .block_on(horcrux::transfer::copy(
+            &src,
+            dst.clone(),
+            &opts,
+            &horcrux::transfer::NoCopyProgress,
+        ))
         .unwrap();
     assert_eq!(again.chunks_copied, 0, "a re-run copied chunks again");
     assert_eq!(again.refs_unchanged.len(), 1);

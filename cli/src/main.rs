@@ -37,7 +37,8 @@ pub struct StoreArgs {
     pub ssh_sessions: Option<usize>,
 }
 
-static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> = std::sync::OnceLock::new();
+static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> =
+    std::sync::OnceLock::new();
 
 /// Store options from the command line, for every command that opens a store.
 pub fn store_options() -> horcrux::store::StoreOptions {
@@ -84,19 +85,28 @@ enum Command {
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    horcrux::format::parse_size(s)
-        .ok_or_else(|| format!("`{s}` is not a size: use a number with an optional K, M, G or T suffix"))
+    horcrux::format::parse_size(s).ok_or_else(|| {
+        format!("`{s}` is not a size: use a number with an optional K, M, G or T suffix")
+    })
 }
 
 /// `RUST_LOG`-style logging to stderr (or to a file for detached mounts).
 pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match log_file {
         Some(path) => {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }

@@ -17,13 +17,17 @@ pub fn state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("horcrux");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("horcrux")
 }
 
 /// The cache directory to use given an optional override.
 pub fn cache_dir(explicit: Option<&PathBuf>) -> PathBuf {
-    explicit.cloned().unwrap_or_else(|| state_dir().join("cache"))
+    explicit
+        .cloned()
+        .unwrap_or_else(|| state_dir().join("cache"))
 }
 
 /// Directory for logs of detached mounts.

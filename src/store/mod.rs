@@ -118,9 +118,16 @@ pub fn open_store_with(
     match url {
         AccessUrl::File { path } => Ok(Arc::new(FileStore::new(path.clone()))),
         AccessUrl::Ssh { .. } => Ok(Arc::new(SshStore::from_url(url, options)?)),
-        AccessUrl::S3 { bucket, prefix, options: query } => {
-            Ok(Arc::new(S3Store::from_url(bucket, prefix, query, &options.s3)?))
-        }
+        AccessUrl::S3 {
+            bucket,
+            prefix,
+            options: query,
+        } => Ok(Arc::new(S3Store::from_url(
+            bucket,
+            prefix,
+            query,
+            &options.s3,
+        )?)),
         other => Err(StoreError::Unsupported(format!(
             "{other}: this build of horcrux cannot read this kind of source yet \
              (supported: file://, cp://, scp://, ssh://, s3://)"

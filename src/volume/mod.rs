@@ -207,9 +207,15 @@ impl Volume {
             return Err(VolumeError::ReadOnly);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .insert(fh, OpenFile { next: 0, window: 0, prefetched_to: 0, pinned: Vec::new() });
+        self.handles.lock().insert(
+            fh,
+            OpenFile {
+                next: 0,
+                window: 0,
+                prefetched_to: 0,
+                pinned: Vec::new(),
+            },
+        );
         Ok(fh)
     }
 
@@ -342,7 +348,9 @@ impl Volume {
         };
         let _guard = self.runtime.enter();
         for e in extents {
-            let Ok(info) = self.chunk_info(e.chunk) else { continue };
+            let Ok(info) = self.chunk_info(e.chunk) else {
+                continue;
+            };
             let s = e.chunk_off + from.max(e.file_off) - e.file_off;
             let t = e.chunk_off + to.min(e.file_off + e.len) - e.file_off;
             if s >= t {

@@ -57,7 +57,10 @@ pub fn rich_tree(root: &Path) {
     }
     w("big.bin", &bytes(7, (3 * MIB + 12345) as usize));
     for i in 0..200 {
-        w(&format!("many/f{i:03}"), &bytes(i, (i * 97 % 5000) as usize));
+        w(
+            &format!("many/f{i:03}"),
+            &bytes(i, (i * 97 % 5000) as usize),
+        );
     }
     w("dir/ünïcødé 文件 🚀.txt", b"unicode name\n");
     let deep: String = (0..40).map(|i| format!("d{i}/")).collect();
@@ -78,7 +81,10 @@ pub fn rich_tree(root: &Path) {
     if unsafe { libc::geteuid() } == 0 {
         let dev = CString::new(root.join("null-dev").as_os_str().as_bytes()).unwrap();
         // SAFETY: valid path; makedev(1, 3) is /dev/null's number.
-        assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+        assert_eq!(
+            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
+            0
+        );
     }
     fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o4755)).unwrap();
     fs::create_dir_all(root.join("sticky")).unwrap();
@@ -87,7 +93,10 @@ pub fn rich_tree(root: &Path) {
         xattr::set(root.join("small.txt"), "user.colour", b"green").unwrap();
         xattr::set(root.join("dir"), "user.empty", b"").unwrap();
     }
-    let mut f = fs::OpenOptions::new().append(true).open(root.join("many/f001")).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("many/f001"))
+        .unwrap();
     f.write_all(b"x").unwrap();
 }
 
@@ -104,11 +113,18 @@ impl Fixture {
     /// Generate `build`'s tree as volume `vol` with a 1 MiB chunk size.
     pub fn new(build: impl FnOnce(&Path)) -> Self {
         // Under /var/tmp: tmpfs may lack user xattrs.
-        let dir = tempfile::Builder::new().prefix("horcrux-test").tempdir_in("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("horcrux-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let src = dir.path().join("src");
         build(&src);
         let repo_dir = dir.path().join("repo");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let store: Arc<dyn Store> = Arc::new(FileStore::new(repo_dir.clone()));
         let repo = runtime.block_on(Repository::open_or_init(store)).unwrap();
         let opts = GenerateOptions {
@@ -121,7 +137,13 @@ impl Fixture {
             workers: 2,
         };
         let report = generate(&opts, &repo, runtime.handle(), &NoProgress).unwrap();
-        Self { dir, src, repo_dir, runtime, report }
+        Self {
+            dir,
+            src,
+            repo_dir,
+            runtime,
+            report,
+        }
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -129,7 +151,11 @@ impl Fixture {
     }
 
     pub fn cache(&self, name: &str, max: Option<u64>) -> Arc<Cache> {
-        Cache::open(CacheConfig { dir: self.dir.path().join(name), max_size: max }).unwrap()
+        Cache::open(CacheConfig {
+            dir: self.dir.path().join(name),
+            max_size: max,
+        })
+        .unwrap()
     }
 
     /// A volume of branch `main` reading through `cache`.
@@ -137,12 +163,19 @@ impl Fixture {
         self.volume_from(self.store(), cache, FetchConfig::default())
     }
 
-    pub fn volume_from(&self, store: Arc<dyn Store>, cache: Arc<Cache>, cfg: FetchConfig) -> Volume {
+    pub fn volume_from(
+        &self,
+        store: Arc<dyn Store>,
+        cache: Arc<Cache>,
+        cfg: FetchConfig,
+    ) -> Volume {
         let rt = self.runtime.handle();
         let repo = rt.block_on(Repository::open(store.clone())).unwrap();
         let commit = rt.block_on(repo.resolve("vol", "main")).unwrap();
         let c = rt.block_on(repo.commit(commit)).unwrap();
-        let m = rt.block_on(repo.manifest(c.manifest_id().unwrap(), &cache)).unwrap();
+        let m = rt
+            .block_on(repo.manifest(c.manifest_id().unwrap(), &cache))
+            .unwrap();
         let bs = m.header().block_size;
         let fetcher = Arc::new(Fetcher::new(store, cache, bs, cfg));
         Volume::new(m, fetcher, rt.clone())

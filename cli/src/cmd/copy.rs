@@ -47,7 +47,11 @@ pub fn run(a: CopyArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening the source {src_url}"))?;
         let dst: Arc<dyn horcrux::store::Store> = crate::open_store(&dst_url)?;
         let bar = crate::progress::bar("copying");
-        let opts = CopyOptions { volumes: a.names.clone(), force: a.force, concurrency: a.jobs };
+        let opts = CopyOptions {
+            volumes: a.names.clone(),
+            force: a.force,
+            concurrency: a.jobs,
+        };
         let t = std::time::Instant::now();
         let r = copy(&src, dst, &opts, &Bar(bar.clone())).await?;
         bar.finish_and_clear();
@@ -58,8 +62,16 @@ pub fn run(a: CopyArgs) -> anyhow::Result<()> {
             human_size(r.bytes_copied),
             r.commits,
             t.elapsed().as_secs_f64(),
-            if r.refs_updated.is_empty() { "none".to_string() } else { r.refs_updated.join(", ") },
-            if r.refs_unchanged.is_empty() { String::new() } else { format!("; already up to date: {}", r.refs_unchanged.len()) }
+            if r.refs_updated.is_empty() {
+                "none".to_string()
+            } else {
+                r.refs_updated.join(", ")
+            },
+            if r.refs_unchanged.is_empty() {
+                String::new()
+            } else {
+                format!("; already up to date: {}", r.refs_unchanged.len())
+            }
         );
         Ok(())
     })
