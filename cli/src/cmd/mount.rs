@@ -33,7 +33,8 @@ use crate::CacheArgs;
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Access URL(s), comma-separated mirrors in order of preference: file:///path, cp:///path
+    /// Access URL(s), comma-separated mirrors in order of preference: file:///path,
+    /// scp://user@host:/path, ssh://user@host:port/path, s3://bucket/prefix?region=R&endpoint=URL
     pub access: String,
     /// Empty directory to mount on
     pub mountpoint: PathBuf,
@@ -55,6 +56,17 @@ pub struct MountArgs {
     /// FUSE worker threads [default: twice the CPUs, at least 4]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a read may wait for the source(s) before it fails with EIO; a mirror that does
+    /// not answer within min(10, SECS/2) seconds is skipped for the next one
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// Concurrent block requests to the source for reads
+    #[arg(long, value_name = "N", default_value_t = FetchConfig::default().max_concurrency,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub concurrency: usize,
+    /// Fetch only the blocks that are read (no background fill of the rest of their chunk)
+    #[arg(long)]
+    pub no_fill: bool,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -69,6 +81,37 @@ pub struct UmountArgs {
     /// Detach now even if files are open in it; the daemon exits once they are closed
     #[arg(long, short = 'l')]
     pub lazy: bool,
+}
+
+/// A positive number of seconds (fractions allowed), e.g. `30` or `2.5`.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "`{s}` is not a timeout: give a number of seconds greater than 0 (at most 86400)"
+        )),
+    }
+}
+
+/// Bound on one attempt at one mirror: short enough that a dead first mirror is left for the
+/// next one well before the whole read's `timeout` runs out.
+fn mirror_attempt_timeout(timeout: Duration) -> Duration {
+    (timeout / 2).min(Duration::from_secs(10))
+}
+
+/// Fetch and fall-over settings from the command line.
+fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
+    let fetch = FetchConfig {
+        max_concurrency: a.concurrency,
+        request_timeout: a.timeout,
+        fill_chunks: !a.no_fill,
+        ..FetchConfig::default()
+    };
+    let mirror = MirrorConfig {
+        attempt_timeout: mirror_attempt_timeout(a.timeout),
+        ..MirrorConfig::default()
+    };
+    (fetch, mirror)
 }
 
 /// Readahead given to the kernel for a mount, in KiB (one FUSE request carries at most 1 MiB).
@@ -354,13 +397,14 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     })
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
 
+    let (fetch_config, mirror_config) = fetch_configs(a);
     let (name, commit, manifest, source) = runtime.block_on(async {
         let stores = urls
             .iter()
             .map(crate::open_store)
             .collect::<Result<Vec<_>, _>>()?;
         // Metadata reads fall over between mirrors just as chunk reads do.
-        let source = Arc::new(MirrorStore::new(stores, MirrorConfig::default()));
+        let source = Arc::new(MirrorStore::new(stores, mirror_config));
         let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
         let name = repo.pick_volume(a.name.as_deref()).await?;
         let id = repo.resolve(&name, &a.reference).await?;
@@ -373,7 +417,7 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
     })?;
 
     let block_size = manifest.header().block_size;
-    let fetcher = Fetcher::with_mirrors(source, cache.clone(), block_size, FetchConfig::default());
+    let fetcher = Fetcher::with_mirrors(source, cache.clone(), block_size, fetch_config);
     let volume = Arc::new(Volume::new(
         manifest,
         Arc::new(fetcher),
@@ -639,6 +683,51 @@ mod tests {
             pidfile_path(Path::new("/a_b"))
         );
         assert_eq!(pidfile_path(Path::new("/m")), pidfile_path(Path::new("/m")));
+    }
+
+    #[test]
+    fn timeouts_and_fetch_flags() {
+        assert_eq!(parse_timeout("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_timeout("2.5").unwrap(), Duration::from_millis(2500));
+        for bad in ["0", "-1", "x", "", "inf", "NaN", "1e9"] {
+            let e = parse_timeout(bad).unwrap_err();
+            assert!(e.contains("not a timeout"), "{bad}: {e}");
+        }
+        assert_eq!(
+            mirror_attempt_timeout(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            mirror_attempt_timeout(Duration::from_secs(5)),
+            Duration::from_millis(2500)
+        );
+
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            m: MountArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["t", "file:///r", "/mnt"];
+            v.extend_from_slice(extra);
+            T::try_parse_from(v).map(|t| t.m)
+        };
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.timeout, Duration::from_secs(30));
+        let (f, m) = fetch_configs(&d);
+        assert_eq!(f.request_timeout, Duration::from_secs(30));
+        assert_eq!(f.max_concurrency, FetchConfig::default().max_concurrency);
+        assert!(f.fill_chunks);
+        assert_eq!(m.attempt_timeout, Duration::from_secs(10));
+        let a = parse(&["--timeout", "5", "--concurrency", "3", "--no-fill"]).unwrap();
+        let (f, m) = fetch_configs(&a);
+        assert_eq!(f.request_timeout, Duration::from_secs(5));
+        assert_eq!(f.max_concurrency, 3);
+        assert!(!f.fill_chunks);
+        assert_eq!(m.attempt_timeout, Duration::from_millis(2500));
+        assert!(parse(&["--concurrency", "0"]).is_err());
+        assert!(parse(&["--timeout", "0"]).is_err());
     }
 
     #[test]
