@@ -125,7 +125,7 @@ impl BufferPool {
             }
             if st.out < self.max {
                 st.out += 1;
-                return new_buffer(self.capacity);
+                return Vec::with_capacity(self.capacity);
             }
             st = self.cv.wait(st).expect("pool lock");
         }
@@ -141,23 +141,6 @@ impl BufferPool {
         }
         self.cv.notify_all();
     }
-}
-
-/// A chunk buffer. Transparent huge pages are requested for it: filling a fresh 64 MiB buffer
-/// otherwise costs 16k page faults, a visible share of generate's time on warm data.
-fn new_buffer(capacity: usize) -> Vec<u8> {
-    let buf = Vec::<u8>::with_capacity(capacity);
-    if capacity >= 4 << 20 {
-        // SAFETY: advisory only, on memory this Vec owns; failure (e.g. THP disabled) is harmless.
-        unsafe {
-            libc::madvise(
-                buf.as_ptr() as *mut libc::c_void,
-                capacity,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-    }
-    buf
 }
 
 /// A buffer taken from the pool; returned on drop, so an error path cannot leak a slot.

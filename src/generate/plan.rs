@@ -10,7 +10,8 @@
 //!   name order, each one completely before the next.
 //! - Content is planned in the same order (inode order of the files):
 //!   files smaller than the block size are packed, one after another, into pack chunks of at
-//!   most `chunk_size` bytes (a new pack starts when the next file does not fit); larger files
+//!   most `chunk_size` bytes and [`MAX_PACK_FILES`] files (a new pack starts when the next file
+//!   does not fit); larger files
 //!   are cut into windows `[i*chunk_size, (i+1)*chunk_size)` whose data regions (holes left out)
 //!   make one chunk each; a window without data has no chunk.
 //! - Chunk indexes are given when a chunk is complete: a window at once, a pack when it is
@@ -28,6 +29,11 @@ use super::pipeline::{ChunkTask, Failure, OpenFile, Piece};
 use super::walk::{self, DataRegions, Stat};
 use super::{GenerateError, Progress};
 use crate::manifest::{Extent, ManifestWriter, Node, NodeKind, ROOT_INO};
+
+/// Most files in one pack. Bounds the memory a pack's file list takes (tiny files would
+/// otherwise put millions in one 64 MiB pack) and the work of one task; with files of 1 KiB or
+/// more a pack fills up by size first.
+pub(super) const MAX_PACK_FILES: usize = 65536;
 
 /// Counts gathered while planning.
 #[derive(Debug, Clone, Copy, Default)]
@@ -279,7 +285,7 @@ impl<'a> Planner<'a> {
             return Ok(());
         }
         if size < self.block_size {
-            if self.pack.len + size > self.chunk_size {
+            if self.pack.len + size > self.chunk_size || self.pack.members.len() == MAX_PACK_FILES {
                 self.close_pack()?;
             }
             let off = self.pack.len;
@@ -305,6 +311,7 @@ impl<'a> Planner<'a> {
                 what: format!("its size went from {size} to {} bytes", st.size),
             });
         }
+        walk::sequential(&file);
         let file = Arc::new(OpenFile {
             path: path.to_path_buf(),
             file,

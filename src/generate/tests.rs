@@ -826,3 +826,17 @@ fn a_failing_store_is_retried_then_reported() {
     assert_eq!(store.puts.load(Ordering::SeqCst), 3, "3 attempts");
     assert!(rt.block_on(repo.volumes()).unwrap().is_empty());
 }
+
+#[test]
+fn a_pack_holds_at_most_max_pack_files() {
+    let src = scratch();
+    let out = tempfile::tempdir().unwrap();
+    let n = plan::MAX_PACK_FILES + 10;
+    for i in 0..n {
+        write(&src.path().join(format!("d{}/{i}", i % 64)), b"z");
+    }
+    let (report, m) = run(src.path(), out.path(), MIB);
+    assert_eq!(report.chunks, 2);
+    let lens: Vec<u64> = m.chunks().unwrap().iter().map(|c| c.len).collect();
+    assert_eq!(lens, vec![plan::MAX_PACK_FILES as u64, 10]);
+}

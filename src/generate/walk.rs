@@ -293,3 +293,11 @@ pub(super) fn has_byte_at(file: &File, off: u64) -> io::Result<bool> {
         }
     }
 }
+
+/// Tell the kernel `file` will be read sequentially (a larger readahead window).
+pub(super) fn sequential(file: &File) {
+    // SAFETY: an advisory call on a descriptor borrowed for its duration; errors are ignored.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}

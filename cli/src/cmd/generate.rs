@@ -84,7 +84,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let show_bar = !a.quiet && std::io::stderr().is_terminal();
     let progress: Box<dyn Progress> = if show_bar {
-        let bar = crate::progress::bar("generating");
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        bar.set_prefix("generating");
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} ({msg})",
