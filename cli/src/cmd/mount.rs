@@ -331,11 +331,30 @@ fn daemon(a: MountArgs) -> anyhow::Result<()> {
     } else {
         crate::init_logging(None)?;
     }
-    match serve(&a, &mut ready) {
-        Ok(()) => Ok(()),
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("horcrux-io")
+        .build()
+        .context("starting the I/O runtime")
+    {
+        Ok(r) => r,
         Err(e) => {
+            ready.finish(&format!("error {e:#}"));
+            return Err(e);
+        }
+    };
+    match serve(&a, &mut ready, &runtime) {
+        Ok(()) => {
+            // Background fills may still run; do not let them hold the exit.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            Ok(())
+        }
+        Err(e) => {
+            // Report first: dropping the runtime would wait for its blocking tasks, and one may
+            // be stuck on a server that does not answer (until the store's own I/O timeout).
             // main prints it to stderr (the log file, when detached).
             ready.finish(&format!("error {e:#}"));
+            runtime.shutdown_background();
             Err(e)
         }
     }
@@ -382,14 +401,13 @@ fn detached_logging(a: &MountArgs) -> anyhow::Result<PathBuf> {
 }
 
 /// Open the volume, mount it, report readiness, and serve until unmounted or signalled.
-fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
+fn serve(
+    a: &MountArgs,
+    ready: &mut Ready,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
     let mountpoint = check_mountpoint(&a.mountpoint)?;
     let urls = horcrux::store::parse_access(&a.access)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("horcrux-io")
-        .build()
-        .context("starting the I/O runtime")?;
     let cache_dir = crate::paths::cache_dir(a.cache.cache_dir.as_ref());
     let cache = Cache::open(CacheConfig {
         dir: cache_dir.clone(),
@@ -465,13 +483,11 @@ fn serve(a: &MountArgs, ready: &mut Ready) -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
     }
 
-    wait_for_end(&runtime, &mountpoint, done_rx)?;
+    wait_for_end(runtime, &mountpoint, done_rx)?;
     let result = worker
         .join()
         .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
     drop(pidfile);
-    // Background fills may still run; do not let them hold the exit.
-    runtime.shutdown_timeout(Duration::from_secs(2));
     result.with_context(|| format!("serving {}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
