@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc::sync_channel;
 
-use bytes::Bytes;
-
 use crate::commit::{Commit, CommitStats};
 use crate::format::{
     self, FORMAT_VERSION, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, manifest_key,
@@ -323,16 +321,23 @@ pub fn generate(
     drop(spill);
     let manifest = writer.finish()?;
 
-    let data = std::fs::read(&catalog).map_err(|source| GenerateError::Temp {
-        path: catalog.clone(),
-        source,
-    })?;
-    pipeline::put_missing(
-        runtime,
-        &*store,
-        &manifest_key(&manifest),
-        Bytes::from(data),
-    )?;
+    // Streamed from the temp file: a 1M-file catalog is ~120 MB, not to be held in memory.
+    let key = manifest_key(&manifest);
+    let exists = runtime.block_on(store.exists(std::slice::from_ref(&key)))?;
+    if !exists[0] {
+        let mut attempt = 0;
+        loop {
+            match runtime.block_on(store.put_file(&key, &catalog)) {
+                Ok(()) => break,
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "uploading the manifest failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(500 << attempt));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let commit = Commit {
         version: FORMAT_VERSION,
         volume: opts.name.clone(),

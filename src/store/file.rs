@@ -170,6 +170,25 @@ impl Store for FileStore {
         }
     }
 
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
+        let dest = self.path(key);
+        let src = src.to_path_buf();
+        self.blocking(key, move |_| {
+            let dir = dest.parent().expect("keys have a directory");
+            fs::create_dir_all(dir)?;
+            let tmp = crate::util::temp_name(&dest);
+            let r = fs::copy(&src, &tmp)
+                .and_then(|_| File::open(&tmp)?.sync_all())
+                .and_then(|_| fs::rename(&tmp, &dest))
+                .and_then(|_| crate::util::sync_dir(dir));
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r
+        })
+        .await
+    }
+
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
         let src = self.path(key);
         let dest = dest.to_path_buf();

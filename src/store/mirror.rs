@@ -202,6 +202,10 @@ impl Store for MirrorStore {
         self.stores[0].put(key, data).await
     }
 
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
+        self.stores[0].put_file(key, src).await
+    }
+
     async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
         self.each(
             "",

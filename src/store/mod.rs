@@ -75,6 +75,19 @@ pub trait Store: Send + Sync + fmt::Debug {
         new: Bytes,
     ) -> Result<(), StoreError>;
 
+    /// Upload a local file as an object (atomically, like [`Store::put`]). Backends that can
+    /// stream override this so large objects (manifests) are not held in memory whole.
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
+        let data = tokio::fs::read(src)
+            .await
+            .map_err(|source| StoreError::Io {
+                store: "local file".into(),
+                key: src.display().to_string(),
+                source,
+            })?;
+        self.put(key, Bytes::from(data)).await
+    }
+
     /// Copy an object into a local file (written to a temp name then renamed).
     /// Large objects (manifests) should not be held in memory whole: backends override this.
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
