@@ -33,24 +33,34 @@ pub fn open(dir: &Path) -> Result<Connection, CacheError> {
          CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
     )
     .map_err(err)?;
+    let version = |conn: &Connection| -> Result<i64, CacheError> {
+        conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|source| CacheError::Sqlite {
+            dir: d.clone(),
+            source,
+        })
+    };
+    let current = version(&conn)?;
+    if current > SCHEMA_VERSION {
+        return Err(CacheError::Schema {
+            dir: d,
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if current == SCHEMA_VERSION {
+        // Opening an up-to-date cache writes nothing: concurrent users are not disturbed.
+        return Ok(conn);
+    }
     // Migrate under a write lock, re-reading the version inside it: several processes may
     // open a fresh cache at the same moment.
     conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
     let result = (|| {
-        let current: i64 = conn
-            .query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(err)?;
-        if current > SCHEMA_VERSION {
-            return Err(CacheError::Schema {
-                dir: d.clone(),
-                found: current,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        let current = version(&conn)?;
         for m in MIGRATIONS.iter().skip(current as usize) {
             conn.execute_batch(m).map_err(err)?;
         }

@@ -424,7 +424,9 @@ impl Cache {
         e.file.sync_data().map_err(|err| self.io(err))?;
         let new_bytes = {
             let mut db = self.db.lock();
-            let tx = db.transaction().map_err(|err| self.sql(err))?;
+            let tx = db
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|err| self.sql(err))?;
             let row: Option<(Vec<u8>, i64)> = tx
                 .query_row(
                     "SELECT present, bytes FROM chunks WHERE id = ?1 AND generation = ?2",
@@ -534,7 +536,9 @@ impl Cache {
         }
         let now = now_secs();
         let mut db = self.db.lock();
-        let tx = db.transaction().map_err(|e| self.sql(e))?;
+        let tx = db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.sql(e))?;
         for id in ids {
             tx.execute(
                 "UPDATE chunks SET last_access = ?2 WHERE id = ?1",
@@ -952,7 +956,9 @@ impl Cache {
         bad: &[u32],
     ) -> Result<(), CacheError> {
         let mut db = self.db.lock();
-        let tx = db.transaction().map_err(|e| self.sql(e))?;
+        let tx = db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.sql(e))?;
         let present: Option<Vec<u8>> = tx
             .query_row(
                 "SELECT present FROM chunks WHERE id = ?1 AND generation = ?2",

@@ -91,6 +91,11 @@ impl MirrorStore {
 
     fn failed(&self, i: usize, why: &str) {
         let mut h = self.health.lock();
+        // Requests that were in flight when the store died fail together: count them as one
+        // failure, or the back-off would grow with the concurrency, not with the outage.
+        if h[i].down_until.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
         let f = h[i].failures.saturating_add(1);
         let backoff = self
             .config

@@ -9,7 +9,7 @@ use clap::Args;
 use horcrux::format::{DEFAULT_BLOCK_SIZE, check_volume_name, parse_chunk_size};
 use horcrux::generate::{GenerateOptions, NoProgress, Progress, generate};
 use horcrux::repo::Repository;
-use horcrux::store::{AccessUrl, open_store, parse_one};
+use horcrux::store::{AccessUrl, parse_one};
 use horcrux::util::human_size;
 
 #[derive(Debug, Args)]
@@ -66,7 +66,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("creating the output directory {}", path.display()))?;
     }
-    let store = open_store(&url)?;
+    let store = crate::open_store(&url)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
