@@ -18,7 +18,7 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error(
-        "{0} is not a horcrux repository (no {CONFIG_KEY}); create one with `horcrux generate`"
+        "{0} is not a horcrux repository (no {CONFIG_KEY}: the location does not exist, is empty, or holds something else); check the path, or create one with `horcrux generate`"
     )]
     NotARepo(String),
     #[error("{store}: {CONFIG_KEY} is not valid: {what}")]
