@@ -35,7 +35,24 @@ pub struct StoreArgs {
     /// Parallel SSH sessions per host
     #[arg(long, global = true, value_name = "N")]
     pub ssh_sessions: Option<usize>,
+    /// S3 endpoint of any S3-compatible server, e.g. http://10.0.0.9:3900 (URL `endpoint=` wins)
+    #[arg(long, global = true, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (URL `region=` wins) [default: AWS_REGION, the profile's, else us-east-1]
+    #[arg(long, global = true, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// AWS profile of ~/.aws/credentials and ~/.aws/config (URL `profile=` wins)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub s3_profile: Option<String>,
+    /// Path-style S3 requests (default: on when an endpoint is given)
+    #[arg(long, global = true, value_name = "BOOL")]
+    pub s3_path_style: Option<bool>,
+    /// Allow plain http to the S3 endpoint (default: when the endpoint is http://)
+    #[arg(long, global = true, value_name = "BOOL")]
+    pub s3_allow_http: Option<bool>,
 }
+
+static S3_DEFAULTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
 
 static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> =
     std::sync::OnceLock::new();
@@ -46,10 +63,17 @@ pub fn store_options() -> horcrux::store::StoreOptions {
 }
 
 /// Open the store an access URL names, with the command line's store options.
+/// S3 options given as flags fill what the URL's query does not say.
 pub fn open_store(
     url: &horcrux::store::AccessUrl,
 ) -> Result<std::sync::Arc<dyn horcrux::store::Store>, horcrux::store::StoreError> {
-    horcrux::store::open_store_with(url, &store_options())
+    let mut url = url.clone();
+    if let horcrux::store::AccessUrl::S3 { options, .. } = &mut url {
+        for (k, v) in S3_DEFAULTS.get().into_iter().flatten() {
+            options.entry((*k).to_string()).or_insert_with(|| v.clone());
+        }
+    }
+    horcrux::store::open_store_with(&url, &store_options())
 }
 
 /// Options shared by every command that uses the local cache.
@@ -115,6 +139,20 @@ pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let st = &cli.store;
+    let s3_flags = [
+        ("endpoint", st.s3_endpoint.clone()),
+        ("region", st.s3_region.clone()),
+        ("profile", st.s3_profile.clone()),
+        ("path_style", st.s3_path_style.map(|b| b.to_string())),
+        ("allow_http", st.s3_allow_http.map(|b| b.to_string())),
+    ];
+    let _ = S3_DEFAULTS.set(
+        s3_flags
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect(),
+    );
     let _ = STORE_OPTIONS.set(horcrux::store::StoreOptions {
         ssh_identity: cli.store.identity.clone(),
         ssh_known_hosts: cli.store.known_hosts.clone(),
