@@ -330,7 +330,27 @@ impl Fetcher {
                 false
             }
         };
-        let fut = self.source.get_range_checked(&key, r.clone(), &check);
+        // Transient source errors are retried with backoff, all within `request_timeout`;
+        // bad data is not (the mirror set has already asked every mirror for good bytes).
+        let fut = async {
+            let mut backoff = Duration::from_millis(100);
+            let start = tokio::time::Instant::now();
+            loop {
+                let r = self.source.get_range_checked(&key, r.clone(), &check).await;
+                match r {
+                    Err(e) if bad.lock().is_none() && !e.is_not_found() => {
+                        // Give up at half the bound, so the reader gets the source's own error.
+                        if start.elapsed() + backoff > self.config.request_timeout / 2 {
+                            return Err(e);
+                        }
+                        tracing::debug!(chunk = %info.id, block = idx, error = %e, ?backoff, "fetch failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    other => return other,
+                }
+            }
+        };
         match tokio::time::timeout(self.config.request_timeout, fut).await {
             Ok(Ok(_)) => {
                 let v = verified.lock().take().expect("checked data was kept");
@@ -378,12 +398,14 @@ mod tests {
 
     const BS: u32 = 4096;
 
-    /// Counts range requests and delays them, so concurrent readers overlap.
+    /// Counts range requests and delays them, so concurrent readers overlap; the first
+    /// `fail_first` requests fail as a dropped connection would.
     #[derive(Debug)]
     struct Counting {
         inner: FileStore,
         gets: AtomicUsize,
         delay: Duration,
+        fail_first: usize,
     }
 
     #[async_trait::async_trait]
@@ -392,8 +414,14 @@ mod tests {
             self.inner.describe()
         }
         async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-            self.gets.fetch_add(1, Ordering::SeqCst);
+            let n = self.gets.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            if n < self.fail_first {
+                return Err(StoreError::Other {
+                    store: self.describe(),
+                    message: "connection reset".into(),
+                });
+            }
             self.inner.get_range(key, range).await
         }
         async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -440,6 +468,7 @@ mod tests {
             inner: store,
             gets: AtomicUsize::new(0),
             delay,
+            fail_first: 0,
         });
         let cache = Cache::open(CacheConfig {
             dir: d.path().join("cache"),
@@ -589,5 +618,23 @@ mod tests {
         let f = Arc::new(Fetcher::with_mirrors(mirrors, f.cache.clone(), BS, cfg));
         assert_eq!(&f.read(&info, 0..200).await.unwrap()[..], &data[..200]);
         assert_eq!(f.metrics().verify_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_source_errors_are_retried() {
+        let (_d, store, f, info, data) = setup(Duration::ZERO, 4096).await;
+        let flaky = Arc::new(Counting {
+            inner: store.inner.clone(),
+            gets: AtomicUsize::new(0),
+            delay: Duration::ZERO,
+            fail_first: 2,
+        });
+        let cfg = FetchConfig {
+            fill_chunks: false,
+            ..Default::default()
+        };
+        let f = Arc::new(Fetcher::new(flaky.clone(), f.cache.clone(), BS, cfg));
+        assert_eq!(&f.read(&info, 0..100).await.unwrap()[..], &data[..100]);
+        assert_eq!(flaky.gets.load(Ordering::SeqCst), 3);
     }
 }
