@@ -64,7 +64,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             max_concurrency: 16,
-            background_concurrency: 4,
+            background_concurrency: 1,
             request_timeout: Duration::from_secs(30),
             fill_chunks: true,
         }
@@ -103,7 +103,12 @@ type Flight = Arc<OnceCell<Result<BlockData, FetchError>>>;
 /// Priority of a block fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Priority {
+    /// A reader is waiting for it.
     Foreground,
+    /// A sequential reader will need it soon: shares the foreground budget.
+    Prefetch,
+    /// Filling the rest of a touched chunk: its own small budget, so it never holds the
+    /// connections a waiting reader needs.
     Background,
 }
 
@@ -194,7 +199,11 @@ impl Fetcher {
             blocks.push(t.await.expect("block task panicked")?);
         }
         if self.config.fill_chunks {
-            self.prefetch(info, 0..block_count(info.len, self.block_size));
+            self.spawn_fetches(
+                info,
+                0..block_count(info.len, self.block_size),
+                Priority::Background,
+            );
         }
         if blocks.len() == 1 {
             let s = (range.start - first as u64 * bs) as usize;
@@ -211,9 +220,13 @@ impl Fetcher {
         Ok(out.freeze())
     }
 
-    /// Fetch `blocks` of chunk `info` in the background (skipping cached and in-flight ones).
-    /// Must be called from within the runtime or with its handle entered.
+    /// Fetch `blocks` of chunk `info` ahead of a sequential reader (skipping cached and
+    /// in-flight ones). Must be called from within the runtime or with its handle entered.
     pub fn prefetch(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>) {
+        self.spawn_fetches(info, blocks, Priority::Prefetch);
+    }
+
+    fn spawn_fetches(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>, prio: Priority) {
         let present = self.cache.present(info, self.block_size);
         let n = block_count(info.len, self.block_size);
         for b in blocks.start..blocks.end.min(n) {
@@ -223,7 +236,7 @@ impl Fetcher {
             let this = self.clone();
             let info = info.clone();
             tokio::spawn(async move {
-                if this.block(&info, b, Priority::Background).await.is_ok() {
+                if this.block(&info, b, prio).await.is_ok() {
                     this.metrics
                         .background_blocks
                         .fetch_add(1, Ordering::Relaxed);
@@ -303,7 +316,7 @@ impl Fetcher {
             return Ok(BlockData::Cached(b));
         }
         let _permit = match prio {
-            Priority::Foreground => self.foreground.acquire().await,
+            Priority::Foreground | Priority::Prefetch => self.foreground.acquire().await,
             Priority::Background => self.background.acquire().await,
         }
         .expect("semaphore open");
