@@ -471,6 +471,9 @@ fn serve(
         .context("starting the FUSE session")?;
     guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
+    // Handle signals before anyone is told the mount is live: a SIGTERM sent right after the
+    // banner must unmount cleanly, not kill the daemon and leave a dead mount behind.
+    let signals = Signals::install(runtime)?;
     let what = format!("{name}@{}", commit.short());
     tracing::info!(volume = %name, commit = %commit, mountpoint = %mountpoint.display(), "mounted");
     if ready.0.is_some() {
@@ -483,7 +486,7 @@ fn serve(
         let _ = std::io::stdout().flush();
     }
 
-    wait_for_end(runtime, &mountpoint, done_rx)?;
+    wait_for_end(runtime, signals, &mountpoint, done_rx)?;
     let result = worker
         .join()
         .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
@@ -514,15 +517,31 @@ impl Drop for DetachOnDrop {
 /// Serve until the session ends (someone unmounted) or SIGINT/SIGTERM asks us to unmount.
 /// A busy mount is detached lazily and served until its last file closes; a second signal
 /// then exits at once.
+/// SIGINT and SIGTERM streams, installed early (see `serve`).
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = runtime.enter();
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+        })
+    }
+}
+
 fn wait_for_end(
     runtime: &tokio::runtime::Runtime,
+    signals: Signals,
     mountpoint: &Path,
     mut done: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
+    let Signals { mut int, mut term } = signals;
     runtime.block_on(async {
-        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
         let sig = tokio::select! {
             _ = &mut done => return anyhow::Ok(()),
             _ = int.recv() => "SIGINT",
