@@ -537,12 +537,6 @@ impl Inner {
         sess.set_timeout(self.io_timeout.as_millis().min(u32::MAX as u128) as u32);
         sess.set_tcp_stream(tcp);
 
-        // Prefer AES (hardware-accelerated through OpenSSL) over libssh2's own ChaCha20-Poly1305,
-        // which measured as the main CPU cost of cold reads. Unsupported names are dropped by
-        // libssh2; the server still picks from the intersection.
-        for m in [MethodType::CryptCs, MethodType::CryptSc] {
-            let _ = sess.method_pref(m, CIPHERS);
-        }
         let host_check = self.prepare_host_check(&sess)?;
         sess.handshake().map_err(|e| {
             let _ = socket.shutdown(Shutdown::Both);
@@ -995,9 +989,6 @@ fn passwd_entry() -> Option<(String, PathBuf)> {
         Some((name, dir))
     }
 }
-
-/// Ciphers in order of preference (see `Inner::connect`).
-const CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,chacha20-poly1305@openssh.com";
 
 /// One SSH session with its SFTP channel.
 struct Conn {
