@@ -236,6 +236,12 @@ impl Fetcher {
             let this = self.clone();
             let info = info.clone();
             tokio::spawn(async move {
+                // A background fill takes its permit before it becomes a flight: queued fills
+                // are invisible to readers, so a reader never waits behind the fill queue.
+                let _permit = match prio {
+                    Priority::Background => Some(this.background.acquire().await.expect("open")),
+                    _ => None,
+                };
                 if this.block(&info, b, prio).await.is_ok() {
                     this.metrics
                         .background_blocks
@@ -315,11 +321,13 @@ impl Fetcher {
         {
             return Ok(BlockData::Cached(b));
         }
+        // Background fills already hold their permit (see `spawn_fetches`).
         let _permit = match prio {
-            Priority::Foreground | Priority::Prefetch => self.foreground.acquire().await,
-            Priority::Background => self.background.acquire().await,
-        }
-        .expect("semaphore open");
+            Priority::Foreground | Priority::Prefetch => {
+                Some(self.foreground.acquire().await.expect("semaphore open"))
+            }
+            Priority::Background => None,
+        };
         let key = chunk_key(&info.id);
         let expected = info.blocks[idx as usize];
         let verified: Mutex<Option<Verified<Bytes>>> = Mutex::new(None);
