@@ -18,7 +18,7 @@ use bytes::Bytes;
 pub use file::FileStore;
 pub use mirror::{MirrorConfig, MirrorStore};
 pub use s3::{S3Config, S3Credentials, S3Env, S3Options, S3Store};
-pub use ssh::SshStore;
+pub use ssh::{SshEnv, SshStore};
 pub use url::{AccessUrl, UrlError, parse_access, parse_one};
 
 /// Errors from stores. Messages name the store and key so a user knows what failed where.
@@ -113,6 +113,8 @@ pub struct StoreOptions {
     pub ssh_insecure_ignore_host_key: bool,
     /// Parallel SSH sessions per host.
     pub ssh_sessions: Option<usize>,
+    /// Local user, home directory and agent for SSH (`None` = read from the process).
+    pub ssh_env: Option<SshEnv>,
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)
     /// and timeouts.
     pub s3: S3Options,

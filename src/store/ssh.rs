@@ -124,6 +124,34 @@ impl fmt::Debug for SshStore {
     }
 }
 
+/// What SSH takes from the local user's environment: the default user name, the home
+/// directory (for `~/.ssh`), and whether an ssh-agent is reachable. The CLI reads it once with
+/// [`SshEnv::from_process`]; the library only falls back to that when given none.
+#[derive(Debug, Clone, Default)]
+pub struct SshEnv {
+    pub user: Option<String>,
+    pub home: Option<PathBuf>,
+    pub agent: bool,
+}
+
+impl SshEnv {
+    /// `$USER` (else the passwd entry), `$HOME` (else the passwd entry), `$SSH_AUTH_SOCK`.
+    pub fn from_process() -> Self {
+        let (pw_name, pw_home) = passwd_entry().unzip();
+        Self {
+            user: std::env::var("USER")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .or(pw_name),
+            home: std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(PathBuf::from)
+                .or(pw_home),
+            agent: std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty()),
+        }
+    }
+}
+
 impl SshStore {
     /// A store for `path` on `host:port`, logging in as `user` (default: the local user).
     /// Does not connect: sessions are made on first use.
@@ -134,24 +162,17 @@ impl SshStore {
         path: &str,
         options: &StoreOptions,
     ) -> Result<Self, StoreError> {
-        let (pw_name, pw_home) = passwd_entry().unzip();
+        let env = options.ssh_env.clone().unwrap_or_else(SshEnv::from_process);
         let user = match user {
             Some(u) => u.to_string(),
-            None => std::env::var("USER")
-                .ok()
-                .filter(|u| !u.is_empty())
-                .or(pw_name)
-                .ok_or_else(|| StoreError::Other {
-                    store: format!("ssh://{host}:{port}{path}"),
-                    message: "no user name in the URL and the local user is unknown: \
+            None => env.user.clone().ok_or_else(|| StoreError::Other {
+                store: format!("ssh://{host}:{port}{path}"),
+                message: "no user name in the URL and the local user is unknown: \
                               write ssh://user@host:port/path"
-                        .into(),
-                })?,
+                    .into(),
+            })?,
         };
-        let home = std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(PathBuf::from)
-            .or(pw_home);
+        let home = env.home.clone();
         let root = path.trim_end_matches('/').to_string();
         let host_disp = if host.contains(':') {
             format!("[{host}]")
@@ -189,7 +210,7 @@ impl SshStore {
             .unwrap_or_default();
         let auth = AuthPlan {
             identity: options.ssh_identity.clone(),
-            agent: std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty()),
+            agent: env.agent,
             default_keys,
             home,
         };
