@@ -164,10 +164,6 @@ impl Fetcher {
         &self.metrics
     }
 
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
     /// Bytes `range` of chunk `info` if every block is cached. Blocking read of a local file:
     /// call it from a FUSE worker or the blocking pool, not from an async task.
     pub fn read_cached(&self, info: &ChunkInfo, range: Range<u64>) -> Option<Bytes> {

@@ -121,9 +121,6 @@ fn merge_partial(blocks: &[BlockHash], len: u64, block_size: u32) -> ChainingVal
 pub struct Verified<T>(T);
 
 impl<T> Verified<T> {
-    pub fn into_inner(self) -> T {
-        self.0
-    }
     pub fn get(&self) -> &T {
         &self.0
     }

@@ -222,18 +222,21 @@ pub async fn copy(
     report.bytes_copied = bytes.load(Ordering::Relaxed);
 
     // 4. Manifests, then commits (already verified on read).
-    for m in &manifests {
-        let key = manifest_key(m);
-        if !dst_store.exists(std::slice::from_ref(&key)).await?[0] {
-            let data = tokio::fs::read(tmp.join(m.to_hex())).await?;
-            dst_store.put(&key, Bytes::from(data)).await?;
+    // One existence query per kind, not one per object (each is a round trip on SSH or S3).
+    let keys: Vec<String> = manifests.iter().map(manifest_key).collect();
+    let present = dst_store.exists(&keys).await?;
+    for ((m, key), present) in manifests.iter().zip(&keys).zip(present) {
+        if !present {
+            dst_store.put_file(key, &tmp.join(m.to_hex())).await?;
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    for c in &commits {
-        let key = commit_key(c);
-        if !dst_store.exists(std::slice::from_ref(&key)).await?[0] {
-            let data = src.store().get(&key).await?;
+    let keys: Vec<String> = commits.iter().map(commit_key).collect();
+    let present = dst_store.exists(&keys).await?;
+    for ((c, key), present) in commits.iter().zip(&keys).zip(present) {
+        let key = key.as_str();
+        if !present {
+            let data = src.store().get(key).await?;
             if CommitId::of(&data) != *c {
                 return Err(CopyError::Corrupt {
                     what: "commit",
@@ -241,7 +244,7 @@ pub async fn copy(
                     store: src.store().describe(),
                 });
             }
-            dst_store.put(&key, data).await?;
+            dst_store.put(key, data).await?;
         }
     }
 

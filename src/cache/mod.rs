@@ -501,11 +501,21 @@ impl Cache {
             )
             .map_err(|e| self.sql(e))?
         };
-        if winner != mine {
-            // Another thread or process created it first: use theirs.
-            drop(file);
-            let _ = fs::remove_file(&path);
+        if winner == mine {
+            // Ours: the file is already open and the bitmap empty; no need to read them back.
+            let e = Arc::new(Entry {
+                generation: mine,
+                len: info.len,
+                block_size,
+                file,
+                present: RwLock::new(Bitmap::new(block_count(info.len, block_size))),
+            });
+            self.entries.lock().put(info.id, e.clone());
+            return Ok(e);
         }
+        // Another thread or process created it first: use theirs.
+        drop(file);
+        let _ = fs::remove_file(&path);
         self.entries.lock().pop(&info.id);
         self.entry(&info.id)?
             .ok_or_else(|| self.io(io::Error::other("chunk evicted while being created")))

@@ -60,11 +60,6 @@ impl FileStore {
             .expect("file store task");
         r.map_err(|e| self.err(&key_owned, e))
     }
-
-    /// Synchronous range read, for callers already on a blocking thread.
-    pub fn read_range_sync(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
-        read_range(&self.path(key), range).map_err(|e| self.err(key, e))
-    }
 }
 
 fn read_range(path: &Path, range: Range<u64>) -> io::Result<Vec<u8>> {

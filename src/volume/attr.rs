@@ -56,9 +56,8 @@ pub struct StatFs {
 }
 
 impl StatFs {
-    pub fn read_only(bytes: u64, nodes: u64, block_size: u32) -> Self {
+    pub fn read_only(bytes: u64, nodes: u64) -> Self {
         let bsize = 4096u32;
-        let _ = block_size;
         Self {
             blocks: bytes.div_ceil(bsize as u64),
             bfree: 0,

@@ -75,7 +75,7 @@ struct OpenFile {
     /// Prefetch has been issued up to this file offset.
     prefetched_to: u64,
     /// Chunks this handle pins in the cache (never evicted while open).
-    pinned: Vec<crate::ids::ChunkId>,
+    pinned: std::collections::HashSet<crate::ids::ChunkId>,
 }
 
 /// One mounted version of a volume.
@@ -113,10 +113,6 @@ impl Volume {
 
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
-    }
-
-    pub fn root_ino(&self) -> u64 {
-        ROOT_INO
     }
 
     fn node(&self, ino: u64) -> Result<crate::manifest::Node, VolumeError> {
@@ -213,7 +209,7 @@ impl Volume {
                 next: 0,
                 window: 0,
                 prefetched_to: 0,
-                pinned: Vec::new(),
+                pinned: Default::default(),
             },
         );
         Ok(fh)
@@ -364,8 +360,7 @@ impl Volume {
     fn pin_for(&self, fh: u64, info: &ChunkInfo) {
         let mut h = self.handles.lock();
         if let Some(of) = h.get_mut(&fh) {
-            if !of.pinned.contains(&info.id) {
-                of.pinned.push(info.id);
+            if of.pinned.insert(info.id) {
                 self.fetcher.cache().pin(&info.id);
             }
         }
@@ -387,7 +382,7 @@ impl Volume {
             return Ok(s.clone());
         }
         let s = self.manifest.stats()?;
-        let s = StatFs::read_only(s.bytes, s.nodes, self.manifest.header().block_size);
+        let s = StatFs::read_only(s.bytes, s.nodes);
         Ok(self.statfs.get_or_init(|| s).clone())
     }
 }
