@@ -14,6 +14,7 @@ pub mod generate;
 pub mod hashtree;
 pub mod ids;
 pub mod manifest;
+pub mod overlay;
 pub mod repo;
 pub mod store;
 pub mod transfer;

@@ -30,7 +30,7 @@ fn list(v: &Volume, ino: u64) -> Vec<(Vec<u8>, u64, Attr)> {
 }
 
 fn read_all(v: &Volume, ino: u64, size: u64) -> Vec<u8> {
-    let fh = v.open(ino, false).unwrap();
+    let fh = v.open(ino, false, false).unwrap();
     let mut out = Vec::new();
     while (out.len() as u64) < size {
         let b = v.read(ino, fh, out.len() as u64, 128 << 10).unwrap();
@@ -41,7 +41,7 @@ fn read_all(v: &Volume, ino: u64, size: u64) -> Vec<u8> {
         v.read(ino, fh, size, 4096).unwrap().is_empty(),
         "read past EOF returned data"
     );
-    v.release(fh);
+    v.release(fh).unwrap();
     out
 }
 
@@ -156,7 +156,10 @@ fn a_mounted_version_is_the_source_exactly() {
         v.lookup(small.ino, b"x").unwrap_err().errno(),
         libc::ENOTDIR
     );
-    assert_eq!(v.open(small.ino, true).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(
+        v.open(small.ino, true, false).unwrap_err().errno(),
+        libc::EROFS
+    );
     assert!(v.statfs().unwrap().files > 250);
 }
 
@@ -167,7 +170,7 @@ fn reads_across_chunk_and_block_boundaries_are_exact() {
     for name in ["big.bin", "chunk+1", "sparse"] {
         let a = v.lookup(1, name.as_bytes()).unwrap();
         let want = fs::read(fx.src.join(name)).unwrap();
-        let fh = v.open(a.ino, false).unwrap();
+        let fh = v.open(a.ino, false, false).unwrap();
         let bs = 256 << 10;
         let mut offsets = vec![
             0u64,
@@ -190,7 +193,7 @@ fn reads_across_chunk_and_block_boundaries_are_exact() {
                 assert_eq!(&got[..], &want[off as usize..end], "{name} at {off}+{size}");
             }
         }
-        v.release(fh);
+        v.release(fh).unwrap();
     }
 }
 
@@ -204,14 +207,14 @@ fn concurrent_readers_see_correct_bytes() {
         .map(|t| {
             let (v, want) = (v.clone(), want.clone());
             std::thread::spawn(move || {
-                let fh = v.open(a.ino, false).unwrap();
+                let fh = v.open(a.ino, false, false).unwrap();
                 for i in 0..30u64 {
                     let off = (t * 7919 + i * 65_537) % a.size;
                     let got = v.read(a.ino, fh, off, 200_000).unwrap();
                     let end = (off + 200_000).min(a.size) as usize;
                     assert_eq!(&got[..], &want[off as usize..end]);
                 }
-                v.release(fh);
+                v.release(fh).unwrap();
             })
         })
         .collect();
@@ -259,7 +262,7 @@ fn a_corrupted_chunk_gives_eio_and_is_never_cached() {
     let mut data = fs::read(&path).unwrap();
     data[300_000] ^= 0x55; // in the second 256 KiB block
     fs::write(&path, &data).unwrap();
-    let fh = v.open(a.ino, false).unwrap();
+    let fh = v.open(a.ino, false, false).unwrap();
     let err = v.read(a.ino, fh, 300_000, 10).unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     // Other blocks of the same chunk still read.

@@ -34,3 +34,22 @@ pub fn cache_dir(explicit: Option<&PathBuf>) -> PathBuf {
 pub fn log_dir() -> PathBuf {
     state_dir().join("logs")
 }
+
+/// Default overlay (local changes) of volume `volume` reached through `access`: under the
+/// state directory, never the cache (which may be pruned), one per repository and volume.
+pub fn overlay_dir(access: &str, volume: &str) -> PathBuf {
+    let key = blake3::hash(format!("{access}\n{volume}").as_bytes()).to_hex();
+    let safe: String = volume
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    state_dir()
+        .join("overlays")
+        .join(format!("{safe}-{}", &key[..12]))
+}

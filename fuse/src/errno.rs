@@ -19,7 +19,7 @@ pub fn fail(op: &'static str, ino: u64, e: &VolumeError) -> Errno {
         VolumeError::NotFound | VolumeError::NoXattr => {
             tracing::trace!(op, ino, error = %e, "answered");
         }
-        _ if e.errno() == libc::EIO => {
+        _ if e.errno() == libc::EIO || matches!(e, VolumeError::Overlay(_)) => {
             tracing::warn!(op, ino, error = %e, "I/O error answered");
         }
         _ => {

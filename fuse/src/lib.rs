@@ -20,22 +20,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, Config, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, Session, SessionACL,
+    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use horcrux::manifest::NodeKind;
-use horcrux::volume::{Attr, DirSink, Volume, VolumeError};
+use horcrux::volume::{Attr, Ctx, DirSink, KernelCache, SetAttr, TimeSet, Volume, VolumeError};
 
 pub use fuser::Session as FuseSession;
 
 use crate::attr::{file_attr, file_type};
 use crate::errno::fail;
 
-/// How long the kernel may cache entries, attributes and negative lookups. The mounted
-/// version is immutable and content-addressed, so nothing it reports can go stale.
+/// How long the kernel may cache entries, attributes and negative lookups. A mounted version
+/// is immutable, and every change of a writable mount goes through the kernel (which updates
+/// its caches) except a discard, which invalidates what it touched: nothing goes stale.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest write request asked of the kernel (it needs `FUSE_MAX_PAGES`).
+const MAX_WRITE: u32 = 1 << 20;
 
 /// Readahead asked of the kernel at `init` (it may offer less; see [`tune_readahead`]).
 const MAX_READAHEAD: u32 = 1 << 20;
@@ -134,6 +139,54 @@ fn reply_negative(reply: ReplyEntry) {
     reply.entry(&TTL, &file_attr(&none), Generation(0));
 }
 
+/// The caller's credentials.
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i64,
+            Err(e) => -(e.duration().as_nanos() as i64),
+        }),
+    }
+}
+
+fn reply_entry(op: &'static str, ino: u64, r: Result<Attr, VolumeError>, reply: ReplyEntry) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(fail(op, ino, &e)),
+    }
+}
+
+/// Tells the kernel to drop what it cached of nodes and names a discard changed.
+#[derive(Debug)]
+struct FuseKernelCache(Notifier);
+
+impl KernelCache for FuseKernelCache {
+    fn inval_inode(&self, ino: u64) {
+        // ENOENT: the kernel holds nothing of it.
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(ino, error = %e, "inode invalidation refused");
+        }
+    }
+
+    fn inval_entry(&self, parent: u64, name: &[u8]) {
+        if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name))
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(parent, error = %e, "entry invalidation refused");
+        }
+    }
+}
+
 impl Filesystem for HorcruxFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD) {
@@ -143,6 +196,11 @@ impl Filesystem for HorcruxFs {
         let offered = config.capabilities();
         // Only what is offered, so this cannot fail; missing ones are logged.
         let _ = config.add_capabilities(WANTED & offered);
+        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(nearest);
+        }
+        // Timestamps are kept to the nanosecond.
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
         tracing::debug!(
             abi = %config.kernel_abi(),
             missing = ?(WANTED - offered),
@@ -179,8 +237,10 @@ impl Filesystem for HorcruxFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        match self.volume.open(ino.0, write) {
-            // Content never changes under an inode: keep the page cache across opens.
+        let append = flags.0 & libc::O_APPEND != 0;
+        match self.volume.open(ino.0, write, append) {
+            // Content changes only through this mount (the kernel sees it) or by a discard
+            // (which invalidates): keep the page cache across opens.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(fail("open", ino.0, &e)),
         }
@@ -215,41 +275,304 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("release", ino = ino.0, fh = fh.0).entered();
-        self.volume.release(fh.0);
-        reply.ok();
+        match self.volume.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("release", ino.0, &e)),
+        }
     }
 
-    /// Sent on every close(2); nothing is buffered here, so there is nothing to write back.
+    /// Sent on every close(2): the file's pending changes are journaled (not yet synced).
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let _s = tracing::debug_span!("flush", ino = ino.0).entered();
+        match self.volume.flush(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("flush", ino.0, &e)),
+        }
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("fsync", ino = ino.0, datasync).entered();
+        match self.volume.fsync(ino.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fsync", ino.0, &e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let _s = tracing::debug_span!("fsyncdir", ino = ino.0).entered();
+        match self.volume.sync_all() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fsyncdir", ino.0, &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = tracing::debug_span!("write", ino = ino.0, offset, len = data.len()).entered();
+        match self.volume.write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fail("write", ino.0, &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = tracing::debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+        };
+        match self.volume.setattr(ino.0, &set) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(fail("setattr", ino.0, &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mknod", parent = parent.0, ?name, mode).entered();
+        let r = if mode & libc::S_IFMT == libc::S_IFREG {
+            self.volume
+                .create(ctx(req), parent.0, name.as_bytes(), mode, false)
+                .and_then(|(a, fh)| self.volume.release(fh).map(|()| a))
+        } else {
+            self.volume
+                .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev as u64)
+        };
+        reply_entry("mknod", parent.0, r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mkdir", parent = parent.0, ?name, mode).entered();
+        let r = self.volume.mkdir(ctx(req), parent.0, name.as_bytes(), mode);
+        reply_entry("mkdir", parent.0, r, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("symlink", parent = parent.0, ?link_name).entered();
+        let r = self.volume.symlink(
+            ctx(req),
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
+        reply_entry("symlink", parent.0, r, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _s =
+            tracing::debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
+        let r = self.volume.link(ino.0, newparent.0, newname.as_bytes());
+        reply_entry("link", ino.0, r, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("unlink", parent = parent.0, ?name).entered();
+        match self.volume.unlink(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("unlink", parent.0, &e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("rmdir", parent = parent.0, ?name).entered();
+        match self.volume.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("rmdir", parent.0, &e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!(
+            "rename",
+            parent = parent.0,
+            ?name,
+            newparent = newparent.0,
+            ?newname
+        )
+        .entered();
+        match self.volume.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("rename", parent.0, &e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = tracing::debug_span!("create", parent = parent.0, ?name, mode, flags).entered();
+        let append = flags & libc::O_APPEND != 0;
+        match self
+            .volume
+            .create(ctx(req), parent.0, name.as_bytes(), mode, append)
+        {
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(fail("create", parent.0, &e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
+        match self.volume.fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fallocate", ino.0, &e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("setxattr", ino = ino.0, ?name).entered();
+        match self.volume.setxattr(ino.0, name.as_bytes(), value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("setxattr", ino.0, &e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("removexattr", ino = ino.0, ?name).entered();
+        match self.volume.removexattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("removexattr", ino.0, &e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
+        // A version's listings never change: let the kernel cache them across opens. A
+        // writable mount's listings are always asked for.
+        let flags = if self.volume.writable() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
         match self.volume.getattr(ino.0) {
-            // Listings never change: let the kernel cache them and keep them across opens.
-            Ok(a) if a.kind == NodeKind::Dir => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(a) if a.kind == NodeKind::Dir => reply.opened(FileHandle(0), flags),
             Ok(_) => reply.error(fail("opendir", ino.0, &VolumeError::NotDir)),
             Err(e) => reply.error(fail("opendir", ino.0, &e)),
         }
@@ -337,11 +660,11 @@ impl Filesystem for HorcruxFs {
     }
 
     /// Only reached without `default_permissions` (the kernel checks modes itself with it):
-    /// the node must exist, and nothing is writable.
+    /// the node must exist, and a read-only volume has nothing writable.
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("access", ino = ino.0, mask = mask.bits()).entered();
         match self.volume.getattr(ino.0) {
-            Ok(_) if mask.contains(AccessFlags::W_OK) => {
+            Ok(_) if mask.contains(AccessFlags::W_OK) && !self.volume.writable() => {
                 reply.error(fail("access", ino.0, &VolumeError::ReadOnly))
             }
             Ok(_) => reply.ok(),
@@ -406,9 +729,9 @@ pub fn mount(
     config.n_threads = Some(options.threads.unwrap_or_else(default_threads).max(1));
     // One /dev/fuse descriptor per worker: no contention on a single fd's queue.
     config.clone_fd = true;
-    let fs = HorcruxFs::new(volume);
+    let fs = HorcruxFs::new(volume.clone());
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let session = if unsafe { libc::geteuid() } == 0 {
         mount_as_root(fs, mountpoint, options, config)
     } else {
         Session::new(fs, mountpoint, &config).map_err(|e| match e.kind() {
@@ -421,7 +744,9 @@ pub fn mount(
             ),
             _ => e,
         })
-    }
+    }?;
+    volume.set_kernel_cache(Arc::new(FuseKernelCache(session.notifier())));
+    Ok(session)
 }
 
 fn cstring(b: &[u8]) -> io::Result<std::ffi::CString> {

@@ -173,6 +173,27 @@ impl Manifest {
         })
     }
 
+    /// The largest inode number (new nodes of an overlay are numbered above it).
+    pub fn max_ino(&self) -> Result<u64, ManifestError> {
+        self.with(|c| {
+            c.query_row("SELECT COALESCE(MAX(ino), 1) FROM nodes", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map(|n| n as u64)
+    }
+
+    /// A name under which `ino` is listed in directory `parent` (a scan of that directory).
+    pub fn name_of(&self, parent: u64, ino: u64) -> Result<Option<Vec<u8>>, ManifestError> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT name FROM dirents WHERE parent = ?1 AND ino = ?2 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![parent as i64, ino as i64], |r| r.get(0))
+            .optional()
+        })
+    }
+
     /// Up to `limit` entries of directory `parent` starting at position `start`.
     /// Entries with names that could escape the tree are skipped (and logged).
     pub fn readdir(

@@ -2,11 +2,19 @@
 //! adapter (crate `horcrux-fuse`) maps each kernel request to one call here; tests call it
 //! directly without a kernel.
 //!
+//! A volume is a base version (an immutable manifest, read through the fetcher) plus, when
+//! mounted writable, an [`Overlay`] of local changes: every query asks the overlay first and
+//! falls back to the base (`write.rs` holds the mutations, `changes.rs` status/diff/discard).
+//! Base inode numbers are kept; new nodes are numbered above the base's largest.
+//!
 //! Threading: methods are synchronous and called from FUSE worker threads. Data reads block on
 //! futures run by the injected tokio runtime (`Handle::block_on`); they never run on a runtime
-//! worker themselves.
+//! worker themselves. Lock order: overlay state, then the overlay's journal/file locks, then
+//! the handle table.
 
 mod attr;
+mod changes;
+mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,9 +25,12 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
 pub use attr::{Attr, StatFs};
+pub use changes::{Change, ChangeKind, FileDiff, MetaChange, Status};
+pub use write::{Ctx, SetAttr, TimeSet};
 
 use crate::fetch::{FetchError, Fetcher};
-use crate::manifest::{ChunkInfo, Manifest, ManifestError, NodeKind, ROOT_INO};
+use crate::manifest::{ChunkInfo, Manifest, ManifestError, Node, NodeKind, ROOT_INO};
+use crate::overlay::{Overlay, OverlayError, State};
 
 /// Errors of filesystem operations; [`VolumeError::errno`] is the one errno mapping.
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +49,24 @@ pub enum VolumeError {
     ReadOnly,
     #[error("bad file handle")]
     BadHandle,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("device or resource busy: {0}")]
+    Busy(String),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
 }
 
 impl VolumeError {
@@ -54,6 +79,13 @@ impl VolumeError {
             VolumeError::NoXattr => libc::ENODATA,
             VolumeError::ReadOnly => libc::EROFS,
             VolumeError::BadHandle => libc::EBADF,
+            VolumeError::Exists => libc::EEXIST,
+            VolumeError::NotEmpty => libc::ENOTEMPTY,
+            VolumeError::NotPermitted => libc::EPERM,
+            VolumeError::NameTooLong => libc::ENAMETOOLONG,
+            VolumeError::NotSupported => libc::EOPNOTSUPP,
+            VolumeError::Busy(_) => libc::EBUSY,
+            VolumeError::Overlay(e) => e.errno(),
             VolumeError::Manifest(_) | VolumeError::Fetch(_) => libc::EIO,
         }
     }
@@ -65,9 +97,19 @@ pub trait DirSink {
     fn add(&mut self, name: &[u8], offset: u64, attr: &Attr) -> bool;
 }
 
+/// Where the kernel caches what a volume reports; told when the volume changes behind the
+/// kernel's back (a discard), so readers never see stale data or names.
+pub trait KernelCache: Send + Sync + std::fmt::Debug {
+    fn inval_inode(&self, ino: u64);
+    fn inval_entry(&self, parent: u64, name: &[u8]);
+}
+
 /// State of one open file.
 #[derive(Debug)]
 struct OpenFile {
+    ino: u64,
+    /// Opened with `O_APPEND`: every write goes to the end.
+    append: bool,
     /// Sequential-read detection: where the next read starts if the reader streams.
     next: u64,
     /// Current prefetch window in bytes (0 = not sequential).
@@ -88,6 +130,11 @@ pub struct Volume {
     handles: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
     statfs: std::sync::OnceLock<StatFs>,
+    /// Local changes; `None` for a read-only view of the base.
+    overlay: Option<Overlay>,
+    /// Largest base inode number: inodes above it exist only in the overlay.
+    base_max: u64,
+    kernel: parking_lot::RwLock<Option<Arc<dyn KernelCache>>>,
 }
 
 /// Largest sequential prefetch window.
@@ -96,9 +143,44 @@ const MAX_PREFETCH: u64 = 64 << 20;
 /// Entries returned per readdir query.
 const READDIR_BATCH: usize = 512;
 
+/// Readdir cookies at or above this belong to the overlay's entries of a directory.
+const OVERLAY_COOKIES: u64 = 1 << 62;
+
 impl Volume {
+    /// A read-only view of `manifest`.
     pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, runtime: Handle) -> Self {
+        Self::build(manifest, fetcher, runtime, None, 0)
+    }
+
+    /// A writable volume: `manifest` with the changes in `overlay` on top. The overlay's base
+    /// must have been set to this manifest ([`Overlay::set_base`]).
+    pub fn with_overlay(
+        manifest: Arc<Manifest>,
+        fetcher: Arc<Fetcher>,
+        runtime: Handle,
+        overlay: Overlay,
+    ) -> Result<Self, VolumeError> {
+        let base_max = manifest.max_ino()?;
+        Ok(Self::build(
+            manifest,
+            fetcher,
+            runtime,
+            Some(overlay),
+            base_max,
+        ))
+    }
+
+    fn build(
+        manifest: Arc<Manifest>,
+        fetcher: Arc<Fetcher>,
+        runtime: Handle,
+        overlay: Option<Overlay>,
+        base_max: u64,
+    ) -> Self {
         Self {
+            overlay,
+            base_max,
+            kernel: parking_lot::RwLock::new(None),
             manifest,
             fetcher,
             runtime,
@@ -115,72 +197,175 @@ impl Volume {
         &self.manifest
     }
 
-    fn node(&self, ino: u64) -> Result<crate::manifest::Node, VolumeError> {
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+
+    /// Is this volume writable (has an overlay)?
+    pub fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// Register where the kernel caches this volume (the FUSE adapter does at mount).
+    pub fn set_kernel_cache(&self, k: Arc<dyn KernelCache>) {
+        *self.kernel.write() = Some(k);
+    }
+
+    /// Does `ino` exist in the base version?
+    fn is_base(&self, ino: u64) -> bool {
+        self.overlay.is_none() || ino <= self.base_max
+    }
+
+    fn attr(&self, n: &Node) -> Attr {
+        let mut a = Attr::from_node(n, self.manifest.header().block_size);
+        if self.overlay.is_some() {
+            // Unlinked-but-open files report 0 links.
+            a.nlink = n.nlink;
+        }
+        a
+    }
+
+    /// The current node `ino` (overlay first).
+    fn node(&self, ino: u64) -> Result<Node, VolumeError> {
+        match &self.overlay {
+            Some(ov) => self.node_in(&ov.state.read(), ino),
+            None => self.manifest.node(ino)?.ok_or(VolumeError::NotFound),
+        }
+    }
+
+    fn node_in(&self, st: &State, ino: u64) -> Result<Node, VolumeError> {
+        if let Some(n) = st.nodes.get(&ino) {
+            return Ok(n.node.clone());
+        }
+        if !self.is_base(ino) {
+            return Err(VolumeError::NotFound);
+        }
         self.manifest.node(ino)?.ok_or(VolumeError::NotFound)
     }
 
+    /// The inode named `name` in directory `parent`, as the overlay and base together say.
+    fn lookup_in(&self, st: &State, parent: u64, name: &[u8]) -> Result<Option<u64>, VolumeError> {
+        if let Some(e) = st.dirents.get(&parent).and_then(|m| m.get(name)) {
+            return Ok((e.ino != 0).then_some(e.ino));
+        }
+        if !self.is_base(parent) {
+            return Ok(None);
+        }
+        Ok(self.manifest.lookup(parent, name)?.map(|n| n.ino))
+    }
+
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, VolumeError> {
-        let p = self.node(parent)?;
+        if name.len() > NAME_MAX {
+            return Err(VolumeError::NameTooLong);
+        }
+        let Some(ov) = &self.overlay else {
+            let p = self.node(parent)?;
+            if p.kind != NodeKind::Dir {
+                return Err(VolumeError::NotDir);
+            }
+            let n = self
+                .manifest
+                .lookup(parent, name)?
+                .ok_or(VolumeError::NotFound)?;
+            return Ok(self.attr(&n));
+        };
+        let st = ov.state.read();
+        let p = self.node_in(&st, parent)?;
         if p.kind != NodeKind::Dir {
             return Err(VolumeError::NotDir);
         }
-        let n = self
-            .manifest
-            .lookup(parent, name)?
+        let ino = self
+            .lookup_in(&st, parent, name)?
             .ok_or(VolumeError::NotFound)?;
-        Ok(Attr::from_node(&n, self.manifest.header().block_size))
+        Ok(self.attr(&self.node_in(&st, ino)?))
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr, VolumeError> {
-        Ok(Attr::from_node(
-            &self.node(ino)?,
-            self.manifest.header().block_size,
-        ))
+        Ok(self.attr(&self.node(ino)?))
     }
 
     /// List directory `ino` from cookie `offset` (0 = start). Cookies 1 and 2 are `.` and `..`;
-    /// entry `seq` of the catalog has cookie `seq + 3`.
+    /// entry `seq` of the base has cookie `seq + 3`; the overlay's entries follow the base's,
+    /// with cookies from [`OVERLAY_COOKIES`] on (base entries the overlay hides or replaces
+    /// are skipped in the first part).
     pub fn readdir(
         &self,
         ino: u64,
         offset: u64,
         sink: &mut dyn DirSink,
     ) -> Result<(), VolumeError> {
-        let dir = self.node(ino)?;
+        match &self.overlay {
+            Some(ov) => self.readdir_from(&ov.state.read(), ino, offset, sink),
+            None => self.readdir_from(&State::default(), ino, offset, sink),
+        }
+    }
+
+    fn readdir_from(
+        &self,
+        st: &State,
+        ino: u64,
+        offset: u64,
+        sink: &mut dyn DirSink,
+    ) -> Result<(), VolumeError> {
+        let dir = self.node_in(st, ino)?;
         if dir.kind != NodeKind::Dir {
             return Err(VolumeError::NotDir);
         }
-        let bs = self.manifest.header().block_size;
-        if offset == 0 && sink.add(b".", 1, &Attr::from_node(&dir, bs)) {
+        if offset == 0 && sink.add(b".", 1, &self.attr(&dir)) {
             return Ok(());
         }
         if offset <= 1 {
             let parent = if dir.ino == ROOT_INO {
                 dir.clone()
             } else {
-                self.node(dir.parent)?
+                self.node_in(st, dir.parent)?
             };
-            if sink.add(b"..", 2, &Attr::from_node(&parent, bs)) {
+            if sink.add(b"..", 2, &self.attr(&parent)) {
                 return Ok(());
             }
         }
-        let mut start = offset.saturating_sub(2);
-        loop {
-            let batch = self.manifest.readdir(ino, start, READDIR_BATCH)?;
-            let Some(last) = batch.last() else {
-                return Ok(());
-            };
-            start = last.seq + 1;
-            let n = batch.len();
-            for e in batch {
-                if sink.add(&e.name, e.seq + 3, &Attr::from_node(&e.node, bs)) {
-                    return Ok(());
+        let overlay_entries = st.dirents.get(&ino);
+        if offset < OVERLAY_COOKIES && self.is_base(ino) {
+            let mut start = offset.saturating_sub(2);
+            loop {
+                let batch = self.manifest.readdir(ino, start, READDIR_BATCH)?;
+                let Some(last) = batch.last() else {
+                    break;
+                };
+                start = last.seq + 1;
+                let n = batch.len();
+                for e in batch {
+                    if overlay_entries.is_some_and(|m| m.contains_key(&e.name)) {
+                        continue;
+                    }
+                    let node = match st.nodes.get(&e.node.ino) {
+                        Some(o) => &o.node,
+                        None => &e.node,
+                    };
+                    if sink.add(&e.name, e.seq + 3, &self.attr(node)) {
+                        return Ok(());
+                    }
+                }
+                if n < READDIR_BATCH {
+                    break;
                 }
             }
-            if n < READDIR_BATCH {
+        }
+        let Some(entries) = overlay_entries else {
+            return Ok(());
+        };
+        let mut live: Vec<_> = entries
+            .iter()
+            .filter(|(_, e)| e.ino != 0 && OVERLAY_COOKIES + e.cookie >= offset)
+            .collect();
+        live.sort_by_key(|(_, e)| e.cookie);
+        for (name, e) in live {
+            let node = self.node_in(st, e.ino)?;
+            if sink.add(name, OVERLAY_COOKIES + e.cookie + 1, &self.attr(&node)) {
                 return Ok(());
             }
         }
+        Ok(())
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, VolumeError> {
@@ -191,36 +376,72 @@ impl Volume {
         }
     }
 
-    /// Open a file for reading; writes are refused (this version is read-only).
-    pub fn open(&self, ino: u64, write: bool) -> Result<u64, VolumeError> {
+    /// Open a file. Writing needs an overlay (else `EROFS`); `append` makes every write go to
+    /// the end of the file.
+    pub fn open(&self, ino: u64, write: bool, append: bool) -> Result<u64, VolumeError> {
         let n = self.node(ino)?;
         match n.kind {
             NodeKind::Dir => return Err(VolumeError::IsDir),
             NodeKind::File => {}
             _ => return Err(VolumeError::Invalid),
         }
-        if write {
+        if write && self.overlay.is_none() {
             return Err(VolumeError::ReadOnly);
+        }
+        Ok(self.new_handle(ino, append))
+    }
+
+    fn new_handle(&self, ino: u64, append: bool) -> u64 {
+        if let Some(ov) = &self.overlay {
+            *ov.state.write().open.entry(ino).or_default() += 1;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(
             fh,
             OpenFile {
+                ino,
+                append,
                 next: 0,
                 window: 0,
                 prefetched_to: 0,
                 pinned: Default::default(),
             },
         );
-        Ok(fh)
+        fh
     }
 
-    pub fn release(&self, fh: u64) {
-        if let Some(of) = self.handles.lock().remove(&fh) {
-            for id in of.pinned {
-                self.fetcher.cache().unpin(&id);
-            }
+    /// Close a handle: journal the file's pending changes, and drop an unlinked file with its
+    /// last handle.
+    pub fn release(&self, fh: u64) -> Result<(), VolumeError> {
+        let Some(of) = self.handles.lock().remove(&fh) else {
+            return Ok(());
+        };
+        for id in of.pinned {
+            self.fetcher.cache().unpin(&id);
         }
+        let Some(ov) = &self.overlay else {
+            return Ok(());
+        };
+        let mut st = ov.state.write();
+        let last = match st.open.get_mut(&of.ino) {
+            Some(c) if *c > 1 => {
+                *c -= 1;
+                false
+            }
+            Some(_) => {
+                st.open.remove(&of.ino);
+                true
+            }
+            None => true,
+        };
+        if last && st.nodes.get(&of.ino).is_some_and(|n| n.node.nlink == 0) {
+            let ops = self.forget_unlinked(&st, of.ino);
+            ov.apply(&mut st, ops)?;
+            return Ok(());
+        }
+        drop(st);
+        ov.flush(of.ino)?;
+        Ok(())
     }
 
     fn chunk_info(&self, idx: u64) -> Result<Arc<ChunkInfo>, VolumeError> {
@@ -249,7 +470,16 @@ impl Volume {
 
     /// Read up to `size` bytes at `offset`. Short only at end of file. Holes read as zeros.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Bytes, VolumeError> {
-        let node = self.node(ino)?;
+        let (node, data) = match &self.overlay {
+            Some(ov) => {
+                let st = ov.state.read();
+                match st.nodes.get(&ino) {
+                    Some(o) => (o.node.clone(), o.data.clone()),
+                    None => (self.node_in(&st, ino)?, None),
+                }
+            }
+            None => (self.node(ino)?, None),
+        };
         if node.kind != NodeKind::File {
             return Err(VolumeError::IsDir);
         }
@@ -257,6 +487,49 @@ impl Volume {
             return Ok(Bytes::new());
         }
         let end = (offset + size as u64).min(node.size);
+        let Some(data) = data else {
+            return self.read_base(ino, fh, offset, end, node.size);
+        };
+        // Changed file: base bytes where the overlay does not own them, the data file
+        // elsewhere.
+        let ov = self
+            .overlay
+            .as_ref()
+            .expect("data state implies an overlay");
+        let file = ov.data_file(ino, node.size)?;
+        let mut out = BytesMut::zeroed((end - offset) as usize);
+        let below = offset..end.min(data.base_limit).max(offset);
+        let mut pieces = data.written.split(below.clone());
+        if end > below.end {
+            pieces.push((below.end..end, true));
+        }
+        for (r, own) in pieces {
+            let dst = &mut out[(r.start - offset) as usize..(r.end - offset) as usize];
+            if own {
+                read_full_at(&file, dst, r.start).map_err(|e| {
+                    VolumeError::Overlay(OverlayError::Io {
+                        dir: ov.dir().display().to_string(),
+                        source: e,
+                    })
+                })?;
+            } else {
+                let b = self.read_base(ino, fh, r.start, r.end, data.base_limit)?;
+                dst[..b.len()].copy_from_slice(&b);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Read `[offset, end)` of the base content of `ino` (`size` bytes long).
+    fn read_base(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        end: u64,
+        size: u64,
+    ) -> Result<Bytes, VolumeError> {
+        let node_size = size;
         let extents = self.manifest.extents(ino, offset..end)?;
         let mut parts = Vec::with_capacity(extents.len());
         for e in &extents {
@@ -297,7 +570,7 @@ impl Volume {
             })?;
             pieces.extend(fetched);
         }
-        self.readahead(ino, fh, offset, end, node.size);
+        self.readahead(ino, fh, offset, end, node_size);
         // Assemble, zero-filling holes between extents.
         if pieces.len() == 1 && pieces[0].0 == offset && pieces[0].1 == end {
             return Ok(pieces.into_iter().next().expect("one").2);
@@ -367,24 +640,88 @@ impl Volume {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, VolumeError> {
-        self.node(ino)?;
+        if let Some(ov) = &self.overlay {
+            let st = ov.state.read();
+            if st.nodes.get(&ino).is_some_and(|n| n.own_xattrs) {
+                return st
+                    .xattrs
+                    .get(&ino)
+                    .and_then(|x| x.get(name).cloned())
+                    .ok_or(VolumeError::NoXattr);
+            }
+            self.node_in(&st, ino)?;
+        } else {
+            self.node(ino)?;
+        }
         self.manifest.xattr(ino, name)?.ok_or(VolumeError::NoXattr)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, VolumeError> {
-        self.node(ino)?;
+        if let Some(ov) = &self.overlay {
+            let st = ov.state.read();
+            if st.nodes.get(&ino).is_some_and(|n| n.own_xattrs) {
+                return Ok(st
+                    .xattrs
+                    .get(&ino)
+                    .map(|x| x.keys().cloned().collect())
+                    .unwrap_or_default());
+            }
+            self.node_in(&st, ino)?;
+        } else {
+            self.node(ino)?;
+        }
         Ok(self.manifest.xattr_names(ino)?)
     }
 
     pub fn statfs(&self) -> Result<StatFs, VolumeError> {
-        // Totals need a scan of the catalog: compute once per mount.
-        if let Some(s) = self.statfs.get() {
-            return Ok(s.clone());
-        }
-        let s = self.manifest.stats()?;
-        let s = StatFs::read_only(s.bytes, s.nodes);
-        Ok(self.statfs.get_or_init(|| s).clone())
+        // Base totals need a scan of the catalog: compute once per mount.
+        let base = match self.statfs.get() {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.manifest.stats()?;
+                let s = StatFs::read_only(s.bytes, s.nodes);
+                self.statfs.get_or_init(|| s).clone()
+            }
+        };
+        let Some(ov) = &self.overlay else {
+            return Ok(base);
+        };
+        // Writable: room for changes is the overlay disk's.
+        let (total, free, avail, files, ffree) = ov.disk_space()?;
+        let bs = base.bsize as u64;
+        Ok(StatFs {
+            blocks: base.blocks + total / bs,
+            bfree: free / bs,
+            bavail: avail / bs,
+            files: base.files + files,
+            ffree,
+            ..base
+        })
     }
+}
+
+/// Longest file name.
+pub const NAME_MAX: usize = 255;
+
+/// `pread` until `buf` is full; bytes past the end of the file read as zeros.
+fn read_full_at(f: &std::fs::File, buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Await all futures concurrently, failing on the first error (keeps dependencies small).

@@ -24,6 +24,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use horcrux::cache::{Cache, CacheConfig};
 use horcrux::fetch::{FetchConfig, Fetcher};
+use horcrux::overlay::{BaseInfo, Overlay};
 use horcrux::repo::Repository;
 use horcrux::store::{MirrorConfig, MirrorStore, Store};
 use horcrux::volume::Volume;
@@ -44,9 +45,13 @@ pub struct MountArgs {
     /// Branch, tag or commit to mount
     #[arg(long = "ref", default_value = "main")]
     pub reference: String,
-    /// Refuse writes
+    /// Refuse writes, and show the version as it is (without local changes)
     #[arg(long)]
     pub read_only: bool,
+    /// Where local changes live [default: one directory per repository and volume under
+    /// the state directory]; two writable mounts cannot share one
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
     /// Stay in the foreground (logs to stderr) instead of detaching once the mount is live
     #[arg(long, short = 'f')]
     pub foreground: bool,
@@ -416,7 +421,7 @@ fn serve(
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
 
     let (fetch_config, mirror_config) = fetch_configs(a);
-    let (name, commit, manifest, source) = runtime.block_on(async {
+    let (name, commit, manifest, source, overlay) = runtime.block_on(async {
         let stores = urls
             .iter()
             .map(crate::open_store)
@@ -425,34 +430,69 @@ fn serve(
         let source = Arc::new(MirrorStore::new(stores, mirror_config));
         let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
         let name = repo.pick_volume(a.name.as_deref()).await?;
-        let id = repo.resolve(&name, &a.reference).await?;
+        let mut id = repo.resolve(&name, &a.reference).await?;
+        let overlay = if a.read_only {
+            None
+        } else {
+            let dir = a
+                .overlay_dir
+                .clone()
+                .unwrap_or_else(|| crate::paths::overlay_dir(&urls[0].to_string(), &name));
+            let ov = Overlay::open(&dir)?;
+            if let Some(b) = ov.base() {
+                let dirty = !ov.state.read().is_clean();
+                if dirty && b.commit != id.to_hex() {
+                    // Never apply changes to a version they were not made on.
+                    tracing::warn!(
+                        reference = %a.reference, now = %id.short(), changes_on = %b.commit,
+                        overlay = %dir.display(),
+                        "the overlay holds uncommitted changes made on another version: mounting that version"
+                    );
+                    id = repo.resolve(&name, &b.commit).await?;
+                }
+            }
+            Some((ov, dir))
+        };
         let commit = repo.commit(id).await?;
         let mid = commit
             .manifest_id()
             .ok_or_else(|| anyhow!("commit {id} of volume `{name}` names no manifest"))?;
         let manifest = repo.manifest(mid, &cache).await?;
-        anyhow::Ok((name, id, manifest, source))
+        let overlay = match overlay {
+            Some((ov, dir)) => {
+                ov.set_base(&BaseInfo {
+                    volume: name.clone(),
+                    commit: id.to_hex(),
+                    manifest: mid.to_hex(),
+                    max_ino: manifest.max_ino()?,
+                })
+                .with_context(|| format!("using the overlay {}", dir.display()))?;
+                Some(ov)
+            }
+            None => None,
+        };
+        anyhow::Ok((name, id, manifest, source, overlay))
     })?;
 
     let block_size = manifest.header().block_size;
-    let fetcher = Fetcher::with_mirrors(source, cache.clone(), block_size, fetch_config);
-    let volume = Arc::new(Volume::new(
-        manifest,
-        Arc::new(fetcher),
-        runtime.handle().clone(),
+    let fetcher = Arc::new(Fetcher::with_mirrors(
+        source,
+        cache.clone(),
+        block_size,
+        fetch_config,
     ));
-    if !a.read_only {
-        tracing::info!("mounting read-only: this version of horcrux has no writable overlay yet");
-    }
+    let writable = overlay.is_some();
+    let volume = Arc::new(match overlay {
+        Some(ov) => Volume::with_overlay(manifest, fetcher, runtime.handle().clone(), ov)?,
+        None => Volume::new(manifest, fetcher, runtime.handle().clone()),
+    });
     let options = horcrux_fuse::MountOptions {
-        // Writes need the overlay (a later version); until then every mount is read-only,
-        // so the kernel answers EROFS without asking us.
-        read_only: true,
+        read_only: !writable,
         allow_other: a.allow_other,
         fsname: horcrux_fuse::fsname(&name),
         threads: a.threads,
     };
-    let session = horcrux_fuse::mount(volume, &mountpoint, &options)
+    let session = horcrux_fuse::mount(volume.clone(), &mountpoint, &options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     // Until the session runs, a failure here must not leave a mount nobody serves.
     let guard = DetachOnDrop(Some(mountpoint.clone()));
@@ -486,15 +526,62 @@ fn serve(
         let _ = std::io::stdout().flush();
     }
 
+    let flusher = writable.then(|| Flusher::start(volume.clone()));
     wait_for_end(runtime, signals, &mountpoint, done_rx)?;
     let result = worker
         .join()
         .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
+    drop(flusher);
+    // Unmounted: make every change durable before the process ends.
+    volume
+        .sync_all()
+        .context("saving the overlay's last changes")?;
     drop(pidfile);
     result.with_context(|| format!("serving {}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
     Ok(())
+}
+
+/// Journals pending data-write metadata (sizes, written ranges) every second, the way a local
+/// filesystem commits its journal periodically: a crash loses at most that much of what was
+/// not fsync'd.
+struct Flusher {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(volume: Arc<Volume>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("overlay-flush".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(Duration::from_secs(1))
+                {
+                    if let Some(ov) = volume.overlay()
+                        && let Err(e) = ov.flush_all()
+                    {
+                        tracing::warn!(error = %e, "journaling pending changes failed");
+                    }
+                }
+            })
+            .ok();
+        Self {
+            stop: Some(tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Lazily unmounts a mount on drop unless disarmed.
