@@ -49,6 +49,7 @@ fn mount_args<'a>(access: &'a str, mp: &'a Path, cache: &'a Path) -> Vec<&'a OsS
         mp.as_os_str(),
         "--cache-dir".as_ref(),
         cache.as_os_str(),
+        "--read-only".as_ref(),
     ]
 }
 

@@ -49,7 +49,7 @@ fn mounted_tree_matches_the_source() {
         &repo,
         &t.path().join("mnt"),
         &t.path().join("cache"),
-        &["--name", "rich"],
+        &["--name", "rich", "--read-only"],
     );
 
     let n = compare_trees(&src, &m.mountpoint, tree.xattrs);

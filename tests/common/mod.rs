@@ -138,6 +138,18 @@ pub fn force_unmount(mp: &Path) {
     }
 }
 
+/// A writable mount's overlay beside its mountpoint (`<mountpoint>.overlay`), unless the
+/// test chose one or mounts read-only: tests never leave changes in the state directory.
+pub fn default_overlay(mountpoint: &Path, extra: &[&str]) -> Option<PathBuf> {
+    if extra
+        .iter()
+        .any(|a| *a == "--read-only" || *a == "--overlay-dir")
+    {
+        return None;
+    }
+    Some(mountpoint.with_extension("overlay"))
+}
+
 /// A detached mount made with `horcrux mount`; unmounted (and its daemon stopped) on drop.
 #[derive(Debug)]
 pub struct Mount {
@@ -165,6 +177,10 @@ impl Mount {
             cache_dir.as_os_str(),
         ];
         args.extend(extra.iter().map(OsStr::new));
+        let overlay = default_overlay(mountpoint, extra);
+        if let Some(o) = &overlay {
+            args.extend(["--overlay-dir".as_ref(), o.as_os_str()]);
+        }
         let stdout = horcrux_ok(&args);
         // "mounted VOL@COMMIT on MP (pid N, log: FILE)"
         let pid = stdout
@@ -245,6 +261,11 @@ impl Foreground {
             .arg("--cache-dir")
             .arg(cache_dir)
             .args(extra)
+            .args(
+                default_overlay(mountpoint, extra)
+                    .map(|o| vec!["--overlay-dir".into(), o.into_os_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(Self::log_path(mountpoint)).unwrap())

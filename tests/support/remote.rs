@@ -133,6 +133,11 @@ impl Access {
             cache.as_os_str(),
         ];
         args.extend(extra.iter().map(OsStr::new));
+        // A writable mount keeps its changes beside the mountpoint, not in the state directory.
+        let overlay = mp.with_extension("overlay");
+        if !extra.contains(&"--read-only") {
+            args.extend(["--overlay-dir".as_ref(), overlay.as_os_str()]);
+        }
         let stdout = self.ok(&args);
         // "mounted VOL@COMMIT on MP (pid N, log: FILE)"
         let pid = stdout
@@ -166,6 +171,10 @@ impl Access {
             cache.as_os_str(),
         ];
         args.extend(extra.iter().map(OsStr::new));
+        let overlay = mp.with_extension("overlay");
+        if !extra.contains(&"--read-only") {
+            args.extend(["--overlay-dir".as_ref(), overlay.as_os_str()]);
+        }
         let err = self.fails(&args);
         // The daemon's log of a failed mount is named in the message: do not leave it behind.
         if let Some(log) = err

@@ -163,6 +163,23 @@ impl Fixture {
         self.volume_from(self.store(), cache, FetchConfig::default())
     }
 
+    /// A writable volume of branch `main` with its changes in `overlay_dir`.
+    pub fn writable(&self, cache: Arc<Cache>, overlay_dir: &Path) -> Volume {
+        let v = self.volume(cache);
+        let m = v.manifest().clone();
+        let ov = horcrux::overlay::Overlay::open(overlay_dir).unwrap();
+        ov.set_base(&horcrux::overlay::BaseInfo {
+            volume: "vol".into(),
+            commit: self.report.commit.to_hex(),
+            manifest: self.report.manifest.to_hex(),
+            max_ino: m.max_ino().unwrap(),
+        })
+        .unwrap();
+        let fetcher = v.fetcher().clone();
+        drop(v);
+        Volume::with_overlay(m, fetcher, self.runtime.handle().clone(), ov).unwrap()
+    }
+
     pub fn volume_from(
         &self,
         store: Arc<dyn Store>,
