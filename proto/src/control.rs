@@ -448,7 +448,8 @@ pub struct Server {
     /// Device and inode of the socket file this server bound.
     id: (u64, u64),
     shared: Arc<Shared>,
-    listener_fd: std::os::fd::RawFd,
+    /// Shared with the accept thread, so its fd stays open until both are done with it.
+    listener: Arc<UnixListener>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -528,18 +529,21 @@ pub fn serve(socket: &Path, handler: Arc<dyn Handler>) -> io::Result<Server> {
     }
     let md = std::fs::symlink_metadata(socket)?;
     let shared = Arc::new(Shared::default());
-    let listener_fd = listener.as_raw_fd();
+    let listener = Arc::new(listener);
     let accept = {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("horcrux-control".into())
-            .spawn(move || accept_loop(listener, handler, shared))?
+            .spawn({
+                let listener = listener.clone();
+                move || accept_loop(&listener, handler, shared)
+            })?
     };
     Ok(Server {
         socket: socket.to_path_buf(),
         id: (md.dev(), md.ino()),
         shared,
-        listener_fd,
+        listener,
         accept: Some(accept),
     })
 }
@@ -569,9 +573,9 @@ impl Server {
         };
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept thread: shutdown(2) of a listening socket makes a blocked accept(2)
-        // return (EINVAL) on Linux. The listener (and so the fd) lives until that thread ends.
-        // SAFETY: the fd is the listener's, still open because the accept thread owns it.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        // return (EINVAL) on Linux.
+        // SAFETY: the fd is the listener's, open as long as `self.listener` is.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         let _ = accept.join();
         for (_, c) in self
             .shared
@@ -597,7 +601,7 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: UnixListener, handler: Arc<dyn Handler>, shared: Arc<Shared>) {
+fn accept_loop(listener: &UnixListener, handler: Arc<dyn Handler>, shared: Arc<Shared>) {
     loop {
         let accepted = listener.accept();
         if shared.stop.load(Ordering::SeqCst) {
@@ -1287,6 +1291,37 @@ mod tests {
         let e = c.call(&Request::Ping).unwrap_err();
         assert!(matches!(e, ControlError::Closed { .. }), "{e}");
         assert!(e.to_string().contains("may have crashed"), "{e}");
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_told_to_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path(), 1);
+        let mut open: Vec<Client> = (0..MAX_CONNECTIONS)
+            .map(|_| Client::connect(server.socket(), T).unwrap())
+            .collect();
+        for c in &mut open {
+            assert!(matches!(
+                c.call(&Request::Ping).unwrap(),
+                Response::Pong { .. }
+            ));
+        }
+        match call(server.socket(), &Request::Ping, T).unwrap() {
+            Response::Error { message } => assert!(message.contains("busy"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        drop(open);
+        // Their threads notice the hang-up and leave.
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            match call(server.socket(), &Request::Ping, T).unwrap() {
+                Response::Pong { .. } => break,
+                _ if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
