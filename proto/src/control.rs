@@ -31,6 +31,34 @@
 //! leading `/` (the root is `""`): a JSON string when they are valid UTF-8, else
 //! `{"hex":"<lowercase hex of the bytes>"}`.
 //!
+//! # Serving, in a mount daemon
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use horcrux_proto::control::{self, Handler, Request, Response};
+//!
+//! struct Daemon;
+//!
+//! impl Handler for Daemon {
+//!     fn handle(&self, req: Request) -> Response {
+//!         match req {
+//!             Request::Ping => Response::Pong {
+//!                 volume: "AMCC".into(),
+//!                 commit: "3f2a".into(),
+//!                 pid: std::process::id(),
+//!             },
+//!             _ => Response::error("not yet"),
+//!         }
+//!     }
+//! }
+//!
+//! let sock = std::path::Path::new("/var/lib/horcrux/run/0123456789abcdef.sock");
+//! let server = control::serve(sock, Arc::new(Daemon))?;
+//! // ... serve the mount; dropping `server` stops it and removes the socket.
+//! # drop(server);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
 //! A daemon answers a line it cannot read — not JSON, an unknown type, a missing or
 //! unsupported `"v"` — with an `error` line (in version 1 form, so old clients can show it) and
 //! keeps the connection open. Unknown fields are ignored, so a later version may add fields
