@@ -2,6 +2,7 @@
 //! This is the only crate that assembles everything; errors become `anyhow` here.
 
 mod cmd;
+mod mounts;
 mod paths;
 mod progress;
 
@@ -95,6 +96,12 @@ enum Command {
     Mount(cmd::mount::MountArgs),
     /// Unmount a horcrux mount
     Umount(cmd::mount::UmountArgs),
+    /// List the local changes of a mounted volume (added, modified, deleted, renamed paths)
+    Status(cmd::changes::StatusArgs),
+    /// Show per file what changed in a mounted volume: byte ranges, sizes, metadata
+    Diff(cmd::changes::DiffArgs),
+    /// Throw away local changes of a mounted volume (lists them unless --force)
+    Discard(cmd::changes::DiscardArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -168,6 +175,9 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Mount(a) => cmd::mount::run(a),
         Command::Umount(a) => cmd::mount::run_umount(a),
+        Command::Status(a) => cmd::changes::run_status(a),
+        Command::Diff(a) => cmd::changes::run_diff(a),
+        Command::Discard(a) => cmd::changes::run_discard(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

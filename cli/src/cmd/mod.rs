@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod cache;
+pub mod changes;
 pub mod copy;
 pub mod demo;
 pub mod generate;
