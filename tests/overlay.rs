@@ -163,6 +163,7 @@ fn namespace_changes_show_in_status_and_survive_reopen() {
         v.rename(d, b"a", ROOT_INO, b"a-moved", 0).unwrap();
         v.unlink(ino(&v, "d/sub"), b"b").unwrap();
         v.rmdir(d, b"sub").unwrap();
+        v.rename(ROOT_INO, b"big", ROOT_INO, b"big2", 0).unwrap();
         write(&v, "keep", 0, b"KEEP");
         v.setxattr(ino(&v, "keep"), b"user.x", b"1", 0).unwrap();
         assert_eq!(
@@ -185,7 +186,7 @@ fn namespace_changes_show_in_status_and_survive_reopen() {
         // every completed operation).
     }
     let v = fx.writable(cache, &ovdir);
-    assert_eq!(names(&v, ""), ["a-moved", "big", "d", "keep"]);
+    assert_eq!(names(&v, ""), ["a-moved", "big2", "d", "keep"]);
     assert_eq!(names(&v, "d"), ["new"]);
     assert_eq!(read(&v, "d/new"), b"fresh");
     assert_eq!(read(&v, "a-moved"), b"alpha\n");
@@ -193,7 +194,13 @@ fn namespace_changes_show_in_status_and_survive_reopen() {
     // A removed directory is one change (what it held went with it).
     assert_eq!(
         summary(&v),
-        ["R d/a -> a-moved", "A d/new", "D d/sub", "M keep"]
+        [
+            "R d/a -> a-moved",
+            "R big -> big2",
+            "A d/new",
+            "D d/sub",
+            "M keep"
+        ]
     );
     let st = v.status().unwrap();
     let keep = st.changes.iter().find(|c| c.path == b"keep").unwrap();
@@ -211,7 +218,7 @@ fn namespace_changes_show_in_status_and_survive_reopen() {
 
     // Discarding a path restores it (and a rename out of it), then everything.
     v.discard(Some(b"d/a")).unwrap();
-    assert_eq!(names(&v, ""), ["big", "d", "keep"]);
+    assert_eq!(names(&v, ""), ["big2", "d", "keep"]);
     assert_eq!(names(&v, "d"), ["a", "new"]);
     assert_eq!(read(&v, "d/a"), b"alpha\n");
     v.discard(None).unwrap();

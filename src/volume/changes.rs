@@ -243,17 +243,13 @@ impl Volume {
                 // A base node under a new name: moved, or linked if its old entry stays.
                 reported.insert(e.ino);
                 let from = paths.base(e.ino)?;
-                let old_entry_stays = match &from {
-                    Some(_) => {
-                        let b = self.manifest.node(e.ino)?.map(|n| n.parent);
-                        match b {
-                            Some(bp) => paths.name_in(bp, e.ino)?.is_some_and(|n| {
-                                self.lookup_in(st, bp, &n).ok().flatten() == Some(e.ino)
-                            }),
-                            None => false,
-                        }
-                    }
-                    None => false,
+                // Its base entry (parent and name as the base had them) still names it?
+                let old_entry_stays = match self.manifest.node(e.ino)? {
+                    Some(b) if from.is_some() => match self.manifest.name_of(b.parent, e.ino)? {
+                        Some(n) => self.lookup_in(st, b.parent, &n)? == Some(e.ino),
+                        None => false,
+                    },
+                    _ => false,
                 };
                 let (data, meta, bytes) = self.node_changes(st, e.ino)?;
                 out.push(Change {
@@ -309,9 +305,6 @@ impl Volume {
             return Ok((false, false, 0));
         };
         let base = self.manifest.node(ino)?;
-        let meta = !self
-            .meta_changes(st, ino, base.as_ref(), &o.node)?
-            .is_empty();
         let (data, bytes) = match (&o.data, &base) {
             (Some(_), Some(b)) => {
                 let r = changed_ranges(st, ino, b.size);
@@ -319,6 +312,11 @@ impl Volume {
             }
             _ => (false, 0),
         };
+        // A content change moves mtime by itself: only other fields count as metadata then.
+        let meta = self
+            .meta_changes(st, ino, base.as_ref(), &o.node)?
+            .iter()
+            .any(|m| !(data && m.field == "mtime"));
         Ok((data, meta, bytes))
     }
 
@@ -584,6 +582,35 @@ impl Volume {
                 }
             }
         }
+        // A base node whose entry here goes returns to its base place (its whiteout there goes),
+        // with its base content and attributes.
+        let moved_back: Vec<u64> = removed
+            .iter()
+            .filter_map(|(p, n)| st.dirents.get(p).and_then(|m| m.get(n)))
+            .map(|e| e.ino)
+            .filter(|&i| i != 0 && self.is_base(i))
+            .collect();
+        for ino in moved_back {
+            if let Some(b) = self.manifest.node(ino)?
+                && let Some(name) = self.manifest.name_of(b.parent, ino)?
+                && st
+                    .dirents
+                    .get(&b.parent)
+                    .and_then(|m| m.get(&name))
+                    .is_some_and(|e| e.ino == 0)
+            {
+                removed.insert((b.parent, name));
+            }
+            if st.nodes.contains_key(&ino) && restored.insert(ino) {
+                if open.contains(&ino) {
+                    return Err(VolumeError::Busy(format!(
+                        "a changed file under {} is open; close it and retry",
+                        String::from_utf8_lossy(prefix)
+                    )));
+                }
+                ops.push(Op::DropNode(ino));
+            }
+        }
         // New nodes nothing names any more go too, with what they held.
         let mut referenced: HashSet<u64> = HashSet::new();
         for (&parent, entries) in &st.dirents {
@@ -676,11 +703,52 @@ fn changed_ranges(st: &State, ino: u64, base_size: u64) -> Vec<Range<u64>> {
     set.iter().collect()
 }
 
-/// A timestamp as `seconds.nanoseconds` since the epoch.
+/// A timestamp in UTC, RFC 3339 with nanoseconds (`2026-12-01T10:46:30.123456789Z`).
 fn fmt_time(t: i64) -> String {
+    let secs = t.div_euclid(1_000_000_000);
+    let nanos = t.rem_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{}.{:09}",
-        t.div_euclid(1_000_000_000),
-        t.rem_euclid(1_000_000_000)
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            fmt_time(1_796_123_035_465_115_984),
+            "2026-12-01T11:03:55.465115984Z"
+        );
+        assert_eq!(fmt_time(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(
+            fmt_time(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+    }
+
+    #[test]
+    fn under_matches_whole_components() {
+        assert!(under(b"a/b", b"a"));
+        assert!(under(b"a", b"a"));
+        assert!(!under(b"ab", b"a"));
+        assert!(under(b"x", b""));
+    }
 }

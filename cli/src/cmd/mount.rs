@@ -511,6 +511,17 @@ fn serve(
         .context("starting the FUSE session")?;
     guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
+    // The control socket answers before `horcrux mount` returns.
+    let control = horcrux_proto::control::serve(
+        &crate::mounts::runtime_file(&mountpoint, "sock"),
+        Arc::new(crate::cmd::control_handler::ControlHandler {
+            volume: volume.clone(),
+            name: name.clone(),
+            commit: commit.to_hex(),
+        }),
+    )
+    .map_err(|e| tracing::warn!(error = %e, "no control socket: status/diff/discard will not work"))
+    .ok();
     // Handle signals before anyone is told the mount is live: a SIGTERM sent right after the
     // banner must unmount cleanly, not kill the daemon and leave a dead mount behind.
     let signals = Signals::install(runtime)?;
@@ -532,6 +543,7 @@ fn serve(
         .join()
         .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
     drop(flusher);
+    drop(control);
     // Unmounted: make every change durable before the process ends.
     volume
         .sync_all()
@@ -679,16 +691,7 @@ fn is_busy(e: &std::io::Error) -> bool {
 struct PidFile(Option<PathBuf>);
 
 fn pidfile_path(mountpoint: &Path) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    // FNV-1a: a stable, dependency-free name for a path of any length.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in mountpoint.as_os_str().as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    crate::paths::state_dir()
-        .join("run")
-        .join(format!("{h:016x}.pid"))
+    crate::mounts::runtime_file(mountpoint, "pid")
 }
 
 impl PidFile {
