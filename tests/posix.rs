@@ -318,6 +318,7 @@ fn create(e: &Env) {
         OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o640)
             .open(&p),
     );
@@ -349,7 +350,11 @@ fn create(e: &Env) {
     drop(ok(
         "open(O_CREAT|O_WRONLY) existing",
         &p,
-        OpenOptions::new().write(true).create(true).open(&p),
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p),
     ));
     assert_eq!(read(&p), SMALL);
 
@@ -361,7 +366,11 @@ fn create(e: &Env) {
     fails(
         "open(O_CREAT|O_WRONLY) on a directory",
         &p,
-        OpenOptions::new().write(true).create(true).open(&p),
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p),
         libc::EISDIR,
     );
 }
@@ -2170,7 +2179,7 @@ fn permissions_as_non_root(e: &Env) {
     ];
     let mut wrong = Vec::new();
     for (what, want, call) in &cases {
-        let seen = as_nobody(|| call());
+        let seen = as_nobody(call);
         if seen != *want {
             wrong.push(format!(
                 "{what} as uid 65534: expected {}, got {}",
