@@ -7,7 +7,7 @@
 //! user xattrs, hard-link groups and link counts of non-directories. Not compared: timestamps,
 //! directory sizes and link counts.
 //!
-//! `PROPTEST_CASES` overrides the number of cases (default 24). Run as root.
+//! `PROPTEST_CASES` overrides the number of cases (default 48). Run as root.
 
 mod common;
 
@@ -429,7 +429,7 @@ fn config(default_cases: u32) -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(config(24))]
+    #![proptest_config(config(48))]
 
     /// The writable mount behaves like the plain directory, op by op and tree by tree.
     #[test]
