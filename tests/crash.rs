@@ -182,13 +182,14 @@ fn writer(
                 .find(|k| k.starts_with(&format!("meta{t}/")))
                 .cloned();
             if let Some(v) = victim {
+                // From here until the directory's fsync returns, its existence is uncertain:
+                // it is neither promised present nor promised gone.
+                acked.lock().unwrap().created.remove(&v);
                 let r = fs::remove_file(root.join(&v))
                     .and_then(|()| fsync_dir(&root.join(format!("meta{t}"))));
                 match r {
                     Ok(()) => {
-                        let mut a = acked.lock().unwrap();
-                        a.created.remove(&v);
-                        a.unlinked.insert(v);
+                        acked.lock().unwrap().unlinked.insert(v);
                     }
                     Err(e) => return fail(format!("writer {t}: unlink {v}: {e}")),
                 }
