@@ -44,8 +44,8 @@ fn base_data(t: usize) -> Vec<u8> {
 /// What one writer had acknowledged when the daemon died.
 #[derive(Debug, Default)]
 struct Acked {
-    /// (file, slot) -> bytes at the slot's start that an fsync/fdatasync acknowledged.
-    slots: BTreeMap<(String, u64), Vec<u8>>,
+    /// (file, slot) -> (offset in the slot, bytes) that an fsync/fdatasync acknowledged.
+    slots: BTreeMap<(String, u64), (u64, Vec<u8>)>,
     /// Slots written at least once (acknowledged or not).
     touched: BTreeSet<(String, u64)>,
     /// Files created, written, fsync'd, and their directory fsync'd: name -> content.
@@ -85,7 +85,7 @@ fn writer(
     let mut rng = Rng(0x9E37_79B9 + t as u64 * 7919);
     let files = [(base_name(t), BASE_SLOTS), (format!("new/n{t}"), NEW_SLOTS)];
     // Slots written since the last sync of each file: slot -> data.
-    let mut pending: [BTreeMap<u64, Vec<u8>>; 2] = Default::default();
+    let mut pending: [BTreeMap<u64, (u64, Vec<u8>)>; 2] = Default::default();
     let mut used: [BTreeSet<u64>; 2] = Default::default();
     let mut round = 0u64;
     let fail = |what: String| {
@@ -120,7 +120,9 @@ fn writer(
             slot = (slot + 1) % slots;
         }
         used[which].insert(slot);
-        let len = 1 + rng.below(SLOT) as usize;
+        // A random offset and length inside the slot.
+        let off = rng.below(SLOT);
+        let len = 1 + rng.below(SLOT - off) as usize;
         let data = bytes(rng.next(), len);
         {
             // An acknowledged slot being overwritten is no longer certain until the next sync.
@@ -128,10 +130,10 @@ fn writer(
             a.touched.insert((name.clone(), slot));
             a.slots.remove(&(name.clone(), slot));
         }
-        if let Err(e) = handles[which].write_all_at(&data, slot * SLOT) {
+        if let Err(e) = handles[which].write_all_at(&data, slot * SLOT + off) {
             return fail(format!("writer {t}: pwrite {name} slot {slot}: {e}"));
         }
-        pending[which].insert(slot, data);
+        pending[which].insert(slot, (off, data));
         if rng.below(3) == 0 {
             let r = if round % 2 == 0 {
                 handles[which].sync_all()
@@ -382,9 +384,9 @@ fn kill_9_during_write_storm_keeps_acknowledged_data() {
             .iter()
             .map(|f| (*f, fs::read(root.join(f)).unwrap_or_default()))
             .collect();
-        for ((f, slot), want) in &a.slots {
+        for ((f, slot), (off, want)) in &a.slots {
             let got = &contents[f];
-            let at = (slot * SLOT) as usize;
+            let at = (slot * SLOT + off) as usize;
             slots_checked += 1;
             match got.get(at..at + want.len()) {
                 Some(g) if g == &want[..] => {}

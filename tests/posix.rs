@@ -211,6 +211,7 @@ posix_tests!(
     write_in_the_middle_of_a_big_base_file,
     readdir_after_changes,
     permissions_as_non_root,
+    other_process_changes_are_seen,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1373,16 +1374,8 @@ fn utimens(e: &Env) {
     }
     let n = e.p("new");
     create_file(&n, b"n");
-    ok(
-        "utimensat",
-        &n,
-        utimensat(&n, [ts(5, 0), ts(-86_400, 1)], 0),
-    );
-    assert_eq!(
-        times(&n),
-        ((5, 0), (-86_400, 1)),
-        "times of new (before the epoch)"
-    );
+    ok("utimensat", &n, utimensat(&n, [ts(5, 0), ts(6, 7)], 0));
+    assert_eq!(times(&n), ((5, 0), (6, 7)), "times of new");
     // UTIME_OMIT keeps one, explicit sets the other.
     let s = e.p("small.txt");
     ok(
@@ -1450,6 +1443,18 @@ fn utimens(e: &Env) {
     assert!(
         msec >= before - 1,
         "mtime of big.bin after a write: {msec} < {before}"
+    );
+    // Before the epoch, with nanoseconds: -86400 s + 1 ns is (tv_sec -86400, tv_nsec 1).
+    let n = e.p("new");
+    ok(
+        "utimensat before the epoch",
+        &n,
+        utimensat(&n, [ts(-1, 999_999_999), ts(-86_400, 1)], 0),
+    );
+    assert_eq!(
+        times(&n),
+        ((-1, 999_999_999), (-86_400, 1)),
+        "times of new set before the epoch (as (sec, nsec))"
     );
     let m = e.p("missing");
     fails(
@@ -2197,6 +2202,68 @@ fn permissions_as_non_root(e: &Env) {
         "owner/mode of pubdir/mine"
     );
     assert_eq!(read(&e.p("ro.txt")), RO);
+}
+
+/// Changes made by another process are seen at once, even where this one had read (and the
+/// kernel cached) data, attributes, names and listings before.
+fn other_process_changes_are_seen(e: &Env) {
+    let b = e.p("big.bin");
+    let f = ok("open", &b, File::open(&b));
+    let mut before = vec![0u8; 4096];
+    ok("pread", &b, f.read_exact_at(&mut before, MIB));
+    assert_eq!(lstat(&b).len(), BIG_LEN as u64);
+    listing(&e.p("dir"), &["a.txt", "hard2", "sub"]);
+    gone(&e.p("dir/born"));
+    assert_eq!(read(&e.p("dir/a.txt")), b"a\n");
+    let (cb, born, a, nd) = (
+        c_path(&b),
+        c_path(&e.p("dir/born")),
+        c_path(&e.p("dir/a.txt")),
+        c_path(&e.p("dir/sub/new-dir")),
+    );
+    let seen = in_child(|| {
+        // SAFETY: plain system calls on valid strings and buffers.
+        unsafe {
+            let fd = libc::open(cb.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::pwrite(fd, b"CHILD".as_ptr().cast(), 5, MIB as i64) != 5 {
+                return 1;
+            }
+            if libc::pwrite(fd, b"END".as_ptr().cast(), 3, BIG_LEN as i64) != 3 {
+                return 2;
+            }
+            libc::close(fd);
+            let fd = libc::open(born.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+            if fd < 0 || libc::write(fd, b"born".as_ptr().cast(), 4) != 4 {
+                return 3;
+            }
+            libc::close(fd);
+            if libc::unlink(a.as_ptr()) != 0 || libc::mkdir(nd.as_ptr(), 0o755) != 0 {
+                return 4;
+            }
+        }
+        0
+    });
+    assert_eq!(seen, 0, "the other process's changes failed (step {seen})");
+    let mut now = vec![0u8; 5];
+    ok("pread", &b, f.read_exact_at(&mut now, MIB));
+    assert_eq!(
+        &now, b"CHILD",
+        "a descriptor opened before sees another process's write"
+    );
+    assert_eq!(
+        ok("fstat", &b, f.metadata()).len(),
+        BIG_LEN as u64 + 3,
+        "fstat size after another process extended the file"
+    );
+    assert_eq!(
+        lstat(&b).len(),
+        BIG_LEN as u64 + 3,
+        "stat size after another process's write"
+    );
+    assert_eq!(read(&e.p("dir/born")), b"born");
+    gone(&e.p("dir/a.txt"));
+    listing(&e.p("dir"), &["born", "hard2", "sub"]);
+    listing(&e.p("dir/sub"), &["b.txt", "new-dir"]);
 }
 
 // ---------------------------------------------------------------------------------------------
