@@ -48,9 +48,14 @@ impl Server {
         fs::create_dir_all(run).unwrap();
         let socket = run.join("mysqld.sock");
         let log = run.join("error.log");
+        let tmp = run.join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
         let child = Command::new(program("mariadbd"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            // A private tmpdir: its temporary tables are nobody else's business (a shared /tmp
+            // may be cleaned under it by other tests).
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--pid-file={}", run.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", log.display()))
@@ -209,9 +214,12 @@ fn crc32(data: &[u8]) -> u32 {
 /// Install a data directory under `datadir`, load and alter, restart: the part that is the same
 /// on a plain directory and on the mount.
 fn create_load_alter_restart(datadir: &Path, run: &Path) {
+    let tmp = run.join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
     let out = Command::new(program("mariadb-install-db"))
         .arg("--no-defaults")
         .arg(format!("--datadir={}", datadir.display()))
+        .arg(format!("--tmpdir={}", tmp.display()))
         .args(["--user=root", "--skip-test-db"])
         .stdin(Stdio::null())
         .output()
