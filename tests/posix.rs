@@ -162,8 +162,11 @@ impl Drop for Env {
         if let Some(m) = self.mount.take() {
             if std::thread::panicking() {
                 eprintln!("daemon log ({}):\n{}", m.log.display(), m.log_text());
+                drop(m);
+            } else {
+                // `horcrux umount` must work after every check; it also removes the log.
+                m.unmount();
             }
-            drop(m);
         }
         let _ = &self.tmp;
     }

@@ -349,10 +349,12 @@ fn run_ops(
     Ok(succeeded)
 }
 
+/// One case's directories and mount. Field order matters: the mount is dropped (unmounted)
+/// before the temporary directory is removed.
 struct Case {
-    tmp: tempfile::TempDir,
-    plain: PathBuf,
     mount: Option<Mount>,
+    plain: PathBuf,
+    tmp: tempfile::TempDir,
 }
 
 impl Case {
@@ -396,6 +398,18 @@ impl Case {
 
     fn log(&self) -> String {
         self.mount.as_ref().map(Mount::log_text).unwrap_or_default()
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            if std::thread::panicking() {
+                drop(m);
+            } else {
+                m.unmount(); // removes the daemon's log too
+            }
+        }
     }
 }
 
