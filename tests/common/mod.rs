@@ -670,3 +670,219 @@ pub fn compare_trees(src: &Path, mnt: &Path, with_xattrs: bool) -> u64 {
     );
     count
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writable mounts (issue 4) and thin libc wrappers for the POSIX suites (tests/posix*.rs,
+// tests/crash.rs, tests/database.rs).
+
+/// Arguments that make a mount keep its local changes in `overlay`: `--overlay-dir OVERLAY`
+/// followed by `extra`. For [`Mount::new`] and [`Foreground::new`].
+pub fn overlay_args<'a>(overlay: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--overlay-dir",
+        overlay.to_str().expect("overlay dir is UTF-8"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A NUL-terminated copy of a path for libc calls.
+pub fn c_path(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// The errno of a result: 0 for `Ok`, the OS error number (or -1 if it has none) for `Err`.
+pub fn errno_of<T>(r: &std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+/// Symbolic name of an errno for messages ("EEXIST (17)"), 0 as "success".
+pub fn errno_name(e: i32) -> String {
+    let n = match e {
+        0 => return "success".into(),
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN/EWOULDBLOCK",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EMLINK => "EMLINK",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ELOOP => "ELOOP",
+        libc::ENODATA => "ENODATA",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ERANGE => "ERANGE",
+        libc::ETXTBSY => "ETXTBSY",
+        _ => "?",
+    };
+    format!("{n} ({e})")
+}
+
+fn rc_result(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)` (RENAME_NOREPLACE, RENAME_EXCHANGE).
+pub fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    let (a, b) = (c_path(from), c_path(to));
+    // SAFETY: valid NUL-terminated paths.
+    rc_result(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    })
+}
+
+/// `mknod(path, mode, dev)` returning the error instead of panicking.
+pub fn try_mknod(p: &Path, mode: u32, dev: u64) -> std::io::Result<()> {
+    let c = c_path(p);
+    // SAFETY: valid path.
+    rc_result(unsafe { libc::mknod(c.as_ptr(), mode, dev as libc::dev_t) })
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(f: &fs::File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor.
+    rc_result(unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) })
+}
+
+/// `flock(fd, op)`.
+pub fn flock(f: &fs::File, op: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor.
+    rc_result(unsafe { libc::flock(f.as_raw_fd(), op) })
+}
+
+/// `lsetxattr(path, name, value, flags)` (XATTR_CREATE / XATTR_REPLACE; does not follow).
+pub fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (c, n) = (c_path(p), CString::new(name).unwrap());
+    // SAFETY: valid strings and a buffer of the given length.
+    rc_result(unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+/// `setxattr(path, name, value, flags)` (follows symlinks).
+pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (c, n) = (c_path(p), CString::new(name).unwrap());
+    // SAFETY: valid strings and a buffer of the given length.
+    rc_result(unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+/// `removexattr(path, name)` (follows symlinks).
+pub fn removexattr(p: &Path, name: &str) -> std::io::Result<()> {
+    let (c, n) = (c_path(p), CString::new(name).unwrap());
+    // SAFETY: valid strings.
+    rc_result(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) })
+}
+
+/// `utimensat(AT_FDCWD, path, times, flags)` with raw timespecs (UTIME_NOW / UTIME_OMIT allowed).
+pub fn utimensat(p: &Path, times: [libc::timespec; 2], flags: i32) -> std::io::Result<()> {
+    let c = c_path(p);
+    // SAFETY: valid path and a two-element timespec array.
+    rc_result(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) })
+}
+
+/// `statvfs(path)`.
+pub fn statvfs(p: &Path) -> std::io::Result<libc::statvfs> {
+    let c = c_path(p);
+    // SAFETY: valid path; statvfs fills the zeroed struct.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        rc_result(libc::statvfs(c.as_ptr(), &mut s)).map(|()| s)
+    }
+}
+
+/// Run `f` in a forked child with uid/gid 65534 (nobody/nogroup, no supplementary groups) and
+/// return what it returns (an errno, 0 for success; 255 if dropping privileges failed).
+/// `f` must only make plain system calls (no allocation, no locks): the parent is
+/// multi-threaded. Build every CString before calling.
+pub fn as_nobody(f: impl FnOnce() -> i32) -> i32 {
+    as_user(65534, 65534, f)
+}
+
+/// [`as_nobody`] with a chosen uid and gid.
+pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> i32) -> i32 {
+    in_child(|| {
+        // SAFETY: plain system calls in the child.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return 255;
+            }
+        }
+        f()
+    })
+}
+
+/// Run `f` in a forked child (same credentials) and return its result as the exit status
+/// (0..=255). Same restrictions on `f` as [`as_nobody`].
+pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: fork; the child only runs `f` (plain system calls) and _exit.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let r = f();
+            libc::_exit(r.clamp(0, 255));
+        }
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0 {
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EINTR),
+                "waitpid"
+            );
+        }
+        assert!(
+            libc::WIFEXITED(status),
+            "forked child died abnormally (status {status:#x})"
+        );
+        libc::WEXITSTATUS(status)
+    }
+}
+
+/// The errno of the last failed libc call, for use inside [`in_child`] closures.
+pub fn last_errno() -> i32 {
+    // SAFETY: __errno_location always returns this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
