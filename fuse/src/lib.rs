@@ -152,7 +152,13 @@ fn time_set(t: TimeOrNow) -> TimeSet {
         TimeOrNow::Now => TimeSet::Now,
         TimeOrNow::SpecificTime(t) => TimeSet::At(match t.duration_since(std::time::UNIX_EPOCH) {
             Ok(d) => d.as_nanos() as i64,
-            Err(e) => -(e.duration().as_nanos() as i64),
+            // fuser 0.18 (`time::system_time_from_time`) turns the kernel's `(secs < 0, nsecs)`
+            // into `EPOCH - (|secs| + nsecs)` instead of `EPOCH - |secs| + nsecs`: undo that,
+            // so a pre-1970 time with nanoseconds is stored as it was set.
+            Err(e) => {
+                let d = e.duration();
+                -(d.as_secs() as i64) * 1_000_000_000 + i64::from(d.subsec_nanos())
+            }
         }),
     }
 }

@@ -501,6 +501,10 @@ impl Overlay {
                     if !keep {
                         state.dirty.remove(&ino);
                     }
+                    // Content given back to the base (a tombstone): its data file goes.
+                    if n.data.is_none() && state.nodes.get(&ino).is_some_and(|o| o.data.is_some()) {
+                        self.remove_data(ino);
+                    }
                     state.nodes.insert(ino, *n);
                 }
                 Op::DropNode(ino) => {
