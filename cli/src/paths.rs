@@ -35,8 +35,26 @@ pub fn log_dir() -> PathBuf {
     state_dir().join("logs")
 }
 
-/// Default overlay (local changes) of volume `volume` reached through `access`: under the
-/// state directory, never the cache (which may be pruned), one per repository and volume.
+/// Where local changes live: `/var/lib/horcrux/overlays` for root, else
+/// `$XDG_DATA_HOME/horcrux/overlays` (`~/.local/share/...`) — data, never under a cache
+/// directory that cleaners may wipe.
+pub fn overlays_dir() -> PathBuf {
+    if is_root() {
+        return state_dir().join("overlays");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|x| !x.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp"))
+                .join(".local/share")
+        });
+    base.join("horcrux").join("overlays")
+}
+
+/// Default overlay of volume `volume` reached through `access`: one per repository and volume.
 pub fn overlay_dir(access: &str, volume: &str) -> PathBuf {
     let key = blake3::hash(format!("{access}\n{volume}").as_bytes()).to_hex();
     let safe: String = volume
@@ -49,7 +67,5 @@ pub fn overlay_dir(access: &str, volume: &str) -> PathBuf {
             }
         })
         .collect();
-    state_dir()
-        .join("overlays")
-        .join(format!("{safe}-{}", &key[..12]))
+    overlays_dir().join(format!("{safe}-{}", &key[..12]))
 }

@@ -49,7 +49,8 @@ pub struct MountArgs {
     #[arg(long)]
     pub read_only: bool,
     /// Where local changes live [default: one directory per repository and volume under
-    /// the state directory]; two writable mounts cannot share one
+    /// /var/lib/horcrux/overlays for root, ~/.local/share/horcrux/overlays otherwise]; two
+    /// writable mounts cannot share one
     #[arg(long, value_name = "DIR")]
     pub overlay_dir: Option<PathBuf>,
     /// Stay in the foreground (logs to stderr) instead of detaching once the mount is live
