@@ -19,4 +19,5 @@ pub mod repo;
 pub mod store;
 pub mod transfer;
 pub mod util;
+pub mod versions;
 pub mod volume;

@@ -102,6 +102,8 @@ enum Command {
     Diff(cmd::changes::DiffArgs),
     /// Throw away local changes of a mounted volume (lists them unless --force)
     Discard(cmd::changes::DiscardArgs),
+    /// Make a mounted volume's changes a new version on its branch
+    Commit(cmd::versions::CommitArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -178,6 +180,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::changes::run_status(a),
         Command::Diff(a) => cmd::changes::run_diff(a),
         Command::Discard(a) => cmd::changes::run_discard(a),
+        Command::Commit(a) => cmd::versions::run_commit(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

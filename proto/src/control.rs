@@ -316,6 +316,9 @@ pub enum Request {
     },
     /// Is anyone there? Answered with [`Response::Pong`].
     Ping,
+    /// Make the changes a new version on the mounted branch; answered with
+    /// [`Response::Committed`].
+    Commit { message: String, author: String },
 }
 
 /// What a daemon answers.
@@ -333,10 +336,27 @@ pub enum Response {
         commit: String,
         pid: u32,
     },
+    /// A new version was made and the branch moved to it; the mount is clean on top of it.
+    Committed(CommitReport),
     /// The request failed; `message` is for the user.
     Error {
         message: String,
     },
+}
+
+/// What a commit made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitReport {
+    pub volume: String,
+    pub branch: String,
+    /// Hex ids.
+    pub commit: String,
+    pub parent: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Chunks made from changed content, and their bytes (uploaded unless present).
+    pub new_chunks: u64,
+    pub new_bytes: u64,
 }
 
 impl Response {
@@ -998,6 +1018,16 @@ mod tests {
                     }])
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 3 },
+                Request::Commit { message, .. } => Response::Committed(CommitReport {
+                    volume: "AMCC".into(),
+                    branch: "main".into(),
+                    commit: "c".repeat(64),
+                    parent: "abc".into(),
+                    files: 1,
+                    bytes: message.len() as u64,
+                    new_chunks: 1,
+                    new_bytes: 7,
+                }),
             }
         }
     }
@@ -1159,6 +1189,14 @@ mod tests {
                 assert_eq!(volume, "AMCC");
                 assert_eq!(pid, std::process::id());
             }
+            other => panic!("{other:?}"),
+        }
+        let commit = Request::Commit {
+            message: "seven b".into(),
+            author: "me".into(),
+        };
+        match c.call(&commit).unwrap() {
+            Response::Committed(r) => assert_eq!((r.branch.as_str(), r.bytes), ("main", 7)),
             other => panic!("{other:?}"),
         }
         let Response::Status(st) = c.call(&Request::Status).unwrap() else {

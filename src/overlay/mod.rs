@@ -691,6 +691,42 @@ impl Overlay {
         Ok(())
     }
 
+    /// The changes were committed as `base`: it becomes the base of a clean overlay, in one
+    /// transaction (a crash leaves either the old base with the changes or the new one without).
+    pub fn rebase_locked(&self, st: &mut State, base: &BaseInfo) -> Result<(), OverlayError> {
+        let conn = self.journal.lock();
+        let r = (|| {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(
+                "DELETE FROM nodes; DELETE FROM dirents; DELETE FROM xattrs; DELETE FROM written;",
+            )?;
+            for (k, v) in [
+                ("volume", base.volume.clone()),
+                ("base_commit", base.commit.clone()),
+                ("base_manifest", base.manifest.clone()),
+                ("base_max_ino", base.max_ino.to_string()),
+            ] {
+                tx.execute("INSERT OR REPLACE INTO meta VALUES (?1, ?2)", params![k, v])?;
+            }
+            tx.commit()
+        })();
+        r.map_err(|e| self.sqlite_err(e))?;
+        self.journaled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(conn);
+        let inos: Vec<u64> = st.nodes.keys().copied().collect();
+        for ino in inos {
+            self.remove_data(ino);
+        }
+        st.nodes.clear();
+        st.dirents.clear();
+        st.xattrs.clear();
+        st.dirty.clear();
+        st.next_ino = st.next_ino.max(base.max_ino + 1);
+        *self.base.write() = Some(base.clone());
+        Ok(())
+    }
+
     /// Filesystem totals of the overlay's disk: `(total, free, avail)` bytes and
     /// `(files, ffree)`.
     pub fn disk_space(&self) -> Result<(u64, u64, u64, u64, u64), OverlayError> {

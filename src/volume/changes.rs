@@ -131,7 +131,7 @@ impl<'a> Paths<'a> {
         }
         Ok(self
             .vol
-            .manifest
+            .manifest()
             .name_of(parent, ino)?
             .filter(|name| !over.is_some_and(|m| m.contains_key(name))))
     }
@@ -145,9 +145,9 @@ impl<'a> Paths<'a> {
             return Ok(p.clone());
         }
         let mut result = None;
-        if let Some(n) = self.vol.manifest.node(ino)? {
+        if let Some(n) = self.vol.manifest().node(ino)? {
             if n.parent != ino {
-                if let Some(name) = self.vol.manifest.name_of(n.parent, ino)? {
+                if let Some(name) = self.vol.manifest().name_of(n.parent, ino)? {
                     if let Some(pp) = self.base(n.parent)? {
                         result = Some(join(&pp, &name));
                     }
@@ -198,7 +198,7 @@ impl Volume {
             for (name, e) in entries {
                 let path = join(&dir, name);
                 let base = if self.is_base(parent) {
-                    self.manifest.lookup(parent, name)?
+                    self.manifest().lookup(parent, name)?
                 } else {
                     None
                 };
@@ -244,8 +244,8 @@ impl Volume {
                 reported.insert(e.ino);
                 let from = paths.base(e.ino)?;
                 // Its base entry (parent and name as the base had them) still names it?
-                let old_entry_stays = match self.manifest.node(e.ino)? {
-                    Some(b) if from.is_some() => match self.manifest.name_of(b.parent, e.ino)? {
+                let old_entry_stays = match self.manifest().node(e.ino)? {
+                    Some(b) if from.is_some() => match self.manifest().name_of(b.parent, e.ino)? {
                         Some(n) => self.lookup_in(st, b.parent, &n)? == Some(e.ino),
                         None => false,
                     },
@@ -277,7 +277,7 @@ impl Volume {
             let path = if o.node.kind == NodeKind::Dir {
                 paths.dir(ino)?
             } else {
-                match self.manifest.node(ino)? {
+                match self.manifest().node(ino)? {
                     Some(b) => match (paths.dir(b.parent)?, paths.name_in(b.parent, ino)?) {
                         (Some(d), Some(n)) => Some(join(&d, &n)),
                         _ => None,
@@ -304,7 +304,7 @@ impl Volume {
         let Some(o) = st.nodes.get(&ino) else {
             return Ok((false, false, 0));
         };
-        let base = self.manifest.node(ino)?;
+        let base = self.manifest().node(ino)?;
         let (data, bytes) = match (&o.data, &base) {
             (Some(_), Some(b)) => {
                 let r = changed_ranges(st, ino, b.size);
@@ -361,8 +361,8 @@ impl Volume {
         }
         if st.nodes.get(&ino).is_some_and(|o| o.own_xattrs) {
             let mut old = BTreeMap::new();
-            for n in self.manifest.xattr_names(ino)? {
-                if let Some(v) = self.manifest.xattr(ino, &n)? {
+            for n in self.manifest().xattr_names(ino)? {
+                if let Some(v) = self.manifest().xattr(ino, &n)? {
                     old.insert(n, v);
                 }
             }
@@ -418,10 +418,10 @@ impl Volume {
             Ok(Some(ino))
         };
         let base_lookup = |path: &[u8]| -> Result<Option<Node>, VolumeError> {
-            let mut node = self.manifest.node(ROOT_INO)?;
+            let mut node = self.manifest().node(ROOT_INO)?;
             for name in path.split(|b| *b == b'/').filter(|n| !n.is_empty()) {
                 let Some(n) = node else { return Ok(None) };
-                node = self.manifest.lookup(n.ino, name)?;
+                node = self.manifest().lookup(n.ino, name)?;
             }
             Ok(node)
         };
@@ -450,7 +450,7 @@ impl Volume {
                     d.new_size = Some(now.size);
                 }
                 let base = if self.is_base(ino) {
-                    self.manifest.node(ino)?
+                    self.manifest().node(ino)?
                 } else if change.kind == ChangeKind::Modified {
                     // A new node replaced the base's at this path.
                     base_lookup(&change.path)?
@@ -591,8 +591,8 @@ impl Volume {
             .filter(|&i| i != 0 && self.is_base(i))
             .collect();
         for ino in moved_back {
-            if let Some(b) = self.manifest.node(ino)?
-                && let Some(name) = self.manifest.name_of(b.parent, ino)?
+            if let Some(b) = self.manifest().node(ino)?
+                && let Some(name) = self.manifest().name_of(b.parent, ino)?
                 && st
                     .dirents
                     .get(&b.parent)

@@ -14,6 +14,7 @@
 
 mod attr;
 mod changes;
+mod snapshot;
 mod write;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use tokio::runtime::Handle;
 
 pub use attr::{Attr, StatFs};
 pub use changes::{Change, ChangeKind, FileDiff, MetaChange, Status};
+pub use snapshot::{ChunkSink, Frozen, SnapshotStats};
 pub use write::{Ctx, SetAttr, TimeSet};
 
 use crate::fetch::{FetchError, Fetcher};
@@ -67,6 +69,8 @@ pub enum VolumeError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Overlay(#[from] OverlayError),
+    #[error(transparent)]
+    Store(Arc<crate::store::StoreError>),
 }
 
 impl VolumeError {
@@ -86,7 +90,7 @@ impl VolumeError {
             VolumeError::NotSupported => libc::EOPNOTSUPP,
             VolumeError::Busy(_) => libc::EBUSY,
             VolumeError::Overlay(e) => e.errno(),
-            VolumeError::Manifest(_) | VolumeError::Fetch(_) => libc::EIO,
+            VolumeError::Manifest(_) | VolumeError::Fetch(_) | VolumeError::Store(_) => libc::EIO,
         }
     }
 }
@@ -123,18 +127,21 @@ struct OpenFile {
 /// One mounted version of a volume.
 #[derive(Debug)]
 pub struct Volume {
-    manifest: Arc<Manifest>,
+    /// The base version; replaced (never mutated) when a commit rebases the overlay on it.
+    manifest: parking_lot::RwLock<Arc<Manifest>>,
     fetcher: Arc<Fetcher>,
     runtime: Handle,
     chunk_infos: Mutex<lru::LruCache<u64, Arc<ChunkInfo>>>,
     handles: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
-    statfs: std::sync::OnceLock<StatFs>,
+    statfs: Mutex<Option<StatFs>>,
     /// Local changes; `None` for a read-only view of the base.
     overlay: Option<Overlay>,
     /// Largest base inode number: inodes above it exist only in the overlay.
-    base_max: u64,
+    base_max: AtomicU64,
     kernel: parking_lot::RwLock<Option<Arc<dyn KernelCache>>>,
+    /// Held shared by a data write for its whole length, exclusively by a freeze.
+    gate: parking_lot::RwLock<()>,
 }
 
 /// Largest sequential prefetch window.
@@ -179,9 +186,10 @@ impl Volume {
     ) -> Self {
         Self {
             overlay,
-            base_max,
+            base_max: AtomicU64::new(base_max),
             kernel: parking_lot::RwLock::new(None),
-            manifest,
+            gate: parking_lot::RwLock::new(()),
+            manifest: parking_lot::RwLock::new(manifest),
             fetcher,
             runtime,
             chunk_infos: Mutex::new(lru::LruCache::new(
@@ -189,12 +197,13 @@ impl Volume {
             )),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            statfs: std::sync::OnceLock::new(),
+            statfs: Mutex::new(None),
         }
     }
 
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.manifest
+    /// The base version now.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        self.manifest.read().clone()
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {
@@ -217,11 +226,11 @@ impl Volume {
 
     /// Does `ino` exist in the base version?
     fn is_base(&self, ino: u64) -> bool {
-        self.overlay.is_none() || ino <= self.base_max
+        self.overlay.is_none() || ino <= self.base_max.load(Ordering::Relaxed)
     }
 
     fn attr(&self, n: &Node) -> Attr {
-        let mut a = Attr::from_node(n, self.manifest.header().block_size);
+        let mut a = Attr::from_node(n, self.manifest().header().block_size);
         if self.overlay.is_some() {
             // Unlinked-but-open files report 0 links.
             a.nlink = n.nlink;
@@ -233,7 +242,7 @@ impl Volume {
     fn node(&self, ino: u64) -> Result<Node, VolumeError> {
         match &self.overlay {
             Some(ov) => self.node_in(&ov.state.read(), ino),
-            None => self.manifest.node(ino)?.ok_or(VolumeError::NotFound),
+            None => self.manifest().node(ino)?.ok_or(VolumeError::NotFound),
         }
     }
 
@@ -244,7 +253,7 @@ impl Volume {
         if !self.is_base(ino) {
             return Err(VolumeError::NotFound);
         }
-        self.manifest.node(ino)?.ok_or(VolumeError::NotFound)
+        self.manifest().node(ino)?.ok_or(VolumeError::NotFound)
     }
 
     /// The inode named `name` in directory `parent`, as the overlay and base together say.
@@ -255,7 +264,7 @@ impl Volume {
         if !self.is_base(parent) {
             return Ok(None);
         }
-        Ok(self.manifest.lookup(parent, name)?.map(|n| n.ino))
+        Ok(self.manifest().lookup(parent, name)?.map(|n| n.ino))
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, VolumeError> {
@@ -268,7 +277,7 @@ impl Volume {
                 return Err(VolumeError::NotDir);
             }
             let n = self
-                .manifest
+                .manifest()
                 .lookup(parent, name)?
                 .ok_or(VolumeError::NotFound)?;
             return Ok(self.attr(&n));
@@ -332,7 +341,7 @@ impl Volume {
         if offset < OVERLAY_COOKIES && self.is_base(ino) {
             let mut start = offset.saturating_sub(2);
             loop {
-                let batch = self.manifest.readdir(ino, start, READDIR_BATCH)?;
+                let batch = self.manifest().readdir(ino, start, READDIR_BATCH)?;
                 let Some(last) = batch.last() else {
                     break;
                 };
@@ -452,9 +461,9 @@ impl Volume {
         if let Some(c) = self.chunk_infos.lock().get(&idx) {
             return Ok(c.clone());
         }
-        let info = self.manifest.chunk(idx)?.ok_or_else(|| {
+        let info = self.manifest().chunk(idx)?.ok_or_else(|| {
             VolumeError::Manifest(ManifestError::Invalid {
-                path: self.manifest.path().display().to_string(),
+                path: self.manifest().path().display().to_string(),
                 what: format!("extent refers to missing chunk {idx}"),
             })
         })?;
@@ -463,7 +472,7 @@ impl Volume {
         crate::hashtree::verify_outboard(
             info.id,
             info.len,
-            self.manifest.header().block_size,
+            self.manifest().header().block_size,
             &info.blocks,
         )
         .map_err(|e| VolumeError::Fetch(FetchError::Corrupt(Arc::new(e))))?;
@@ -474,16 +483,47 @@ impl Volume {
 
     /// Read up to `size` bytes at `offset`. Short only at end of file. Holes read as zeros.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Bytes, VolumeError> {
+        // The state is only consulted here: fetches run without holding it.
         let (node, data) = match &self.overlay {
-            Some(ov) => {
-                let st = ov.state.read();
-                match st.nodes.get(&ino) {
-                    Some(o) => (o.node.clone(), o.data.clone()),
-                    None => (self.node_in(&st, ino)?, None),
-                }
-            }
+            Some(ov) => self.read_target(&ov.state.read(), ino)?,
             None => (self.node(ino)?, None),
         };
+        self.read_with(ino, fh, offset, size, node, data)
+    }
+
+    /// [`Self::read`] with the overlay state already held.
+    fn read_in(
+        &self,
+        st: &State,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, VolumeError> {
+        let (node, data) = self.read_target(st, ino)?;
+        self.read_with(ino, fh, offset, size, node, data)
+    }
+
+    fn read_target(
+        &self,
+        st: &State,
+        ino: u64,
+    ) -> Result<(Node, Option<crate::overlay::DataState>), VolumeError> {
+        Ok(match st.nodes.get(&ino) {
+            Some(o) => (o.node.clone(), o.data.clone()),
+            None => (self.node_in(st, ino)?, None),
+        })
+    }
+
+    fn read_with(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        node: Node,
+        data: Option<crate::overlay::DataState>,
+    ) -> Result<Bytes, VolumeError> {
         if node.kind != NodeKind::File {
             return Err(VolumeError::IsDir);
         }
@@ -534,7 +574,7 @@ impl Volume {
         size: u64,
     ) -> Result<Bytes, VolumeError> {
         let node_size = size;
-        let extents = self.manifest.extents(ino, offset..end)?;
+        let extents = self.manifest().extents(ino, offset..end)?;
         let mut parts = Vec::with_capacity(extents.len());
         for e in &extents {
             let info = self.chunk_info(e.chunk)?;
@@ -545,7 +585,7 @@ impl Volume {
             let cend = coff + (t - s);
             if cend > info.len {
                 return Err(VolumeError::Manifest(ManifestError::Invalid {
-                    path: self.manifest.path().display().to_string(),
+                    path: self.manifest().path().display().to_string(),
                     what: format!(
                         "extent of inode {ino} runs past the end of chunk {}",
                         info.id
@@ -590,7 +630,7 @@ impl Volume {
     /// blocks on the second consecutive read and doubles up to `MAX_PREFETCH`; a seek resets it.
     /// Random readers never prefetch.
     fn readahead(&self, ino: u64, fh: u64, offset: u64, end: u64, size: u64) {
-        let bs = self.manifest.header().block_size as u64;
+        let bs = self.manifest().header().block_size as u64;
         let (from, to) = {
             let mut h = self.handles.lock();
             let Some(of) = h.get_mut(&fh) else { return };
@@ -612,7 +652,7 @@ impl Volume {
             of.prefetched_to = to;
             (from, to)
         };
-        let extents = match self.manifest.extents(ino, from..to) {
+        let extents = match self.manifest().extents(ino, from..to) {
             Ok(e) => e,
             Err(e) => {
                 tracing::debug!(error = %e, "prefetch: extent lookup failed");
@@ -657,7 +697,9 @@ impl Volume {
         } else {
             self.node(ino)?;
         }
-        self.manifest.xattr(ino, name)?.ok_or(VolumeError::NoXattr)
+        self.manifest()
+            .xattr(ino, name)?
+            .ok_or(VolumeError::NoXattr)
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, VolumeError> {
@@ -674,17 +716,19 @@ impl Volume {
         } else {
             self.node(ino)?;
         }
-        Ok(self.manifest.xattr_names(ino)?)
+        Ok(self.manifest().xattr_names(ino)?)
     }
 
     pub fn statfs(&self) -> Result<StatFs, VolumeError> {
         // Base totals need a scan of the catalog: compute once per mount.
-        let base = match self.statfs.get() {
-            Some(s) => s.clone(),
+        let cached = self.statfs.lock().clone();
+        let base = match cached {
+            Some(s) => s,
             None => {
-                let s = self.manifest.stats()?;
+                let s = self.manifest().stats()?;
                 let s = StatFs::read_only(s.bytes, s.nodes);
-                self.statfs.get_or_init(|| s).clone()
+                *self.statfs.lock() = Some(s.clone());
+                s
             }
         };
         let Some(ov) = &self.overlay else {

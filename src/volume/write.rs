@@ -113,7 +113,7 @@ impl<'a> Batch<'a> {
         if !self.vol.is_base(parent) {
             return Ok(None);
         }
-        Ok(self.vol.manifest.lookup(parent, name)?.map(|n| n.ino))
+        Ok(self.vol.manifest().lookup(parent, name)?.map(|n| n.ino))
     }
 
     /// One link of `ino` is gone: drop the node when nothing refers to it any more.
@@ -142,7 +142,7 @@ impl<'a> Batch<'a> {
                 .nodes
                 .get(&ino)
                 .map(|o| o.node.clone())
-                .or_else(|| self.vol.manifest.node(ino).ok().flatten());
+                .or_else(|| self.vol.manifest().node(ino).ok().flatten());
             if let Some(n) = node.as_mut() {
                 n.nlink = 0;
                 self.ops.push(Op::Node(
@@ -183,7 +183,7 @@ impl<'a> Batch<'a> {
 }
 
 impl Volume {
-    fn overlay_or_ro(&self) -> Result<&Overlay, VolumeError> {
+    pub(super) fn overlay_or_ro(&self) -> Result<&Overlay, VolumeError> {
         self.overlay.as_ref().ok_or(VolumeError::ReadOnly)
     }
 
@@ -390,7 +390,7 @@ impl Volume {
         }
         let mut start = 0;
         loop {
-            let batch = self.manifest.readdir(ino, start, super::READDIR_BATCH)?;
+            let batch = self.manifest().readdir(ino, start, super::READDIR_BATCH)?;
             let Some(last) = batch.last() else {
                 return Ok(true);
             };
@@ -587,6 +587,8 @@ impl Volume {
     /// written. Nothing is fetched: the written range simply becomes the overlay's.
     pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, VolumeError> {
         let ov = self.overlay_or_ro()?;
+        // A freeze waits for the whole write (data and ranges), never sees half of it.
+        let _gate = self.gate.read();
         let append = self.handles.lock().get(&fh).is_some_and(|h| h.append);
         let (file, offset) = {
             let mut st = ov.state.write();
@@ -769,8 +771,8 @@ impl Volume {
         }
         let mut m = BTreeMap::new();
         if self.is_base(ino) {
-            for name in self.manifest.xattr_names(ino)? {
-                if let Some(v) = self.manifest.xattr(ino, &name)? {
+            for name in self.manifest().xattr_names(ino)? {
+                if let Some(v) = self.manifest().xattr(ino, &name)? {
                     m.insert(name, v);
                 }
             }

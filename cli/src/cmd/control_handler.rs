@@ -3,16 +3,61 @@
 
 use std::sync::Arc;
 
+use horcrux::cache::Cache;
 use horcrux::manifest::NodeKind;
+use horcrux::repo::Repository;
+use horcrux::versions::{CommitRequest, commit_volume};
 use horcrux::volume::{self, Volume};
 use horcrux_proto::control::{self, Handler, Request, Response, WirePath};
+use parking_lot::Mutex;
 
 /// Answers control requests for one mounted volume.
 #[derive(Debug)]
 pub struct ControlHandler {
     pub volume: Arc<Volume>,
     pub name: String,
-    pub commit: String,
+    /// The commit the volume sits on (moves with each commit).
+    pub commit: Mutex<String>,
+    /// The mounted branch; `None` when a tag or commit is mounted (nothing to commit onto).
+    pub branch: Option<String>,
+    pub repo: Repository,
+    pub cache: Arc<Cache>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl ControlHandler {
+    fn commit(&self, message: String, author: String) -> Response {
+        let Some(branch) = self.branch.clone() else {
+            return Response::error(format!(
+                "the mount shows commit {} (a tag or commit id, not a branch): there is no branch                  to commit onto; mount a branch to commit",
+                self.commit.lock()
+            ));
+        };
+        let req = CommitRequest {
+            branch: branch.clone(),
+            message,
+            author,
+        };
+        match commit_volume(&self.volume, &self.repo, &self.cache, &self.runtime, &req) {
+            Ok(r) => {
+                *self.commit.lock() = r.commit.to_hex();
+                Response::Committed(control::CommitReport {
+                    volume: self.name.clone(),
+                    branch,
+                    commit: r.commit.to_hex(),
+                    parent: r.parent.to_hex(),
+                    files: r.stats.files,
+                    bytes: r.stats.bytes,
+                    new_chunks: r.stats.new_chunks,
+                    new_bytes: r.stats.new_bytes,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "commit failed");
+                Response::error(e.to_string())
+            }
+        }
+    }
 }
 
 fn node_kind(k: NodeKind) -> String {
@@ -65,10 +110,10 @@ fn file_diff(d: volume::FileDiff) -> control::FileDiff {
 }
 
 /// A path from the wire, checked (no `..`, no leading `/`); `None` for the whole volume.
-fn scope(path: Option<WirePath>) -> Result<Option<Vec<u8>>, Response> {
+fn scope(path: Option<WirePath>) -> Result<Option<Vec<u8>>, String> {
     match path {
         Some(p) => {
-            p.check().map_err(Response::error)?;
+            p.check()?;
             Ok((!p.is_root()).then(|| p.into_bytes()))
         }
         None => Ok(None),
@@ -81,32 +126,33 @@ impl Handler for ControlHandler {
             Request::Ping => {
                 return Response::Pong {
                     volume: self.name.clone(),
-                    commit: self.commit.clone(),
+                    commit: self.commit.lock().clone(),
                     pid: std::process::id(),
                 };
             }
             Request::Status => self.volume.status().map(|s| {
                 Response::Status(control::StatusReport {
                     volume: self.name.clone(),
-                    base_commit: self.commit.clone(),
+                    base_commit: self.commit.lock().clone(),
                     changes: s.changes.into_iter().map(change).collect(),
                     bytes_changed: s.bytes_changed,
                     overlay_bytes: s.overlay_bytes,
                 })
             }),
+            Request::Commit { message, author } => return self.commit(message, author),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume
                     .diff(p.as_deref())
                     .map(|d| Response::Diff(d.into_iter().map(file_diff).collect())),
-                Err(resp) => return resp,
+                Err(e) => return Response::error(e),
             },
             Request::Discard { path } => match scope(path) {
                 Ok(p) => self
                     .volume
                     .discard(p.as_deref())
                     .map(|entries| Response::Discarded { entries }),
-                Err(resp) => return resp,
+                Err(e) => return Response::error(e),
             },
         };
         r.unwrap_or_else(|e| {

@@ -7,3 +7,4 @@ pub mod copy;
 pub mod demo;
 pub mod generate;
 pub mod mount;
+pub mod versions;

@@ -422,7 +422,7 @@ fn serve(
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
 
     let (fetch_config, mirror_config) = fetch_configs(a);
-    let (name, commit, manifest, source, overlay) = runtime.block_on(async {
+    let (name, commit, manifest, source, overlay, branch) = runtime.block_on(async {
         let stores = urls
             .iter()
             .map(crate::open_store)
@@ -472,10 +472,17 @@ fn serve(
             }
             None => None,
         };
-        anyhow::Ok((name, id, manifest, source, overlay))
+        // Commits go onto the mounted branch (a tag or commit id has none).
+        let branch = match repo.branch(&name, &a.reference).await {
+            Ok(Some(_)) => Some(a.reference.clone()),
+            _ => None,
+        };
+        anyhow::Ok((name, id, manifest, source, overlay, branch))
     })?;
 
     let block_size = manifest.header().block_size;
+    let repo = Repository::open(source.clone() as Arc<dyn Store>);
+    let repo = runtime.block_on(repo)?;
     let fetcher = Arc::new(Fetcher::with_mirrors(
         source,
         cache.clone(),
@@ -518,7 +525,11 @@ fn serve(
         Arc::new(crate::cmd::control_handler::ControlHandler {
             volume: volume.clone(),
             name: name.clone(),
-            commit: commit.to_hex(),
+            commit: parking_lot::Mutex::new(commit.to_hex()),
+            branch,
+            repo,
+            cache: cache.clone(),
+            runtime: runtime.handle().clone(),
         }),
     )
     .map_err(|e| tracing::warn!(error = %e, "no control socket: status/diff/discard will not work"))
