@@ -163,6 +163,13 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
+fn reply_empty(op: &'static str, ino: u64, r: Result<(), VolumeError>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(fail(op, ino, &e)),
+    }
+}
+
 fn reply_entry(op: &'static str, ino: u64, r: Result<Attr, VolumeError>, reply: ReplyEntry) {
     match r {
         Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -281,10 +288,7 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("release", ino = ino.0, fh = fh.0).entered();
-        match self.volume.release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("release", ino.0, &e)),
-        }
+        reply_empty("release", ino.0, self.volume.release(fh.0), reply);
     }
 
     /// Sent on every close(2): the file's pending changes are journaled (not yet synced).
@@ -297,10 +301,7 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("flush", ino = ino.0).entered();
-        match self.volume.flush(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("flush", ino.0, &e)),
-        }
+        reply_empty("flush", ino.0, self.volume.flush(ino.0), reply);
     }
 
     fn fsync(
@@ -312,10 +313,7 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("fsync", ino = ino.0, datasync).entered();
-        match self.volume.fsync(ino.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fsync", ino.0, &e)),
-        }
+        reply_empty("fsync", ino.0, self.volume.fsync(ino.0, datasync), reply);
     }
 
     fn fsyncdir(
@@ -327,10 +325,7 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("fsyncdir", ino = ino.0).entered();
-        match self.volume.sync_all() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fsyncdir", ino.0, &e)),
-        }
+        reply_empty("fsyncdir", ino.0, self.volume.sync_all(), reply);
     }
 
     fn write(
@@ -455,18 +450,22 @@ impl Filesystem for HorcruxFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("unlink", parent = parent.0, ?name).entered();
-        match self.volume.unlink(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("unlink", parent.0, &e)),
-        }
+        reply_empty(
+            "unlink",
+            parent.0,
+            self.volume.unlink(parent.0, name.as_bytes()),
+            reply,
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("rmdir", parent = parent.0, ?name).entered();
-        match self.volume.rmdir(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rmdir", parent.0, &e)),
-        }
+        reply_empty(
+            "rmdir",
+            parent.0,
+            self.volume.rmdir(parent.0, name.as_bytes()),
+            reply,
+        );
     }
 
     fn rename(
@@ -487,16 +486,18 @@ impl Filesystem for HorcruxFs {
             ?newname
         )
         .entered();
-        match self.volume.rename(
+        reply_empty(
+            "rename",
             parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rename", parent.0, &e)),
-        }
+            self.volume.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            ),
+            reply,
+        );
     }
 
     fn create(
@@ -537,10 +538,12 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
-        match self.volume.fallocate(ino.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fallocate", ino.0, &e)),
-        }
+        reply_empty(
+            "fallocate",
+            ino.0,
+            self.volume.fallocate(ino.0, offset, length, mode),
+            reply,
+        );
     }
 
     fn setxattr(
@@ -554,18 +557,22 @@ impl Filesystem for HorcruxFs {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("setxattr", ino = ino.0, ?name).entered();
-        match self.volume.setxattr(ino.0, name.as_bytes(), value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("setxattr", ino.0, &e)),
-        }
+        reply_empty(
+            "setxattr",
+            ino.0,
+            self.volume.setxattr(ino.0, name.as_bytes(), value, flags),
+            reply,
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = tracing::debug_span!("removexattr", ino = ino.0, ?name).entered();
-        match self.volume.removexattr(ino.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("removexattr", ino.0, &e)),
-        }
+        reply_empty(
+            "removexattr",
+            ino.0,
+            self.volume.removexattr(ino.0, name.as_bytes()),
+            reply,
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

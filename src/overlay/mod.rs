@@ -330,14 +330,7 @@ impl Overlay {
         let conn = self.journal.lock();
         let r = (|| {
             let tx = conn.unchecked_transaction()?;
-            for (k, v) in [
-                ("volume", base.volume.clone()),
-                ("base_commit", base.commit.clone()),
-                ("base_manifest", base.manifest.clone()),
-                ("base_max_ino", base.max_ino.to_string()),
-            ] {
-                tx.execute("INSERT OR REPLACE INTO meta VALUES (?1, ?2)", params![k, v])?;
-            }
+            journal_base(&tx, base)?;
             tx.commit()
         })();
         r.map_err(|e| self.sqlite_err(e))?;
@@ -700,14 +693,7 @@ impl Overlay {
             tx.execute_batch(
                 "DELETE FROM nodes; DELETE FROM dirents; DELETE FROM xattrs; DELETE FROM written;",
             )?;
-            for (k, v) in [
-                ("volume", base.volume.clone()),
-                ("base_commit", base.commit.clone()),
-                ("base_manifest", base.manifest.clone()),
-                ("base_max_ino", base.max_ino.to_string()),
-            ] {
-                tx.execute("INSERT OR REPLACE INTO meta VALUES (?1, ?2)", params![k, v])?;
-            }
+            journal_base(&tx, base)?;
             tx.commit()
         })();
         r.map_err(|e| self.sqlite_err(e))?;
@@ -746,6 +732,18 @@ impl Overlay {
             s.f_ffree as u64,
         ))
     }
+}
+
+fn journal_base(tx: &rusqlite::Transaction<'_>, base: &BaseInfo) -> rusqlite::Result<()> {
+    for (k, v) in [
+        ("volume", base.volume.clone()),
+        ("base_commit", base.commit.clone()),
+        ("base_manifest", base.manifest.clone()),
+        ("base_max_ino", base.max_ino.to_string()),
+    ] {
+        tx.execute("INSERT OR REPLACE INTO meta VALUES (?1, ?2)", params![k, v])?;
+    }
+    Ok(())
 }
 
 fn journal_op(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {

@@ -160,7 +160,7 @@ fn refuse_output_inside_input(input: &Path, output: &Path) -> anyhow::Result<()>
 }
 
 /// `$HORCRUX_AUTHOR`, else git's `user.name <user.email>`, else `$USER@hostname`.
-fn author() -> String {
+pub fn author() -> String {
     match std::env::var("HORCRUX_AUTHOR") {
         Ok(a) if !a.trim().is_empty() => return a.trim().to_string(),
         _ => {}

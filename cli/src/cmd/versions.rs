@@ -29,42 +29,18 @@ pub struct CommitArgs {
     /// The mountpoint of the volume, or any path inside it [default: the current directory]
     pub path: Option<PathBuf>,
     /// Who commits ("Name <email>")
-    #[arg(long, env = "HORCRUX_AUTHOR")]
+    #[arg(long)]
     pub author: Option<String>,
     /// Seconds to wait for the commit (it uploads what changed)
     #[arg(long, value_name = "SECS", default_value = "3600")]
     pub timeout: u64,
 }
 
-/// The author: git's identity if there is one, else user@host.
-fn default_author() -> String {
-    let git = |key: &str| {
-        std::process::Command::new("git")
-            .args(["config", "--get", key])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|s| !s.is_empty())
-    };
-    match (git("user.name"), git("user.email")) {
-        (Some(n), Some(e)) => format!("{n} <{e}>"),
-        (Some(n), None) => n,
-        _ => {
-            let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into());
-            format!("{user}@{host}")
-        }
-    }
-}
-
 pub fn run_commit(a: CommitArgs) -> anyhow::Result<()> {
     let loc = mounts::locate(&Target::from_arg(a.path.as_deref()))?;
     let req = Request::Commit {
         message: a.message,
-        author: a.author.unwrap_or_else(default_author),
+        author: a.author.unwrap_or_else(super::generate::author),
     };
     match mounts::request(&loc, &req, Duration::from_secs(a.timeout.max(1)))? {
         Response::Committed(r) => {
