@@ -319,6 +319,8 @@ pub enum Request {
     /// Make the changes a new version on the mounted branch; answered with
     /// [`Response::Committed`].
     Commit { message: String, author: String },
+    /// How the volume is mounted; answered with [`Response::Described`].
+    Describe,
 }
 
 /// What a daemon answers.
@@ -338,10 +340,29 @@ pub enum Response {
     },
     /// A new version was made and the branch moved to it; the mount is clean on top of it.
     Committed(CommitReport),
+    Described(MountInfo),
     /// The request failed; `message` is for the user.
     Error {
         message: String,
     },
+}
+
+/// How a volume is mounted: what `log`, `push`, `branch`... need to act on its repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub volume: String,
+    /// The access URL(s) as given to `mount` (comma-separated mirrors).
+    pub access: String,
+    /// The mounted branch, if a branch (not a tag or commit id) was mounted.
+    pub branch: Option<String>,
+    /// The reference given to `mount --ref`.
+    pub reference: String,
+    /// Hex id of the commit the volume sits on now.
+    pub commit: String,
+    pub mountpoint: String,
+    pub cache_dir: String,
+    pub overlay_dir: Option<String>,
+    pub read_only: bool,
 }
 
 /// What a commit made.
@@ -1018,6 +1039,7 @@ mod tests {
                     }])
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 3 },
+                Request::Describe => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),

@@ -855,7 +855,9 @@ D gone
                     Response::error("locked is open for writing")
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 4 },
-                Request::Ping | Request::Commit { .. } => Response::error("unused"),
+                Request::Ping | Request::Commit { .. } | Request::Describe => {
+                    Response::error("unused")
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub struct ControlHandler {
     pub repo: Repository,
     pub cache: Arc<Cache>,
     pub runtime: tokio::runtime::Handle,
+    /// How it was mounted (`commit` is filled in per request).
+    pub info: control::MountInfo,
 }
 
 impl ControlHandler {
@@ -140,6 +142,12 @@ impl Handler for ControlHandler {
                 })
             }),
             Request::Commit { message, author } => return self.commit(message, author),
+            Request::Describe => {
+                return Response::Described(control::MountInfo {
+                    commit: self.commit.lock().clone(),
+                    ..self.info.clone()
+                });
+            }
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

@@ -422,7 +422,7 @@ fn serve(
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
 
     let (fetch_config, mirror_config) = fetch_configs(a);
-    let (name, commit, manifest, source, overlay, branch) = runtime.block_on(async {
+    let (name, commit, manifest, source, overlay, branch, overlay_dir) = runtime.block_on(async {
         let stores = urls
             .iter()
             .map(crate::open_store)
@@ -459,7 +459,7 @@ fn serve(
             .manifest_id()
             .ok_or_else(|| anyhow!("commit {id} of volume `{name}` names no manifest"))?;
         let manifest = repo.manifest(mid, &cache).await?;
-        let overlay = match overlay {
+        let (overlay, overlay_dir) = match overlay {
             Some((ov, dir)) => {
                 ov.set_base(&BaseInfo {
                     volume: name.clone(),
@@ -468,16 +468,16 @@ fn serve(
                     max_ino: manifest.max_ino()?,
                 })
                 .with_context(|| format!("using the overlay {}", dir.display()))?;
-                Some(ov)
+                (Some(ov), Some(dir))
             }
-            None => None,
+            None => (None, None),
         };
         // Commits go onto the mounted branch (a tag or commit id has none).
         let branch = match repo.branch(&name, &a.reference).await {
             Ok(Some(_)) => Some(a.reference.clone()),
             _ => None,
         };
-        anyhow::Ok((name, id, manifest, source, overlay, branch))
+        anyhow::Ok((name, id, manifest, source, overlay, branch, overlay_dir))
     })?;
 
     let block_size = manifest.header().block_size;
@@ -526,6 +526,17 @@ fn serve(
             volume: volume.clone(),
             name: name.clone(),
             commit: parking_lot::Mutex::new(commit.to_hex()),
+            info: horcrux_proto::control::MountInfo {
+                volume: name.clone(),
+                access: a.access.clone(),
+                branch: branch.clone(),
+                reference: a.reference.clone(),
+                commit: commit.to_hex(),
+                mountpoint: mountpoint.display().to_string(),
+                cache_dir: cache_dir.display().to_string(),
+                overlay_dir: overlay_dir.as_ref().map(|d| d.display().to_string()),
+                read_only: !writable,
+            },
             branch,
             repo,
             cache: cache.clone(),
