@@ -1,6 +1,7 @@
 //! Versions of a writable volume: `commit` turns the overlay's changes into a new version of
 //! its repository (new chunks only for what changed), moves the branch by compare-and-swap, and
-//! rebases the live volume on it.
+//! rebases the live volume on it; `checkout` switches a live volume to another version;
+//! `reset --hard` moves its branch back (or anywhere) and switches.
 
 use std::sync::Arc;
 
@@ -33,6 +34,11 @@ pub enum VersionError {
         base: String,
         now: String,
     },
+    #[error(
+        "the volume has {changes} uncommitted change(s): commit them (`horcrux commit`), or throw \
+         them away with --discard"
+    )]
+    Dirty { changes: usize },
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -192,4 +198,100 @@ pub fn commit_volume(
         manifest: mid,
         stats,
     })
+}
+
+/// Where a checkout or reset left the volume.
+#[derive(Debug, Clone)]
+pub struct CheckoutReport {
+    pub commit: CommitId,
+    /// Changes thrown away (0 unless asked for).
+    pub discarded: usize,
+}
+
+/// Switch the writable `volume` to commit `target` of its volume. Uncommitted changes are
+/// refused unless `discard`; open files are always refused (their inode numbers would name
+/// other files). Blocking.
+pub fn checkout_volume(
+    volume: &Volume,
+    repo: &Repository,
+    cache: &Cache,
+    runtime: &Handle,
+    target: CommitId,
+    discard: bool,
+) -> Result<CheckoutReport, VersionError> {
+    let ov = volume.overlay().ok_or(VersionError::ReadOnly)?;
+    let base = ov.base().ok_or(VersionError::ReadOnly)?;
+    let commit = runtime.block_on(repo.commit(target))?;
+    let mid = commit.manifest_id().ok_or_else(|| VersionError::Io {
+        what: format!("commit {target}"),
+        source: std::io::Error::other("names no manifest"),
+    })?;
+    // Download before freezing: the mount stays usable meanwhile.
+    let manifest = runtime.block_on(repo.manifest(mid, cache))?;
+    ov.flush_all().map_err(VolumeError::from)?;
+    let frozen = volume.freeze()?;
+    let changes = frozen.change_count()?;
+    if changes > 0 && !discard {
+        return Err(VersionError::Dirty { changes });
+    }
+    let max_ino = manifest.max_ino().map_err(RepoError::from)?;
+    frozen.switch_to(
+        manifest,
+        &BaseInfo {
+            volume: base.volume.clone(),
+            commit: target.to_hex(),
+            manifest: mid.to_hex(),
+            max_ino,
+        },
+    )?;
+    tracing::info!(commit = %target, discarded = changes, "checked out");
+    Ok(CheckoutReport {
+        commit: target,
+        discarded: changes,
+    })
+}
+
+/// `reset --hard`: move `branch` (where the volume sits now) to `target` by compare-and-swap,
+/// throw the volume's changes away and switch it there.
+pub fn reset_hard(
+    volume: &Volume,
+    repo: &Repository,
+    cache: &Cache,
+    runtime: &Handle,
+    branch: &str,
+    target: CommitId,
+) -> Result<CheckoutReport, VersionError> {
+    let ov = volume.overlay().ok_or(VersionError::ReadOnly)?;
+    let base = ov.base().ok_or(VersionError::ReadOnly)?;
+    let here: CommitId = base.commit.parse().map_err(|_| VersionError::Io {
+        what: format!("overlay {}", ov.dir().display()),
+        source: std::io::Error::other(format!("bad base commit `{}`", base.commit)),
+    })?;
+    // The target must exist before anything moves.
+    runtime.block_on(repo.commit(target))?;
+    if volume.freeze()?.open_files() > 0 {
+        return Err(VolumeError::Busy(
+            "files are open in the volume; stop the applications using it and retry".into(),
+        )
+        .into());
+    }
+    runtime.block_on(async {
+        match repo
+            .set_branch(&base.volume, branch, Some(here), target)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(RepoError::Store(StoreError::CasConflict { .. })) => {
+                let now = repo.branch(&base.volume, branch).await?;
+                Err(VersionError::BranchMoved {
+                    volume: base.volume.clone(),
+                    branch: branch.to_string(),
+                    base: here.short(),
+                    now: now.map_or("nothing".into(), |c| c.short()),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    })?;
+    checkout_volume(volume, repo, cache, runtime, target, true)
 }

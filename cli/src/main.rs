@@ -104,6 +104,10 @@ enum Command {
     Discard(cmd::changes::DiscardArgs),
     /// Make a mounted volume's changes a new version on its branch
     Commit(cmd::versions::CommitArgs),
+    /// Switch a mounted volume to another branch, tag or commit
+    Checkout(cmd::versions::CheckoutArgs),
+    /// Move the mounted branch to another commit, throwing changes away (--hard)
+    Reset(cmd::versions::ResetArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -181,6 +185,8 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd::changes::run_diff(a),
         Command::Discard(a) => cmd::changes::run_discard(a),
         Command::Commit(a) => cmd::versions::run_commit(a),
+        Command::Checkout(a) => cmd::versions::run_checkout(a),
+        Command::Reset(a) => cmd::versions::run_reset(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -108,6 +108,7 @@ mod tests {
             ctime: 20,
             rdev: libc::makedev(1, 3),
             blksize: 4096,
+            generation: 0,
         };
         let f = file_attr(&a);
         assert_eq!(f.ino, INodeNo(7));

@@ -97,7 +97,7 @@ impl DirSink for PlusSink<'_> {
             OsStr::from_bytes(name),
             &TTL,
             &file_attr(attr),
-            Generation(0),
+            Generation(attr.generation),
         )
     }
 }
@@ -135,6 +135,7 @@ fn reply_negative(reply: ReplyEntry) {
         ctime: 0,
         rdev: 0,
         blksize: 0,
+        generation: 0,
     };
     reply.entry(&TTL, &file_attr(&none), Generation(0));
 }
@@ -172,7 +173,7 @@ fn reply_empty(op: &'static str, ino: u64, r: Result<(), VolumeError>, reply: Re
 
 fn reply_entry(op: &'static str, ino: u64, r: Result<Attr, VolumeError>, reply: ReplyEntry) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
         Err(e) => reply.error(fail(op, ino, &e)),
     }
 }
@@ -225,7 +226,7 @@ impl Filesystem for HorcruxFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = tracing::debug_span!("lookup", parent = parent.0, ?name).entered();
         match self.volume.lookup(parent.0, name.as_bytes()) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
             Err(VolumeError::NotFound) => reply_negative(reply),
             Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }
@@ -519,7 +520,7 @@ impl Filesystem for HorcruxFs {
             Ok((a, fh)) => reply.created(
                 &TTL,
                 &file_attr(&a),
-                Generation(0),
+                Generation(a.generation),
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),

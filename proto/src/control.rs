@@ -321,6 +321,11 @@ pub enum Request {
     Commit { message: String, author: String },
     /// How the volume is mounted; answered with [`Response::Described`].
     Describe,
+    /// Switch the volume to revision `rev` (a branch makes later commits go there); refused
+    /// with uncommitted changes unless `discard`. Answered with [`Response::CheckedOut`].
+    Checkout { rev: String, discard: bool },
+    /// Move the mounted branch to `rev`, throwing the changes away, and switch there.
+    ResetHard { rev: String },
 }
 
 /// What a daemon answers.
@@ -341,6 +346,12 @@ pub enum Response {
     /// A new version was made and the branch moved to it; the mount is clean on top of it.
     Committed(CommitReport),
     Described(MountInfo),
+    /// The volume now shows `commit`; commits go to `branch` (none for a tag or commit id).
+    CheckedOut {
+        commit: String,
+        branch: Option<String>,
+        discarded: u64,
+    },
     /// The request failed; `message` is for the user.
     Error {
         message: String,
@@ -1039,7 +1050,9 @@ mod tests {
                     }])
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 3 },
-                Request::Describe => Response::error("unused"),
+                Request::Describe | Request::Checkout { .. } | Request::ResetHard { .. } => {
+                    Response::error("unused")
+                }
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),

@@ -20,6 +20,9 @@ pub struct Attr {
     pub ctime: TimeNs,
     pub rdev: u64,
     pub blksize: u32,
+    /// Bumped when a checkout switches the volume to another version: inode numbers then name
+    /// other files, and the kernel must not take a cached inode for the new one.
+    pub generation: u64,
 }
 
 impl Attr {
@@ -38,6 +41,7 @@ impl Attr {
             ctime: n.ctime,
             rdev: n.rdev,
             blksize: block_size.min(1 << 20),
+            generation: 0,
         }
     }
 }

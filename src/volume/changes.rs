@@ -179,7 +179,7 @@ impl Volume {
         })
     }
 
-    fn changes(&self, st: &State) -> Result<Vec<Change>, VolumeError> {
+    pub(super) fn changes(&self, st: &State) -> Result<Vec<Change>, VolumeError> {
         let mut paths = Paths::new(self, st);
         // Base nodes that have an entry of the overlay somewhere: moved or linked.
         let placed: HashSet<u64> = st

@@ -142,6 +142,8 @@ pub struct Volume {
     kernel: parking_lot::RwLock<Option<Arc<dyn KernelCache>>>,
     /// Held shared by a data write for its whole length, exclusively by a freeze.
     gate: parking_lot::RwLock<()>,
+    /// Inode generation: bumped by each checkout (see [`Attr::generation`]).
+    generation: AtomicU64,
 }
 
 /// Largest sequential prefetch window.
@@ -189,6 +191,7 @@ impl Volume {
             base_max: AtomicU64::new(base_max),
             kernel: parking_lot::RwLock::new(None),
             gate: parking_lot::RwLock::new(()),
+            generation: AtomicU64::new(0),
             manifest: parking_lot::RwLock::new(manifest),
             fetcher,
             runtime,
@@ -231,6 +234,7 @@ impl Volume {
 
     fn attr(&self, n: &Node) -> Attr {
         let mut a = Attr::from_node(n, self.manifest().header().block_size);
+        a.generation = self.generation.load(Ordering::Relaxed);
         if self.overlay.is_some() {
             // Unlinked-but-open files report 0 links.
             a.nlink = n.nlink;

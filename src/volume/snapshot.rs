@@ -181,6 +181,14 @@ impl Frozen<'_> {
         self.st.is_clean()
     }
 
+    /// How many paths changed (as `status` lists them; at least 1 when anything did).
+    pub fn change_count(&self) -> Result<usize, VolumeError> {
+        if self.st.is_clean() {
+            return Ok(0);
+        }
+        Ok(self.vol.changes(&self.st)?.len().max(1))
+    }
+
     /// Write the volume's tree as it is now into a new catalog at `out` (inode numbers kept,
     /// so a live mount can switch to it), handing new chunk contents to `sink`.
     pub fn write_catalog(
@@ -322,7 +330,8 @@ impl Frozen<'_> {
     }
 
     /// Make `manifest` (the catalog written by [`Self::write_catalog`], now committed as
-    /// `base`) the volume's base, with a clean overlay. Journaled in one transaction.
+    /// `base`) the volume's base, with a clean overlay. Journaled in one transaction. Nothing a
+    /// reader sees changes (same content, same inode numbers).
     pub fn rebase(self, manifest: Arc<Manifest>, base: &BaseInfo) -> Result<(), VolumeError> {
         let vol = self.vol;
         let ov = vol.overlay_or_ro()?;
@@ -332,6 +341,39 @@ impl Frozen<'_> {
         vol.base_max.store(base.max_ino, Ordering::SeqCst);
         vol.chunk_infos.lock().clear();
         *vol.statfs.lock() = None;
+        Ok(())
+    }
+
+    /// Open file handles (a switch to another version needs none).
+    pub fn open_files(&self) -> usize {
+        self.vol.handles.lock().len()
+    }
+
+    /// Switch the volume to another version, `manifest` committed as `base`, throwing away
+    /// any changes (the caller checked the user asked for that). Refused while files are open.
+    /// Inode numbers then name other files: the generation is bumped and the kernel is told to
+    /// drop every name it cached under the root (which drops the subtrees below them).
+    pub fn switch_to(self, manifest: Arc<Manifest>, base: &BaseInfo) -> Result<(), VolumeError> {
+        let open = self.open_files();
+        if open > 0 {
+            return Err(VolumeError::Busy(format!(
+                "{open} file(s) are open in the volume; stop the applications using it and retry"
+            )));
+        }
+        let vol = self.vol;
+        let mut names = Names(Vec::new());
+        vol.readdir_from(&self.st, ROOT_INO, 0, &mut names)?;
+        vol.generation.fetch_add(1, Ordering::SeqCst);
+        self.rebase(manifest, base)?;
+        vol.readdir(ROOT_INO, 0, &mut names)?;
+        if let Some(k) = vol.kernel.read().clone() {
+            names.0.sort();
+            names.0.dedup();
+            for (name, _) in &names.0 {
+                k.inval_entry(ROOT_INO, name);
+            }
+            k.inval_inode(ROOT_INO);
+        }
         Ok(())
     }
 }

@@ -855,9 +855,7 @@ D gone
                     Response::error("locked is open for writing")
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 4 },
-                Request::Ping | Request::Commit { .. } | Request::Describe => {
-                    Response::error("unused")
-                }
+                _ => Response::error("unused"),
             }
         }
     }

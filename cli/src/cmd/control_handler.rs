@@ -6,7 +6,7 @@ use std::sync::Arc;
 use horcrux::cache::Cache;
 use horcrux::manifest::NodeKind;
 use horcrux::repo::Repository;
-use horcrux::versions::{CommitRequest, commit_volume};
+use horcrux::versions::{CommitRequest, checkout_volume, commit_volume, reset_hard};
 use horcrux::volume::{self, Volume};
 use horcrux_proto::control::{self, Handler, Request, Response, WirePath};
 use parking_lot::Mutex;
@@ -19,7 +19,7 @@ pub struct ControlHandler {
     /// The commit the volume sits on (moves with each commit).
     pub commit: Mutex<String>,
     /// The mounted branch; `None` when a tag or commit is mounted (nothing to commit onto).
-    pub branch: Option<String>,
+    pub branch: Mutex<Option<String>>,
     pub repo: Repository,
     pub cache: Arc<Cache>,
     pub runtime: tokio::runtime::Handle,
@@ -28,8 +28,76 @@ pub struct ControlHandler {
 }
 
 impl ControlHandler {
+    /// The commit `rev` names: `HEAD` is where the volume is, else a branch, tag or commit id.
+    fn resolve(&self, rev: &str) -> Result<horcrux::ids::CommitId, String> {
+        if rev == "HEAD" {
+            return self
+                .commit
+                .lock()
+                .parse()
+                .map_err(|_| "bad HEAD".to_string());
+        }
+        self.runtime
+            .block_on(self.repo.resolve(&self.name, rev))
+            .map_err(|e| e.to_string())
+    }
+
+    /// `checkout REV` (or `reset --hard REV` when `reset`).
+    fn checkout(&self, rev: &str, discard: bool, reset: bool) -> Response {
+        let target = match self.resolve(rev) {
+            Ok(t) => t,
+            Err(e) => return Response::error(e),
+        };
+        let r = if reset {
+            let Some(branch) = self.branch.lock().clone() else {
+                return Response::error(
+                    "the mount shows a tag or commit id, not a branch: there is no branch to reset",
+                );
+            };
+            reset_hard(
+                &self.volume,
+                &self.repo,
+                &self.cache,
+                &self.runtime,
+                &branch,
+                target,
+            )
+        } else {
+            checkout_volume(
+                &self.volume,
+                &self.repo,
+                &self.cache,
+                &self.runtime,
+                target,
+                discard,
+            )
+        };
+        match r {
+            Ok(r) => {
+                *self.commit.lock() = r.commit.to_hex();
+                if !reset {
+                    // A branch name makes later commits go there; anything else detaches.
+                    let is_branch = matches!(
+                        self.runtime.block_on(self.repo.branch(&self.name, rev)),
+                        Ok(Some(_))
+                    );
+                    *self.branch.lock() = is_branch.then(|| rev.to_string());
+                }
+                Response::CheckedOut {
+                    commit: r.commit.to_hex(),
+                    branch: self.branch.lock().clone(),
+                    discarded: r.discarded as u64,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkout failed");
+                Response::error(e.to_string())
+            }
+        }
+    }
+
     fn commit(&self, message: String, author: String) -> Response {
-        let Some(branch) = self.branch.clone() else {
+        let Some(branch) = self.branch.lock().clone() else {
             return Response::error(format!(
                 "the mount shows commit {} (a tag or commit id, not a branch): there is no branch                  to commit onto; mount a branch to commit",
                 self.commit.lock()
@@ -145,9 +213,12 @@ impl Handler for ControlHandler {
             Request::Describe => {
                 return Response::Described(control::MountInfo {
                     commit: self.commit.lock().clone(),
+                    branch: self.branch.lock().clone(),
                     ..self.info.clone()
                 });
             }
+            Request::Checkout { rev, discard } => return self.checkout(&rev, discard, false),
+            Request::ResetHard { rev } => return self.checkout(&rev, true, true),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

@@ -537,7 +537,7 @@ fn serve(
                 overlay_dir: overlay_dir.as_ref().map(|d| d.display().to_string()),
                 read_only: !writable,
             },
-            branch,
+            branch: parking_lot::Mutex::new(branch),
             repo,
             cache: cache.clone(),
             runtime: runtime.handle().clone(),

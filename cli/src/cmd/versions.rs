@@ -60,3 +60,96 @@ pub fn run_commit(a: CommitArgs) -> anyhow::Result<()> {
         other => Err(anyhow!("unexpected answer from the daemon: {other:?}")),
     }
 }
+
+const CHECKOUT_HELP: &str = "\
+Switches a live writable mount to another version: a branch (later commits go there), a tag or
+a commit id (`HEAD` is the current one). Refused while the volume has uncommitted changes
+(commit them, or add --discard to throw them away) and while files are open in it (stop the
+applications using it first): the same inode numbers name other files afterwards.
+
+Examples:
+  horcrux checkout experiment /var/lib/mysql
+  horcrux checkout 3f2a9c1 --discard";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = CHECKOUT_HELP)]
+pub struct CheckoutArgs {
+    /// Branch, tag or commit id to show
+    pub rev: String,
+    /// The mountpoint of the volume, or any path inside it [default: the current directory]
+    pub path: Option<PathBuf>,
+    /// Throw away uncommitted changes
+    #[arg(long)]
+    pub discard: bool,
+}
+
+const RESET_HELP: &str = "\
+Moves the mounted branch to REV (by compare-and-swap: refused if someone moved the branch
+meanwhile), throws away every uncommitted change, and switches the mount there. --hard is
+required: it is the only kind of reset, and it throws work away. Refused while files are open
+in the volume.
+
+Example:
+  horcrux reset --hard 3f2a9c1 /var/lib/mysql";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = RESET_HELP)]
+pub struct ResetArgs {
+    /// Throw away uncommitted changes and move the branch (required)
+    #[arg(long)]
+    pub hard: bool,
+    /// Branch, tag or commit id to move the branch to
+    pub rev: String,
+    /// The mountpoint of the volume, or any path inside it [default: the current directory]
+    pub path: Option<PathBuf>,
+}
+
+fn switch(path: Option<&std::path::Path>, req: Request) -> anyhow::Result<()> {
+    let loc = mounts::locate(&Target::from_arg(path))?;
+    match mounts::request(&loc, &req, Duration::from_secs(600))? {
+        Response::CheckedOut {
+            commit,
+            branch,
+            discarded,
+        } => {
+            println!(
+                "{} now shows {}{}{}",
+                loc.mountpoint.display(),
+                &commit[..12.min(commit.len())],
+                match branch {
+                    Some(b) => format!(" (branch {b})"),
+                    None => " (no branch: commits are refused until a branch is checked out)"
+                        .to_string(),
+                },
+                if discarded > 0 {
+                    format!("; {discarded} change(s) thrown away")
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        other => Err(anyhow!("unexpected answer from the daemon: {other:?}")),
+    }
+}
+
+pub fn run_checkout(a: CheckoutArgs) -> anyhow::Result<()> {
+    switch(
+        a.path.as_deref(),
+        Request::Checkout {
+            rev: a.rev,
+            discard: a.discard,
+        },
+    )
+}
+
+pub fn run_reset(a: ResetArgs) -> anyhow::Result<()> {
+    if !a.hard {
+        anyhow::bail!(
+            "reset throws uncommitted work away and moves the branch: say so with --hard \
+             (`horcrux reset --hard {}`)",
+            a.rev
+        );
+    }
+    switch(a.path.as_deref(), Request::ResetHard { rev: a.rev })
+}
