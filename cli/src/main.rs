@@ -104,6 +104,14 @@ enum Command {
     Discard(cmd::changes::DiscardArgs),
     /// Make a mounted volume's changes a new version on its branch
     Commit(cmd::versions::CommitArgs),
+    /// List the versions of a volume, newest first (id, author, date, message, parents)
+    Log(cmd::history::LogArgs),
+    /// Show one version of a volume in detail
+    Show(cmd::history::ShowArgs),
+    /// List the branches of a volume, or create one at a revision
+    Branch(cmd::history::BranchArgs),
+    /// List the tags of a volume, or create one (an immutable name for a version)
+    Tag(cmd::history::TagArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -181,6 +189,10 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd::changes::run_diff(a),
         Command::Discard(a) => cmd::changes::run_discard(a),
         Command::Commit(a) => cmd::versions::run_commit(a),
+        Command::Log(a) => cmd::history::run_log(a),
+        Command::Show(a) => cmd::history::run_show(a),
+        Command::Branch(a) => cmd::history::run_branch(a),
+        Command::Tag(a) => cmd::history::run_tag(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),
