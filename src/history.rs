@@ -217,7 +217,7 @@ pub async fn walk(
             break;
         }
         if let Some(p) = first_parent(&r.commit) {
-            if !limit.is_some_and(|l| commits.len() + 1 >= l) {
+            if limit.is_none_or(|l| commits.len() + 1 < l) {
                 match load(repo, p).await? {
                     Some(commit) => next = Some(Resolved { id: p, commit }),
                     None => missing_parent = Some(p),

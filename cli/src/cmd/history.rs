@@ -74,7 +74,7 @@ pub struct VolumeArgs {
 #[command(after_long_help = format!("{LOG_HELP}\n\n{COMMON_HELP}"))]
 pub struct LogArgs {
     /// [REV] [PATH]: the revision to start from [default: HEAD], and the mount
-    #[arg(value_name = "REV|PATH", num_args = 0..=2)]
+    #[arg(value_name = "REV|PATH")]
     pub args: Vec<OsString>,
     /// Show at most N commits
     #[arg(short = 'n', long = "max-count", value_name = "N")]
@@ -105,7 +105,7 @@ Examples:
 #[command(after_long_help = format!("{SHOW_HELP}\n\n{COMMON_HELP}"))]
 pub struct ShowArgs {
     /// [REV] [PATH]: the revision [default: HEAD], and the mount
-    #[arg(value_name = "REV|PATH", num_args = 0..=2)]
+    #[arg(value_name = "REV|PATH")]
     pub args: Vec<OsString>,
     /// The commit as a JSON object (the fields of `log --json`)
     #[arg(long)]
@@ -136,7 +136,7 @@ Examples:
 #[command(after_long_help = format!("{BRANCH_HELP}\n\n{COMMON_HELP}"))]
 pub struct BranchArgs {
     /// [NAME [REV]] [PATH]: the branch to create, where [default: HEAD], and the mount
-    #[arg(value_name = "NAME|REV|PATH", num_args = 0..=3)]
+    #[arg(value_name = "NAME|REV|PATH")]
     pub args: Vec<OsString>,
     /// Delete branch NAME (not supported yet; see below)
     #[arg(short = 'd', long)]
@@ -169,7 +169,7 @@ Examples:
 #[command(after_long_help = format!("{TAG_HELP}\n\n{COMMON_HELP}"))]
 pub struct TagArgs {
     /// [NAME [REV]] [PATH]: the tag to create, where [default: HEAD], and the mount
-    #[arg(value_name = "NAME|REV|PATH", num_args = 0..=3)]
+    #[arg(value_name = "NAME|REV|PATH")]
     pub args: Vec<OsString>,
     /// Delete tag NAME (not supported yet; see below)
     #[arg(short = 'd', long)]
@@ -250,7 +250,9 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn open(v: &VolumeArgs, path: Option<PathBuf>) -> anyhow::Result<Ctx> {
+    /// `words` are the revisions and names given, for a hint when one of them was meant as
+    /// the mount.
+    fn open(v: &VolumeArgs, path: Option<PathBuf>, words: &[String]) -> anyhow::Result<Ctx> {
         crate::init_logging(None)?;
         let rt = tokio::runtime::Runtime::new()?;
         if let Some(access) = &v.access {
@@ -279,8 +281,20 @@ impl Ctx {
                 mountpoint: None,
             });
         }
+        let explicit = path.is_some();
         let loc = mounts::locate(&Target::from_arg(path.as_deref())).map_err(|e| {
-            anyhow!("{e:#}; or read a repository without a mount: --access URL [--name VOLUME]")
+            let meant = words
+                .iter()
+                .find(|w| !explicit && std::path::Path::new(w.as_str()).exists());
+            match meant {
+                Some(w) => anyhow!(
+                    "{e:#}; `{w}` was read as a revision, not as a path: a path needs a `/` \
+                     (./{w}) or -C {w}"
+                ),
+                None => anyhow!(
+                    "{e:#}; or read a repository without a mount: --access URL [--name VOLUME]"
+                ),
+            }
         })?;
         let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
             Response::Described(i) => i,
@@ -370,7 +384,7 @@ fn indented(msg: &str) -> String {
 
 pub fn run_log(a: LogArgs) -> anyhow::Result<()> {
     let (words, path) = split_args(&a.args, 1, "[REV] [PATH]", &a.volume)?;
-    let ctx = Ctx::open(&a.volume, path)?;
+    let ctx = Ctx::open(&a.volume, path, &words)?;
     let rev = words.first().map_or(HEAD, String::as_str);
     let start = ctx.resolve(rev)?;
     let walk = ctx
@@ -425,7 +439,7 @@ pub fn run_log(a: LogArgs) -> anyhow::Result<()> {
 
 pub fn run_show(a: ShowArgs) -> anyhow::Result<()> {
     let (words, path) = split_args(&a.args, 1, "[REV] [PATH]", &a.volume)?;
-    let ctx = Ctx::open(&a.volume, path)?;
+    let ctx = Ctx::open(&a.volume, path, &words)?;
     let rev = words.first().map_or(HEAD, String::as_str);
     let r = ctx.resolve(rev)?;
     let refs = ctx.refs()?;
@@ -491,7 +505,7 @@ fn refs_command(
     if json && !words.is_empty() {
         bail!("--json is for listing; it takes no name");
     }
-    let ctx = Ctx::open(v, path)?;
+    let ctx = Ctx::open(v, path, &words)?;
     let Some(name) = words.first() else {
         return list_refs(&ctx, kind, json);
     };
@@ -534,10 +548,12 @@ fn list_refs(ctx: &Ctx, kind: Kind, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let width = list.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-    if kind == Kind::Branch && ctx.head_branch.is_none() && ctx.mountpoint.is_some() {
-        if let Some(h) = ctx.head {
-            writeln!(out, "* (HEAD detached at {})", h.short())?;
-        }
+    if kind == Kind::Branch
+        && ctx.head_branch.is_none()
+        && ctx.mountpoint.is_some()
+        && let Some(h) = ctx.head
+    {
+        writeln!(out, "* (HEAD detached at {})", h.short())?;
     }
     for (n, c) in list {
         let message = ctx
@@ -545,8 +561,12 @@ fn list_refs(ctx: &Ctx, kind: Kind, json: bool) -> anyhow::Result<()> {
             .block_on(ctx.repo.commit(*c))
             .map(|c| first_line(&c.message).to_string())
             .unwrap_or_else(|e| format!("({e})"));
-        let mark = if is_head(n) { '*' } else { ' ' };
-        writeln!(out, "{mark} {n:width$}  {}  {message}", c.short())?;
+        let mark = match kind {
+            Kind::Branch if is_head(n) => "* ",
+            Kind::Branch => "  ",
+            Kind::Tag => "",
+        };
+        writeln!(out, "{mark}{n:width$}  {}  {message}", c.short())?;
     }
     Ok(())
 }
@@ -565,10 +585,11 @@ fn delete_ref(ctx: &Ctx, kind: Kind, name: &str) -> anyhow::Result<()> {
             kind.word()
         );
     }
-    if kind == Kind::Branch && ctx.head_branch.as_deref() == Some(name) {
-        if let Some(mp) = &ctx.mountpoint {
-            bail!("cannot delete branch `{name}`: it is the branch mounted at {mp}");
-        }
+    if kind == Kind::Branch
+        && ctx.head_branch.as_deref() == Some(name)
+        && let Some(mp) = &ctx.mountpoint
+    {
+        bail!("cannot delete branch `{name}`: it is the branch mounted at {mp}");
     }
     bail!(
         "deleting a {} is not supported yet: repositories cannot remove a key until `gc` comes \
