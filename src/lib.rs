@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod format;
 pub mod generate;
 pub mod hashtree;
+pub mod history;
 pub mod ids;
 pub mod manifest;
 pub mod overlay;

@@ -242,6 +242,62 @@ impl Repository {
         Ok(())
     }
 
+    /// Branches of a volume and the commits they point at, sorted by name.
+    pub async fn branches(&self, volume: &str) -> Result<Vec<(String, CommitId)>, RepoError> {
+        self.refs_under(volume, "heads").await
+    }
+
+    /// Tags of a volume and the commits they point at, sorted by name.
+    pub async fn tags(&self, volume: &str) -> Result<Vec<(String, CommitId)>, RepoError> {
+        self.refs_under(volume, "tags").await
+    }
+
+    /// The refs of `volume` under `refs/<kind>/`.
+    async fn refs_under(
+        &self,
+        volume: &str,
+        kind: &str,
+    ) -> Result<Vec<(String, CommitId)>, RepoError> {
+        format::check_volume_name(volume)?;
+        let prefix = format!("{}refs/{kind}/", format::volume_prefix(volume));
+        let mut out = Vec::new();
+        for key in self.store.list(&prefix).await? {
+            let Some(name) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if format::check_ref_name(name).is_err() {
+                continue; // temporary files, locks, anything not a ref
+            }
+            match self.store.get(&key).await {
+                Ok(b) => out.push((name.to_string(), self.parse_ref(&key, &b)?)),
+                Err(e) if e.is_not_found() => {} // deleted meanwhile
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Current commit of a tag, if the tag exists.
+    pub async fn tag(&self, volume: &str, tag: &str) -> Result<Option<CommitId>, RepoError> {
+        let key = tag_key(volume, tag);
+        match self.store.get(&key).await {
+            Ok(b) => Ok(Some(self.parse_ref(&key, &b)?)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Create tag `tag` at `id`, by compare-and-swap from absent: an existing tag (even at the
+    /// same commit) fails with a [`StoreError::CasConflict`]. Tags never move.
+    pub async fn create_tag(&self, volume: &str, tag: &str, id: CommitId) -> Result<(), RepoError> {
+        format::check_volume_name(volume)?;
+        format::check_ref_name(tag)?;
+        self.store
+            .compare_and_swap(&tag_key(volume, tag), None, Bytes::from(format!("{id}\n")))
+            .await?;
+        Ok(())
+    }
+
     pub async fn commit(&self, id: CommitId) -> Result<Commit, RepoError> {
         let bytes = self.store.get(&commit_key(&id)).await?;
         Ok(Commit::decode(id, &bytes)?)

@@ -108,6 +108,14 @@ enum Command {
     Checkout(cmd::versions::CheckoutArgs),
     /// Move the mounted branch to another commit, throwing changes away (--hard)
     Reset(cmd::versions::ResetArgs),
+    /// List the versions of a volume, newest first (id, author, date, message, parents)
+    Log(cmd::history::LogArgs),
+    /// Show one version of a volume in detail
+    Show(cmd::history::ShowArgs),
+    /// List the branches of a volume, or create one at a revision
+    Branch(cmd::history::BranchArgs),
+    /// List the tags of a volume, or create one (an immutable name for a version)
+    Tag(cmd::history::TagArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -187,6 +195,10 @@ fn main() -> ExitCode {
         Command::Commit(a) => cmd::versions::run_commit(a),
         Command::Checkout(a) => cmd::versions::run_checkout(a),
         Command::Reset(a) => cmd::versions::run_reset(a),
+        Command::Log(a) => cmd::history::run_log(a),
+        Command::Show(a) => cmd::history::run_show(a),
+        Command::Branch(a) => cmd::history::run_branch(a),
+        Command::Tag(a) => cmd::history::run_tag(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -6,5 +6,6 @@ pub mod control_handler;
 pub mod copy;
 pub mod demo;
 pub mod generate;
+pub mod history;
 pub mod mount;
 pub mod versions;
