@@ -104,6 +104,10 @@ enum Command {
     Discard(cmd::changes::DiscardArgs),
     /// Make a mounted volume's changes a new version on its branch
     Commit(cmd::versions::CommitArgs),
+    /// Send a mounted volume's branch to another repository (only what it lacks)
+    Push(cmd::remotes::PushArgs),
+    /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
+    Clone(cmd::remotes::CloneArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -181,6 +185,8 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd::changes::run_diff(a),
         Command::Discard(a) => cmd::changes::run_discard(a),
         Command::Commit(a) => cmd::versions::run_commit(a),
+        Command::Push(a) => cmd::remotes::run_push(a),
+        Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -7,4 +7,5 @@ pub mod copy;
 pub mod demo;
 pub mod generate;
 pub mod mount;
+pub mod remotes;
 pub mod versions;
