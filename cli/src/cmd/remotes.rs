@@ -194,14 +194,15 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
             .branch(&volume, &branch)
             .await?
             .ok_or_else(|| anyhow!("volume `{volume}` has no branch `{branch}` in {access}"))?;
-        if let Some(info) = &mounted {
-            if info.commit != head.to_hex() && info.branch.as_deref() == Some(branch.as_str()) {
-                eprintln!(
-                    "note: {branch} is at {} in {access}; the mount shows {}",
-                    head.short(),
-                    short(&info.commit)
-                );
-            }
+        if let Some(info) = mounted
+            .as_ref()
+            .filter(|i| i.commit != head.to_hex() && i.branch.as_deref() == Some(branch.as_str()))
+        {
+            eprintln!(
+                "note: {branch} is at {} in {access}; the mount shows {}",
+                head.short(),
+                short(&info.commit)
+            );
         }
         let mut refs = vec![format!("heads/{branch}")];
         if a.tags {
@@ -271,17 +272,16 @@ fn warn_uncommitted(loc: &mounts::Located, info: &MountInfo) {
         return;
     }
     if let Ok(Response::Status(s)) = mounts::request(loc, &Request::Status, Duration::from_secs(30))
+        && !s.changes.is_empty()
     {
-        if !s.changes.is_empty() {
-            eprintln!(
-                "warning: {} has {} uncommitted change{} ({}): they are not pushed; `horcrux \
-                 commit` first to include them",
-                loc.mountpoint.display(),
-                s.changes.len(),
-                if s.changes.len() == 1 { "" } else { "s" },
-                human_size(s.bytes_changed)
-            );
-        }
+        eprintln!(
+            "warning: {} has {} uncommitted change{} ({}): they are not pushed; `horcrux \
+             commit` first to include them",
+            loc.mountpoint.display(),
+            s.changes.len(),
+            if s.changes.len() == 1 { "" } else { "s" },
+            human_size(s.bytes_changed)
+        );
     }
 }
 
