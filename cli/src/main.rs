@@ -116,6 +116,10 @@ enum Command {
     Branch(cmd::history::BranchArgs),
     /// List the tags of a volume, or create one (an immutable name for a version)
     Tag(cmd::history::TagArgs),
+    /// Send a mounted volume's branch to another repository (only what it lacks)
+    Push(cmd::remotes::PushArgs),
+    /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
+    Clone(cmd::remotes::CloneArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -199,6 +203,8 @@ fn main() -> ExitCode {
         Command::Show(a) => cmd::history::run_show(a),
         Command::Branch(a) => cmd::history::run_branch(a),
         Command::Tag(a) => cmd::history::run_tag(a),
+        Command::Push(a) => cmd::remotes::run_push(a),
+        Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

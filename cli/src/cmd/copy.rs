@@ -51,6 +51,7 @@ pub fn run(a: CopyArgs) -> anyhow::Result<()> {
             volumes: a.names.clone(),
             force: a.force,
             concurrency: a.jobs,
+            ..Default::default()
         };
         let t = std::time::Instant::now();
         let r = copy(&src, dst, &opts, &Bar(bar.clone())).await?;
@@ -60,7 +61,7 @@ pub fn run(a: CopyArgs) -> anyhow::Result<()> {
             r.chunks_copied,
             r.chunks,
             human_size(r.bytes_copied),
-            r.commits,
+            r.commits_copied,
             t.elapsed().as_secs_f64(),
             if r.refs_updated.is_empty() {
                 "none".to_string()

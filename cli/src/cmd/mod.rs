@@ -8,4 +8,5 @@ pub mod demo;
 pub mod generate;
 pub mod history;
 pub mod mount;
+pub mod remotes;
 pub mod versions;
