@@ -592,13 +592,10 @@ fn clone_between_stores_whole_and_shallow() {
     assert_eq!(fs::read(m.path("small")).unwrap(), b"second version\n");
     assert_eq!(fs::read(m.path("d/a")).unwrap(), b"alpha\n");
     m.unmount();
-    // `log` of a shallow copy lists what is there and says where the history goes on. (`log`
-    // comes with the history commands; until they are merged this check has nothing to run.)
-    if access.run(&[os("log"), os("--help")]).status.success() {
-        let log = access.ok(&[os("log"), os("--access"), os(&url(&shallow))]);
-        assert!(log.contains(&third) || log.contains(&third[..12]), "{log}");
-        assert!(log.contains("shallow"), "{log}");
-    }
+    // `log` of a shallow copy lists what is there and says where the history goes on.
+    let log = access.ok(&[os("log"), os("--access"), os(&url(&shallow))]);
+    assert!(log.contains(&third) || log.contains(&third[..12]), "{log}");
+    assert!(log.contains("shallow"), "{log}");
     let err = access.mount_fails(
         &url(&shallow),
         &t.path().join("m5"),

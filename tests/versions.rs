@@ -145,3 +145,84 @@ fn a_mounted_commit_id_has_no_branch_to_commit_onto() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a branch"));
     m.unmount();
 }
+
+#[test]
+fn checkout_and_reset_switch_a_live_mount() {
+    let t = tempdir();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("f"), b"one\n").unwrap();
+    fs::write(src.join("d/x"), b"x\n").unwrap();
+    let repo = t.path().join("repo");
+    generate("vol", &src, &repo);
+    let m = Mount::new(&repo, &t.path().join("mnt"), &t.path().join("c"), &[]);
+    let mp = m.mountpoint.as_os_str();
+    let head = || {
+        fs::read_to_string(repo.join("volumes/vol/refs/heads/main"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let base = head();
+    fs::write(m.path("f"), b"two\n").unwrap();
+    fs::remove_dir_all(m.path("d")).unwrap();
+    assert!(commit(&m.mountpoint, "two").status.success());
+    let two = head();
+    fs::write(m.path("f"), b"three\n").unwrap();
+    fs::write(m.path("new"), b"n\n").unwrap();
+    assert!(commit(&m.mountpoint, "three").status.success());
+
+    // A commit id: the content of that version, at once (the kernel's names are dropped).
+    horcrux_ok(&["checkout".as_ref(), base.as_ref(), mp]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"one\n");
+    assert_eq!(fs::read(m.path("d/x")).unwrap(), b"x\n");
+    assert!(!m.path("new").exists());
+    // Detached: nothing to commit onto.
+    fs::write(m.path("f"), b"detached\n").unwrap();
+    let out = commit(&m.mountpoint, "detached");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a branch"));
+
+    // Uncommitted changes are refused, then thrown away on request; open files are refused.
+    let out = horcrux(&["checkout".as_ref(), "main".as_ref(), mp]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uncommitted"));
+    let held = fs::File::open(m.path("f")).unwrap();
+    let out = horcrux(&[
+        "checkout".as_ref(),
+        "main".as_ref(),
+        mp,
+        "--discard".as_ref(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("open"),
+        "{out:?}"
+    );
+    drop(held);
+    horcrux_ok(&[
+        "checkout".as_ref(),
+        "main".as_ref(),
+        mp,
+        "--discard".as_ref(),
+    ]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"three\n");
+    assert_eq!(fs::read(m.path("new")).unwrap(), b"n\n");
+    assert!(!m.path("d").exists());
+
+    // reset needs --hard; it moves the branch back and the mount with it.
+    let out = horcrux(&["reset".as_ref(), "HEAD~1".as_ref(), mp]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--hard"));
+    fs::write(m.path("f"), b"thrown away\n").unwrap();
+    horcrux_ok(&["reset".as_ref(), "--hard".as_ref(), "HEAD~1".as_ref(), mp]);
+    assert_eq!(head(), two);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"two\n");
+    assert!(!m.path("new").exists());
+    // Commits go on from there.
+    fs::write(m.path("f"), b"four\n").unwrap();
+    assert!(commit(&m.mountpoint, "four").status.success());
+    let log = horcrux_ok(&["log".as_ref(), "--oneline".as_ref(), mp]);
+    assert!(
+        log.contains("four") && log.contains("two") && !log.contains("three"),
+        "{log}"
+    );
+    m.unmount();
+}

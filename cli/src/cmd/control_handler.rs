@@ -28,17 +28,14 @@ pub struct ControlHandler {
 }
 
 impl ControlHandler {
-    /// The commit `rev` names: `HEAD` is where the volume is, else a branch, tag or commit id.
+    /// The commit `rev` names (`HEAD` is where the volume is; `~N` suffixes go back).
     fn resolve(&self, rev: &str) -> Result<horcrux::ids::CommitId, String> {
-        if rev == "HEAD" {
-            return self
-                .commit
-                .lock()
-                .parse()
-                .map_err(|_| "bad HEAD".to_string());
-        }
+        let head = self.commit.lock().parse().ok();
         self.runtime
-            .block_on(self.repo.resolve(&self.name, rev))
+            .block_on(horcrux::history::resolve_rev(
+                &self.repo, &self.name, rev, head,
+            ))
+            .map(|r| r.id)
             .map_err(|e| e.to_string())
     }
 

@@ -528,7 +528,7 @@ fn serve(
             commit: parking_lot::Mutex::new(commit.to_hex()),
             info: horcrux_proto::control::MountInfo {
                 volume: name.clone(),
-                access: a.access.clone(),
+                access: absolute_access(&a.access),
                 branch: branch.clone(),
                 reference: a.reference.clone(),
                 commit: commit.to_hex(),
@@ -576,6 +576,25 @@ fn serve(
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
     Ok(())
+}
+
+/// The access string with relative file paths made absolute, so commands run from elsewhere
+/// (`log`, `push` via the control socket) reach the same repository. Other URLs stay as given
+/// (their query options matter).
+fn absolute_access(access: &str) -> String {
+    access
+        .split(',')
+        .map(|part| match horcrux::store::parse_one(part) {
+            Ok(horcrux::store::AccessUrl::File { path }) if !path.is_absolute() => {
+                match std::path::absolute(&path) {
+                    Ok(p) => format!("file://{}", p.display()),
+                    Err(_) => part.to_string(),
+                }
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Journals pending data-write metadata (sizes, written ranges) every second, the way a local
