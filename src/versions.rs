@@ -17,6 +17,28 @@ use crate::repo::{RepoError, Repository};
 use crate::store::{Store, StoreError};
 use crate::volume::{ChunkSink, SnapshotStats, Volume, VolumeError};
 
+/// After a restart: did a commit of the overlay's changes land before the daemon stopped?
+/// If its branch points at it, the changes are committed: the overlay is cleared (the caller
+/// then bases it on that commit); otherwise the record is dropped and the changes stay.
+pub async fn settle_pending_commit(
+    ov: &crate::overlay::Overlay,
+    repo: &Repository,
+) -> Result<Option<CommitId>, VersionError> {
+    let Some(rec) = ov.pending_commit().map_err(VolumeError::from)? else {
+        return Ok(None);
+    };
+    let mut landed = None;
+    if let (Some((branch, id)), Some(base)) = (rec.split_once(' '), ov.base())
+        && let Ok(id) = id.parse::<CommitId>()
+        && repo.branch(&base.volume, branch).await? == Some(id)
+    {
+        landed = Some(id);
+        ov.clear().map_err(VolumeError::from)?;
+    }
+    ov.set_pending_commit(None).map_err(VolumeError::from)?;
+    Ok(landed)
+}
+
 /// Errors of version operations.
 #[derive(Debug, thiserror::Error)]
 pub enum VersionError {
@@ -156,10 +178,17 @@ pub fn commit_volume(
     let id = runtime.block_on(async {
         store.put_file(&manifest_key(&mid), &tmp).await?;
         let id = repo.put_commit(&commit).await?;
-        match repo
+        // If the daemon dies once the branch moved, the next mount finds this and knows the
+        // changes are committed (instead of showing them again on the old version).
+        ov.set_pending_commit(Some(&format!("{} {}", req.branch, id.to_hex())))
+            .map_err(VolumeError::from)?;
+        let moved = repo
             .set_branch(&base.volume, &req.branch, Some(parent), id)
-            .await
-        {
+            .await;
+        if moved.is_err() {
+            ov.set_pending_commit(None).map_err(VolumeError::from)?;
+        }
+        match moved {
             Ok(()) => Ok(id),
             Err(RepoError::Store(StoreError::CasConflict { .. })) => {
                 let now = repo.branch(&base.volume, &req.branch).await?;

@@ -182,3 +182,40 @@ fn a_snapshot_reads_like_the_live_volume_and_reuses_unchanged_chunks() {
     assert_eq!(st.changes.len(), 1, "{:?}", st.changes);
     assert_eq!(st.changes[0].path, b"big");
 }
+
+#[test]
+fn a_commit_that_landed_before_a_crash_is_recognised_on_restart() {
+    let fx = Fixture::new(base_tree);
+    let ovdir = fx.dir.path().join("ov");
+    let repo = fx
+        .runtime
+        .block_on(horcrux::repo::Repository::open(fx.store()))
+        .unwrap();
+    let head = fx.report.commit;
+    for (record, landed) in [
+        // The branch does not point at the recorded commit: the changes stay.
+        (format!("main {}", "ab".repeat(32)), false),
+        // It does: the changes are that commit, the overlay comes back clean.
+        (format!("main {}", head.to_hex()), true),
+    ] {
+        {
+            let v = fx.writable(fx.cache("cache", None), &ovdir);
+            v.create(ROOT, ROOT_INO, b"pending", 0o644, false)
+                .map(|(_, fh)| v.release(fh).unwrap())
+                .unwrap();
+            v.overlay()
+                .unwrap()
+                .set_pending_commit(Some(&record))
+                .unwrap();
+        }
+        let ov = horcrux::overlay::Overlay::open(&ovdir).unwrap();
+        let got = fx
+            .runtime
+            .block_on(horcrux::versions::settle_pending_commit(&ov, &repo))
+            .unwrap();
+        assert_eq!(got.is_some(), landed, "{record}");
+        assert_eq!(ov.state.read().is_clean(), landed);
+        assert_eq!(ov.pending_commit().unwrap(), None);
+        ov.clear().unwrap();
+    }
+}

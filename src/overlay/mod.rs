@@ -314,6 +314,36 @@ impl Overlay {
         self.base.read().clone()
     }
 
+    /// A commit of these changes whose branch update may or may not have happened (the daemon
+    /// died in between): recorded durably before the branch moves, cleared by the rebase.
+    pub fn pending_commit(&self) -> Result<Option<String>, OverlayError> {
+        self.journal
+            .lock()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'pending_commit'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sqlite_err(e))
+    }
+
+    pub fn set_pending_commit(&self, commit: Option<&str>) -> Result<(), OverlayError> {
+        let conn = self.journal.lock();
+        let r = match commit {
+            Some(c) => conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('pending_commit', ?1)",
+                [c],
+            ),
+            None => conn.execute("DELETE FROM meta WHERE key = 'pending_commit'", []),
+        };
+        r.map_err(|e| self.sqlite_err(e))?;
+        self.journaled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(conn);
+        self.sync_journal()
+    }
+
     /// Set the base version. Only a clean overlay may change base (its changes would otherwise
     /// be applied to a version they were not made on).
     pub fn set_base(&self, base: &BaseInfo) -> Result<(), OverlayError> {
@@ -691,7 +721,8 @@ impl Overlay {
         let r = (|| {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(
-                "DELETE FROM nodes; DELETE FROM dirents; DELETE FROM xattrs; DELETE FROM written;",
+                "DELETE FROM nodes; DELETE FROM dirents; DELETE FROM xattrs; DELETE FROM written;
+                 DELETE FROM meta WHERE key = 'pending_commit';",
             )?;
             journal_base(&tx, base)?;
             tx.commit()

@@ -440,6 +440,11 @@ fn serve(
                 .clone()
                 .unwrap_or_else(|| crate::paths::overlay_dir(&urls[0].to_string(), &name));
             let ov = Overlay::open(&dir)?;
+            // The daemon may have died between moving a branch and rebasing on the commit.
+            let landed = horcrux::versions::settle_pending_commit(&ov, &repo).await?;
+            if let Some(c) = landed {
+                tracing::info!(commit = %c, "the last commit of this overlay's changes had landed: they are that commit now");
+            }
             if let Some(b) = ov.base() {
                 let dirty = !ov.state.read().is_clean();
                 if dirty && b.commit != id.to_hex() {
