@@ -2,7 +2,8 @@
 //!
 //! It builds a small tree with the awkward cases (a sparse file, a hundred small files, a
 //! symlink, a hard link, nested directories, an xattr), then runs the very commands a user would
-//! type — `generate`, `mount`, `cache stats`, `status`, `umount` — by invoking this executable,
+//! type — `generate`, `mount`, `cache stats`, `status`, `commit`, `log`, `umount` — by invoking
+//! this executable,
 //! printing each command first. In between it walks the mount like `ls -lR`, compares every
 //! entry with the source (metadata, and a blake3 checksum of every file), then writes: a 4 KiB
 //! patch in the middle of the big file (nothing of it is fetched), an append, a new file, a
@@ -158,7 +159,22 @@ fn write_and_check(exe: &Path, mnt: &Path, cache: &Path) -> anyhow::Result<usize
     let fetched = cache_bytes(cache).saturating_sub(before);
     println!("bytes the writes fetched from the repository: {fetched}");
     horcrux(exe, &["status", path_str(mnt)?])?;
-    check_writes(mnt)
+    let failures = check_writes(mnt)?;
+    section("6b. commit: the changes become a new version (only what changed is stored)");
+    horcrux(
+        exe,
+        &[
+            "commit",
+            "-m",
+            "demo: a patch, an append, a new file, a rename, a delete",
+            "--author",
+            "horcrux demo <demo@localhost>",
+            path_str(mnt)?,
+        ],
+    )?;
+    horcrux(exe, &["log", "--oneline", path_str(mnt)?])?;
+    horcrux(exe, &["status", path_str(mnt)?])?;
+    Ok(failures)
 }
 
 /// Bytes in the cache's chunk files (what was fetched).
@@ -258,7 +274,18 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 
 /// Run `horcrux ARGS...`, printing the command first; an unsuccessful exit is an error.
 fn horcrux(exe: &Path, args: &[&str]) -> anyhow::Result<()> {
-    println!("$ horcrux {}", args.join(" "));
+    // Printed as a shell would need it: arguments with spaces or `<>` quoted.
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains([' ', '<', '>']) {
+                format!("'{a}'")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    println!("$ horcrux {}", shown.join(" "));
     std::io::stdout().flush().ok();
     let status = Command::new(exe)
         .args(args)
