@@ -1108,9 +1108,18 @@ D gone
             versions("v1", "main", &["/mnt/a", "db"])
         );
         // A mount and a path, as before: a path has a `/`, or the first names something here.
-        assert_eq!(diff_form(&v(&["/mnt/a", "db"]), false).unwrap(), DiffForm::Local);
-        assert_eq!(diff_form(&v(&["./m", "db"]), false).unwrap(), DiffForm::Local);
-        assert_eq!(diff_form(&v(&["src", "db"]), false).unwrap(), DiffForm::Local);
+        assert_eq!(
+            diff_form(&v(&["/mnt/a", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
+        assert_eq!(
+            diff_form(&v(&["./m", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
+        assert_eq!(
+            diff_form(&v(&["src", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
         assert_eq!(
             diff_form(&v(&["src~0", "db"]), false).unwrap(),
             versions("src~0", "db", &[])
