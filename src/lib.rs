@@ -1,13 +1,15 @@
 //! horcrux core: content-addressed, lazily fetched, verified volumes.
 //!
 //! Layers (see `docs/ARCHITECTURE.md`): [`ids`] and [`hashtree`] (naming and verification),
-//! [`format`], [`manifest`] and [`commit`] (what is stored), [`store`] (where it is stored),
-//! [`repo`] (a repository in a store), [`cache`] (local verified copies), [`fetch`]
+//! [`format`], [`manifest`] and [`commit`] (what is stored; [`compare`] diffs two versions),
+//! [`store`] (where it is stored), [`repo`] (a repository in a store), [`cache`] (local
+//! verified copies), [`fetch`]
 //! (cache-then-source reads), [`volume`] (filesystem semantics, protocol-free) and
 //! [`generate`] (turning a directory into a repository).
 
 pub mod cache;
 pub mod commit;
+pub mod compare;
 pub mod fetch;
 pub mod format;
 pub mod generate;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -62,43 +62,81 @@ pub struct StatusArgs {
 }
 
 const DIFF_HELP: &str = "\
-Shows per changed path what changed in a mounted volume: the change (A/M/D/R as in `horcrux
-status`), the old and new size, the byte ranges whose content changed, and the metadata that
-changed. A range `@@ 0x1000..0x3000 (8 KiB)` is the bytes from offset 0x1000 up to, not
-including, 0x3000.
+Without revisions, shows per changed path what changed in a mounted volume since the commit it
+sits on (its local, uncommitted changes); with two revisions A and B, what changed from version
+A to version B. Per path: the change (A/M/D/R as in `horcrux status`), the old and new size, the
+byte ranges whose content changed, and the metadata that changed. A range
+`@@ 0x1000..0x3000 (8 KiB)` is the bytes from offset 0x1000 up to, not including, 0x3000.
 
-Forms of [MOUNT] [PATH]:
+Which form: two revisions first.
+  The first two arguments are revisions A B when both look like revisions (no `/`, not `.` or
+  `..`) and, when they are the only two arguments, the first is not a file or directory in the
+  current directory (then they are MOUNT PATH, as before; write REV~0 to force a revision).
+  With --access the first two arguments are always revisions.
+
+Local changes, [MOUNT] [PATH]:
   (none)        every change of the volume the current directory is in
   PATH          PATH and everything below it; the mountpoint means the whole volume
   MOUNT PATH    PATH relative to the root of the volume mounted at MOUNT (or an absolute path
                 inside MOUNT); MOUNT may be any path inside the mount
 
+Two versions, A B [MOUNT] [PATH]:
+  A B                    the volume the current directory is in, all of it
+  A B PATH               PATH (a mountpoint or a path inside a mount) and below
+  A B MOUNT PATH         PATH relative to the root of the volume mounted at MOUNT
+  --access URL [--name VOLUME] A B [PATH]
+                         no mount: the repository directly, PATH relative to the volume root
+  Revisions are as for `horcrux log`: HEAD (the commit the mount sits on; with --access the
+  branch `main`), branches, tags, commit ids or prefixes, REV~N. Only committed versions are
+  compared: local changes are not part of HEAD.
+  The catalogs of both versions are downloaded into the cache (the mount's, or --cache-dir).
+  Changed ranges are found from the catalogs, never by reading data: a range is unchanged
+  where both versions use the same chunk at the same offset; `commit` rewrites a whole chunk
+  window (1 MiB by default) of a large file around each write, and packs small files whole.
+  Renames are found by inode number (commits keep them) or identical content. An added or
+  deleted directory is one change for its whole subtree.
+
 Examples:
   horcrux diff /var/lib/mysql
   horcrux diff /var/lib/mysql/ibdata1
   horcrux diff /var/lib/mysql db1/t1.ibd
-  horcrux diff --json /var/lib/mysql";
+  horcrux diff --json /var/lib/mysql
+  horcrux diff HEAD~1 HEAD /var/lib/mysql
+  horcrux diff v1 main /var/lib/mysql db1
+  horcrux diff --access file:///opt/horcrux-amcc --name AMCC main~3 main";
 
 #[derive(Debug, Args)]
 #[command(
-    override_usage = "horcrux diff [OPTIONS] [MOUNT] [PATH]",
+    override_usage = "horcrux diff [OPTIONS] [MOUNT] [PATH]\n       horcrux diff [OPTIONS] A B [MOUNT] [PATH]\n       horcrux diff [OPTIONS] --access URL [--name VOLUME] A B [PATH]",
     after_long_help = DIFF_HELP
 )]
 pub struct DiffArgs {
     #[arg(
         value_name = "ARGS",
-        help = "[MOUNT] [PATH]: nothing, a path, or a mount and a path in its volume (--help \
-                tells more) [default: the whole volume of the current directory]",
-        long_help = "[MOUNT] [PATH]: one of the forms listed below [default: the whole volume \
-                     of the current directory]"
+        help = "[A B] [MOUNT] [PATH]: two revisions to compare (else the local changes), a \
+                mount and a path (--help tells more) [default: the whole volume of the \
+                current directory]",
+        long_help = "[A B] [MOUNT] [PATH]: one of the forms listed below [default: the local \
+                     changes of the whole volume of the current directory]"
     )]
     pub args: Vec<PathBuf>,
-    /// Print the daemon's diff as JSON (all ranges)
+    /// Print the diff as JSON (all ranges)
     #[arg(long)]
     pub json: bool,
     /// Byte ranges shown per file (0: all)
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_ranges: usize,
+    /// Compare two versions of this repository, without a mount (URL as for `mount`; commas
+    /// separate mirrors)
+    #[arg(long, value_name = "URL")]
+    pub access: Option<String>,
+    /// With --access: the volume, when the repository holds several
+    #[arg(long, value_name = "VOLUME", requires = "access")]
+    pub name: Option<String>,
+    /// Where to keep the downloaded catalogs of two versions [default: the mount's cache, or
+    /// the default cache directory with --access]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -234,6 +272,67 @@ pub fn resolve_with(
     Ok(loc)
 }
 
+/// What `horcrux diff` was asked: local changes, or two versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiffForm {
+    /// `[MOUNT] [PATH]`.
+    Local,
+    /// `A B` and what follows (`[MOUNT] [PATH]`, or `[PATH]` with --access).
+    Versions {
+        a: String,
+        b: String,
+        rest: Vec<PathBuf>,
+    },
+}
+
+/// Does `arg` look like a revision: UTF-8, no `/`, not `.` or `..`, and well-formed?
+fn revision_like(arg: &Path) -> Option<&str> {
+    let s = arg.to_str()?;
+    (!s.contains('/') && s != "." && s != ".." && horcrux::history::parse_rev(s).is_ok())
+        .then_some(s)
+}
+
+/// Tell `A B [MOUNT] [PATH]` from `[MOUNT] [PATH]` (see DIFF_HELP: two revisions first).
+pub fn diff_form(args: &[PathBuf], access: bool) -> anyhow::Result<DiffForm> {
+    let revs = match args {
+        [a, b, ..] => revision_like(a).zip(revision_like(b)),
+        _ => None,
+    };
+    let Some((a, b)) = revs else {
+        if access {
+            bail!(
+                "--access compares two versions: give two revisions, A B [PATH] (e.g. \
+                 `horcrux diff --access URL main~1 main`)"
+            );
+        }
+        return Ok(DiffForm::Local);
+    };
+    // `horcrux diff mnt db`: a mount and a path, as it always was.
+    if !access && args.len() == 2 && args[0].symlink_metadata().is_ok() {
+        return Ok(DiffForm::Local);
+    }
+    let rest = args[2..].to_vec();
+    if access && rest.len() > 1 {
+        bail!(
+            "too many arguments ({}): with --access, give A B [PATH], PATH relative to the \
+             volume root",
+            args.len()
+        );
+    }
+    if rest.len() > 2 {
+        bail!(
+            "too many arguments ({}): give two revisions, then at most a mount and a path, \
+             A B [MOUNT] [PATH]",
+            args.len()
+        );
+    }
+    Ok(DiffForm::Versions {
+        a: a.to_string(),
+        b: b.to_string(),
+        rest,
+    })
+}
+
 fn resolve(args: &[PathBuf]) -> anyhow::Result<Located> {
     resolve_with(&interpret(args)?, mounts::locate)
 }
@@ -252,6 +351,9 @@ pub fn run_status(a: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_diff(a: DiffArgs) -> anyhow::Result<()> {
+    if let DiffForm::Versions { a: ra, b: rb, rest } = diff_form(&a.args, a.access.is_some())? {
+        return versions::run(&a, &ra, &rb, &rest);
+    }
     let loc = resolve(&a.args)?;
     diff(
         &loc,
@@ -585,6 +687,214 @@ pub fn format_diff(diffs: &[FileDiff], max_ranges: usize) -> String {
     s
 }
 
+// ---------------------------------------------------------------------------------------------
+// Two versions
+
+/// `horcrux diff A B ...`: two committed versions compared from their catalogs.
+mod versions {
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use anyhow::{Context, bail};
+    use horcrux::cache::{Cache, CacheConfig};
+    use horcrux::compare::{self, DiffKind, VersionDiff};
+    use horcrux::history::{self, HistoryError, Resolved};
+    use horcrux::ids::CommitId;
+    use horcrux::manifest::{Manifest, NodeKind};
+    use horcrux::repo::Repository;
+    use horcrux::store::{MirrorConfig, MirrorStore, Store};
+    use horcrux_proto::control::{
+        Change, ChangeKind, FileDiff, MetaChange, Request, Response, WirePath,
+    };
+
+    use super::{DiffArgs, format_diff, interpret, resolve_with, short, sort_diffs};
+    use crate::mounts;
+
+    /// Where the two versions come from.
+    struct Source {
+        repo: Repository,
+        volume: String,
+        head: Option<CommitId>,
+        cache_dir: PathBuf,
+        /// The path inside the volume, `None` for all of it.
+        prefix: Option<WirePath>,
+        /// For messages: the mount (and path) or the repository.
+        place: String,
+    }
+
+    pub fn run(a: &DiffArgs, rev_a: &str, rev_b: &str, rest: &[PathBuf]) -> anyhow::Result<()> {
+        crate::init_logging(None)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let src = rt.block_on(source(a, rest))?;
+        let cache = Cache::open(CacheConfig {
+            dir: src.cache_dir.clone(),
+            max_size: None,
+        })
+        .with_context(|| format!("opening the cache at {}", src.cache_dir.display()))?;
+        let (ra, ma) = rt.block_on(version(&src, rev_a, &cache))?;
+        let (rb, mb) = rt.block_on(version(&src, rev_b, &cache))?;
+        let diffs = compare::diff_versions(&ma, &mb, src.prefix.as_ref().map(WirePath::as_bytes))
+            .context("comparing the two versions")?;
+        let mut diffs: Vec<FileDiff> = diffs.into_iter().map(wire).collect();
+        let mut out = std::io::stdout().lock();
+        if a.json {
+            serde_json::to_writer_pretty(&mut out, &diffs)?;
+            writeln!(out)?;
+            return Ok(());
+        }
+        sort_diffs(&mut diffs);
+        let ids = format!(
+            "{} ({rev_a}) .. {} ({rev_b})",
+            short(&ra.id.to_hex()),
+            short(&rb.id.to_hex())
+        );
+        if diffs.is_empty() {
+            writeln!(out, "no changes in {} between {ids}", src.place)?;
+        } else {
+            writeln!(out, "diff {ids} in {}", src.place)?;
+            out.write_all(format_diff(&diffs, a.max_ranges).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    async fn source(a: &DiffArgs, rest: &[PathBuf]) -> anyhow::Result<Source> {
+        if let Some(access) = &a.access {
+            let repo = open_repo(access).await?;
+            let volume = repo.pick_volume(a.name.as_deref()).await?;
+            let head = repo.branch(&volume, "main").await?;
+            let prefix = match rest {
+                [p] => Some(mounts::volume_relative(p)?).filter(|p| !p.is_root()),
+                _ => None,
+            };
+            let place = match &prefix {
+                Some(p) => format!("{volume}:{p}"),
+                None => volume.clone(),
+            };
+            return Ok(Source {
+                repo,
+                volume,
+                head,
+                cache_dir: crate::paths::cache_dir(a.cache_dir.as_ref()),
+                prefix,
+                place,
+            });
+        }
+        let loc = resolve_with(&interpret(rest)?, mounts::locate)?;
+        let info = match mounts::request(&loc, &Request::Describe, a.daemon.timeout)? {
+            Response::Described(i) => i,
+            Response::Error { message } => bail!("the daemon of {}: {message}", loc.display()),
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        };
+        let head: CommitId = info.commit.parse().with_context(|| {
+            format!(
+                "the daemon of {} reports commit `{}`",
+                loc.mountpoint.display(),
+                info.commit
+            )
+        })?;
+        let repo = open_repo(&info.access)
+            .await
+            .with_context(|| format!("opening the repository of {}", loc.mountpoint.display()))?;
+        Ok(Source {
+            repo,
+            volume: info.volume,
+            head: Some(head),
+            cache_dir: a
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(&info.cache_dir)),
+            prefix: loc.inner_or_none(),
+            place: loc.display(),
+        })
+    }
+
+    /// Revision `rev` and its catalog.
+    async fn version(
+        src: &Source,
+        rev: &str,
+        cache: &Cache,
+    ) -> anyhow::Result<(Resolved, Arc<Manifest>)> {
+        let r = match history::resolve_rev(&src.repo, &src.volume, rev, src.head).await {
+            Err(HistoryError::NoHead { .. }) => bail!(
+                "`{rev}`: with --access, HEAD is the branch `main`, and volume `{}` has none: \
+                 name a branch, tag or commit id",
+                src.volume
+            ),
+            r => r?,
+        };
+        let id = r
+            .commit
+            .manifest_id()
+            .with_context(|| format!("commit {} names no valid catalog", r.id.short()))?;
+        let m = src
+            .repo
+            .manifest(id, cache)
+            .await
+            .with_context(|| format!("fetching the catalog of `{rev}` ({})", r.id.short()))?;
+        Ok((r, m))
+    }
+
+    /// The repository at `access` (comma-separated mirrors, read in order of preference).
+    async fn open_repo(access: &str) -> anyhow::Result<Repository> {
+        let urls = horcrux::store::parse_access(access)?;
+        let mut stores = urls
+            .iter()
+            .map(crate::open_store)
+            .collect::<Result<Vec<_>, _>>()?;
+        let store: Arc<dyn Store> = if stores.len() == 1 {
+            stores.remove(0)
+        } else {
+            Arc::new(MirrorStore::new(stores, MirrorConfig::default()))
+        };
+        Ok(Repository::open(store).await?)
+    }
+
+    fn node_kind(k: NodeKind) -> String {
+        match k {
+            NodeKind::File => "file",
+            NodeKind::Dir => "dir",
+            NodeKind::Symlink => "symlink",
+            NodeKind::Fifo => "fifo",
+            NodeKind::Socket => "socket",
+            NodeKind::CharDev => "chardev",
+            NodeKind::BlockDev => "blockdev",
+        }
+        .to_string()
+    }
+
+    /// The wire form `horcrux diff` prints for local changes too.
+    pub fn wire(d: VersionDiff) -> FileDiff {
+        FileDiff {
+            change: Change {
+                path: d.path.into(),
+                kind: match d.kind {
+                    DiffKind::Added => ChangeKind::Added,
+                    DiffKind::Modified => ChangeKind::Modified,
+                    DiffKind::Deleted => ChangeKind::Deleted,
+                    DiffKind::Renamed { from } => ChangeKind::Renamed { from: from.into() },
+                },
+                node_kind: node_kind(d.node_kind),
+                data: d.data,
+                meta: d.meta,
+                bytes: d.bytes,
+            },
+            old_size: d.old_size,
+            new_size: d.new_size,
+            ranges: d.ranges.into_iter().map(|r| [r.start, r.end]).collect(),
+            meta: d
+                .meta_changes
+                .into_iter()
+                .map(|m| MetaChange {
+                    field: m.field,
+                    old: m.old,
+                    new: m.new,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,6 +1083,56 @@ D gone
             .unwrap_err()
             .to_string();
         assert!(e.contains("too many arguments (3)"), "{e}");
+    }
+
+    #[test]
+    fn two_revisions_come_first() {
+        let v = |a: &[&str]| a.iter().map(PathBuf::from).collect::<Vec<_>>();
+        let versions = |a: &str, b: &str, rest: &[&str]| DiffForm::Versions {
+            a: a.into(),
+            b: b.into(),
+            rest: v(rest),
+        };
+        assert_eq!(diff_form(&v(&[]), false).unwrap(), DiffForm::Local);
+        assert_eq!(diff_form(&v(&["HEAD~1"]), false).unwrap(), DiffForm::Local);
+        assert_eq!(
+            diff_form(&v(&["HEAD~1", "HEAD"]), false).unwrap(),
+            versions("HEAD~1", "HEAD", &[])
+        );
+        assert_eq!(
+            diff_form(&v(&["v1", "main", "/mnt/a"]), false).unwrap(),
+            versions("v1", "main", &["/mnt/a"])
+        );
+        assert_eq!(
+            diff_form(&v(&["v1", "main", "/mnt/a", "db"]), false).unwrap(),
+            versions("v1", "main", &["/mnt/a", "db"])
+        );
+        // A mount and a path, as before: a path has a `/`, or the first names something here.
+        assert_eq!(
+            diff_form(&v(&["/mnt/a", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
+        assert_eq!(
+            diff_form(&v(&["./m", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
+        assert_eq!(
+            diff_form(&v(&["src", "db"]), false).unwrap(),
+            DiffForm::Local
+        );
+        assert_eq!(
+            diff_form(&v(&["src~0", "db"]), false).unwrap(),
+            versions("src~0", "db", &[])
+        );
+        assert!(diff_form(&v(&["a", "b", "c", "d", "e"]), false).is_err());
+        // --access: always two revisions, then at most a path.
+        assert_eq!(
+            diff_form(&v(&["src", "main", "db/t"]), true).unwrap(),
+            versions("src", "main", &["db/t"])
+        );
+        let e = diff_form(&v(&["main"]), true).unwrap_err().to_string();
+        assert!(e.contains("give two revisions"), "{e}");
+        assert!(diff_form(&v(&["a", "b", "c", "d"]), true).is_err());
     }
 
     #[test]
