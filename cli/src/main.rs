@@ -65,6 +65,25 @@ pub fn store_options() -> horcrux::store::StoreOptions {
 
 /// Open the store an access URL names, with the command line's store options.
 /// S3 options given as flags fill what the URL's query does not say.
+/// The store behind an access URL list: the first URL, or all of them as mirrors in order.
+pub fn open_access(access: &str) -> anyhow::Result<std::sync::Arc<dyn horcrux::store::Store>> {
+    let urls = horcrux::store::parse_access(access)?;
+    let mut stores = urls.iter().map(open_store).collect::<Result<Vec<_>, _>>()?;
+    Ok(if stores.len() == 1 {
+        stores.remove(0)
+    } else {
+        std::sync::Arc::new(horcrux::store::MirrorStore::new(
+            stores,
+            horcrux::store::MirrorConfig::default(),
+        ))
+    })
+}
+
+/// The repository behind an access URL list (see [`open_access`]).
+pub async fn open_repo(access: &str) -> anyhow::Result<horcrux::repo::Repository> {
+    Ok(horcrux::repo::Repository::open(open_access(access)?).await?)
+}
+
 pub fn open_store(
     url: &horcrux::store::AccessUrl,
 ) -> Result<std::sync::Arc<dyn horcrux::store::Store>, horcrux::store::StoreError> {

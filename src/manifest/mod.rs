@@ -74,6 +74,19 @@ impl NodeKind {
         })
     }
 
+    /// Its name on the wire and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Dir => "dir",
+            Self::Symlink => "symlink",
+            Self::Fifo => "fifo",
+            Self::Socket => "socket",
+            Self::CharDev => "chardev",
+            Self::BlockDev => "blockdev",
+        }
+    }
+
     /// The `S_IFMT` bits of this kind.
     pub fn type_bits(self) -> u32 {
         match self {

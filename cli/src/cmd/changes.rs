@@ -701,9 +701,8 @@ mod versions {
     use horcrux::compare::{self, DiffKind, VersionDiff};
     use horcrux::history::{self, HistoryError, Resolved};
     use horcrux::ids::CommitId;
-    use horcrux::manifest::{Manifest, NodeKind};
+    use horcrux::manifest::Manifest;
     use horcrux::repo::Repository;
-    use horcrux::store::{MirrorConfig, MirrorStore, Store};
     use horcrux_proto::control::{
         Change, ChangeKind, FileDiff, MetaChange, Request, Response, WirePath,
     };
@@ -760,7 +759,7 @@ mod versions {
 
     async fn source(a: &DiffArgs, rest: &[PathBuf]) -> anyhow::Result<Source> {
         if let Some(access) = &a.access {
-            let repo = open_repo(access).await?;
+            let repo = crate::open_repo(access).await?;
             let volume = repo.pick_volume(a.name.as_deref()).await?;
             let head = repo.branch(&volume, "main").await?;
             let prefix = match rest {
@@ -793,7 +792,7 @@ mod versions {
                 info.commit
             )
         })?;
-        let repo = open_repo(&info.access)
+        let repo = crate::open_repo(&info.access)
             .await
             .with_context(|| format!("opening the repository of {}", loc.mountpoint.display()))?;
         Ok(Source {
@@ -835,34 +834,6 @@ mod versions {
         Ok((r, m))
     }
 
-    /// The repository at `access` (comma-separated mirrors, read in order of preference).
-    async fn open_repo(access: &str) -> anyhow::Result<Repository> {
-        let urls = horcrux::store::parse_access(access)?;
-        let mut stores = urls
-            .iter()
-            .map(crate::open_store)
-            .collect::<Result<Vec<_>, _>>()?;
-        let store: Arc<dyn Store> = if stores.len() == 1 {
-            stores.remove(0)
-        } else {
-            Arc::new(MirrorStore::new(stores, MirrorConfig::default()))
-        };
-        Ok(Repository::open(store).await?)
-    }
-
-    fn node_kind(k: NodeKind) -> String {
-        match k {
-            NodeKind::File => "file",
-            NodeKind::Dir => "dir",
-            NodeKind::Symlink => "symlink",
-            NodeKind::Fifo => "fifo",
-            NodeKind::Socket => "socket",
-            NodeKind::CharDev => "chardev",
-            NodeKind::BlockDev => "blockdev",
-        }
-        .to_string()
-    }
-
     /// The wire form `horcrux diff` prints for local changes too.
     pub fn wire(d: VersionDiff) -> FileDiff {
         FileDiff {
@@ -874,7 +845,7 @@ mod versions {
                     DiffKind::Deleted => ChangeKind::Deleted,
                     DiffKind::Renamed { from } => ChangeKind::Renamed { from: from.into() },
                 },
-                node_kind: node_kind(d.node_kind),
+                node_kind: d.node_kind.name().to_string(),
                 data: d.data,
                 meta: d.meta,
                 bytes: d.bytes,

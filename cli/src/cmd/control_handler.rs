@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use horcrux::cache::Cache;
-use horcrux::manifest::NodeKind;
 use horcrux::repo::Repository;
 use horcrux::versions::{CommitRequest, checkout_volume, commit_volume, reset_hard};
 use horcrux::volume::{self, Volume};
@@ -127,19 +126,6 @@ impl ControlHandler {
     }
 }
 
-fn node_kind(k: NodeKind) -> String {
-    match k {
-        NodeKind::File => "file",
-        NodeKind::Dir => "dir",
-        NodeKind::Symlink => "symlink",
-        NodeKind::Fifo => "fifo",
-        NodeKind::Socket => "socket",
-        NodeKind::CharDev => "chardev",
-        NodeKind::BlockDev => "blockdev",
-    }
-    .to_string()
-}
-
 fn change(c: volume::Change) -> control::Change {
     control::Change {
         path: c.path.into(),
@@ -151,7 +137,7 @@ fn change(c: volume::Change) -> control::Change {
                 control::ChangeKind::Renamed { from: from.into() }
             }
         },
-        node_kind: node_kind(c.node_kind),
+        node_kind: c.node_kind.name().to_string(),
         data: c.data,
         meta: c.meta,
         bytes: c.bytes,

@@ -6,7 +6,6 @@ use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -14,7 +13,6 @@ use clap::Args;
 use horcrux::history::{self, HEAD, LogEntry, Refs, Resolved};
 use horcrux::ids::CommitId;
 use horcrux::repo::Repository;
-use horcrux::store::{MirrorConfig, MirrorStore, Store};
 use horcrux::util::human_size;
 use horcrux_proto::control::{Request, Response};
 
@@ -257,7 +255,7 @@ impl Ctx {
         let rt = tokio::runtime::Runtime::new()?;
         if let Some(access) = &v.access {
             let (repo, volume, head, head_branch) = rt.block_on(async {
-                let repo = open_repo(access).await?;
+                let repo = crate::open_repo(access).await?;
                 let volume = repo.pick_volume(v.name.as_deref()).await?;
                 let (head, branch) = match &v.reference {
                     Some(r) => {
@@ -308,7 +306,7 @@ impl Ctx {
             )
         })?;
         let repo = rt
-            .block_on(open_repo(&info.access))
+            .block_on(crate::open_repo(&info.access))
             .with_context(|| format!("opening the repository of {}", loc.mountpoint.display()))?;
         Ok(Ctx {
             rt,
@@ -343,20 +341,6 @@ impl Ctx {
 }
 
 /// The repository at `access` (comma-separated mirrors, read in order of preference).
-async fn open_repo(access: &str) -> anyhow::Result<Repository> {
-    let urls = horcrux::store::parse_access(access)?;
-    let mut stores = urls
-        .iter()
-        .map(crate::open_store)
-        .collect::<Result<Vec<_>, _>>()?;
-    let store: Arc<dyn Store> = if stores.len() == 1 {
-        stores.remove(0)
-    } else {
-        Arc::new(MirrorStore::new(stores, MirrorConfig::default()))
-    };
-    Ok(Repository::open(store).await?)
-}
-
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }

@@ -4,13 +4,11 @@
 //! new copy of whole volumes, all history or the newest `--depth` commits.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use horcrux::repo::Repository;
-use horcrux::store::{MirrorConfig, MirrorStore, Store};
 use horcrux::transfer::{CopyOptions, CopyProgress, CopyReport, copy};
 use horcrux::util::human_size;
 use horcrux_proto::control::{MountInfo, Request, Response};
@@ -107,20 +105,6 @@ impl CopyProgress for Bar {
     }
 }
 
-/// A repository from an access URL list (the first preferred, the others mirrors).
-fn open_origin(access: &str) -> anyhow::Result<Arc<dyn Store>> {
-    let urls = horcrux::store::parse_access(access)?;
-    let mut stores = urls
-        .iter()
-        .map(crate::open_store)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(if stores.len() == 1 {
-        stores.remove(0)
-    } else {
-        Arc::new(MirrorStore::new(stores, MirrorConfig::default()))
-    })
-}
-
 fn short(hex: &str) -> &str {
     &hex[..12.min(hex.len())]
 }
@@ -185,7 +169,7 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
     let branch = branch.unwrap_or_else(|| "main".into());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let origin = open_origin(&access)?;
+        let origin = crate::open_access(&access)?;
         let src = Repository::open(origin)
             .await
             .with_context(|| format!("opening the volume's repository {access}"))?;
