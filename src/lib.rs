@@ -10,6 +10,7 @@ pub mod cache;
 pub mod commit;
 pub mod fetch;
 pub mod format;
+pub mod gc;
 pub mod generate;
 pub mod hashtree;
 pub mod history;
