@@ -89,6 +89,8 @@ pub struct GcOptions {
     pub concurrency: usize,
     /// "Now" in seconds since the epoch (`None`: the system clock). For tests.
     pub now: Option<u64>,
+    /// Commits to keep as if a ref named them (e.g. the commit a mount sits on).
+    pub keep: Vec<CommitId>,
 }
 
 impl Default for GcOptions {
@@ -98,6 +100,7 @@ impl Default for GcOptions {
             grace: DEFAULT_GRACE,
             concurrency: 16,
             now: None,
+            keep: Vec::new(),
         }
     }
 }
@@ -459,7 +462,11 @@ pub async fn gc(
         missing: BTreeSet::new(),
         absent_parents: BTreeSet::new(),
     };
-    mark.from(refs.values().copied(), progress).await?;
+    mark.from(
+        refs.values().copied().chain(options.keep.iter().copied()),
+        progress,
+    )
+    .await?;
 
     // What is there, listed after the mark: an object a writer put after the mark is listed
     // here unreachable, recorded, and removed at the earliest after the grace period.
