@@ -369,6 +369,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.get("refs/main").await.unwrap(), "2");
+        assert_eq!(
+            s.list_sizes("chunks/").await.unwrap(),
+            vec![("chunks/ab/x".to_string(), 11)]
+        );
+        s.delete("chunks/ab/x").await.unwrap();
+        s.delete("chunks/ab/x").await.unwrap(); // absent: not an error
+        assert!(s.list("chunks/").await.unwrap().is_empty());
+        assert!(matches!(
+            s.compare_and_delete("refs/main", b"1").await,
+            Err(StoreError::CasConflict { .. })
+        ));
+        s.compare_and_delete("refs/main", b"2").await.unwrap();
+        assert!(s.get("refs/main").await.unwrap_err().is_not_found());
+        assert!(
+            s.compare_and_delete("refs/main", b"2")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
