@@ -70,7 +70,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Keys starting with `prefix` with their sizes in bytes, sorted by key. Backends that
     /// know sizes from their listing override this; the default reports every size as 0.
     async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(self.list(prefix).await?.into_iter().map(|k| (k, 0)).collect())
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|k| (k, 0))
+            .collect())
     }
 
     /// Remove an object. Removing a key that does not exist is not an error (a retry, or two
