@@ -12,6 +12,7 @@ pub mod commit;
 pub mod compare;
 pub mod fetch;
 pub mod format;
+pub mod gc;
 pub mod generate;
 pub mod hashtree;
 pub mod history;

@@ -298,6 +298,42 @@ impl Repository {
         Ok(())
     }
 
+    /// Delete branch `branch` if it is still at `at` (compare-and-delete: a branch someone
+    /// moved meanwhile fails with a [`StoreError::CasConflict`] and stays). Its commits stay in
+    /// the repository until `gc` finds that no other ref reaches them.
+    pub async fn delete_branch(
+        &self,
+        volume: &str,
+        branch: &str,
+        at: CommitId,
+    ) -> Result<(), RepoError> {
+        format::check_volume_name(volume)?;
+        format::check_ref_name(branch)?;
+        self.delete_ref(&branch_key(volume, branch), at).await
+    }
+
+    /// Remove ref `key` if it names `at`: compared with the exact bytes read, so a ref written
+    /// without the trailing newline is removed too.
+    async fn delete_ref(&self, key: &str, at: CommitId) -> Result<(), RepoError> {
+        let bytes = self.store.get(key).await?;
+        if self.parse_ref(key, &bytes)? != at {
+            return Err(StoreError::CasConflict {
+                store: self.store.describe(),
+                key: key.to_string(),
+            }
+            .into());
+        }
+        self.store.compare_and_delete(key, &bytes).await?;
+        Ok(())
+    }
+
+    /// Delete tag `tag` if it is at `at` (as [`Self::delete_branch`]).
+    pub async fn delete_tag(&self, volume: &str, tag: &str, at: CommitId) -> Result<(), RepoError> {
+        format::check_volume_name(volume)?;
+        format::check_ref_name(tag)?;
+        self.delete_ref(&tag_key(volume, tag), at).await
+    }
+
     pub async fn commit(&self, id: CommitId) -> Result<Commit, RepoError> {
         let bytes = self.store.get(&commit_key(&id)).await?;
         Ok(Commit::decode(id, &bytes)?)

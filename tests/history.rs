@@ -215,8 +215,10 @@ fn log_show_branch_and_tag_on_a_mount() {
     assert!(e.contains("invalid branch name `HEAD`"), "{e}");
     let e = fails(&["branch", "-d", "main", &mp]);
     assert!(e.contains("it is the branch mounted at"), "{e}");
-    let e = fails(&["branch", "-d", "exp", &mp]);
-    assert!(e.contains("not supported yet"), "{e}");
+    let e = fails(&["branch", "-d", "nope", &mp]);
+    assert!(e.contains("has no branch named `nope`"), "{e}");
+    assert!(ok(&["branch", "-d", "exp", &mp]).contains("deleted branch exp"));
+    assert!(!ok(&["branch", &mp]).contains("exp"));
     let e = fails(&["log", "a", "b", &mp]);
     assert!(e.contains("too many arguments"), "{e}");
     // An ambiguous prefix: a second object whose name starts like HEAD's id (never read).

@@ -139,6 +139,8 @@ enum Command {
     Push(cmd::remotes::PushArgs),
     /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
     Clone(cmd::remotes::CloneArgs),
+    /// Remove what no branch or tag reaches (two runs apart by a grace period); --dry-run
+    Gc(cmd::gc::GcArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -224,6 +226,7 @@ fn main() -> ExitCode {
         Command::Tag(a) => cmd::history::run_tag(a),
         Command::Push(a) => cmd::remotes::run_push(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
+        Command::Gc(a) => cmd::gc::run(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

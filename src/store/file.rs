@@ -117,6 +117,15 @@ impl Store for FileStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_sizes(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
         self.blocking("", move |_| {
@@ -126,6 +135,42 @@ impl Store for FileStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key);
+        self.blocking(key, move |_| match fs::remove_file(&p) {
+            Ok(()) => crate::util::sync_dir(p.parent().expect("keys have a directory")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
+        let p = self.path(key);
+        let expected = expected.to_vec();
+        let store = self.describe();
+        let key_s = key.to_string();
+        let same = self
+            .blocking(key, move |_| {
+                // Under the same lock as `compare_and_swap`: a swap and a delete of one ref
+                // never interleave.
+                let dir = p.parent().expect("ref has a parent");
+                let _lock = DirLock::acquire(&dir.join(".lock.d"))?;
+                if fs::read(&p)? != expected {
+                    return Ok(false);
+                }
+                fs::remove_file(&p)?;
+                crate::util::sync_dir(dir)?;
+                Ok(true)
+            })
+            .await?;
+        if same {
+            Ok(())
+        } else {
+            Err(StoreError::CasConflict { store, key: key_s })
+        }
     }
 
     async fn compare_and_swap(
@@ -251,7 +296,7 @@ impl Drop for DirLock {
     }
 }
 
-fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<(String, u64)>) -> io::Result<()> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -277,7 +322,12 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Res
                 walk(root, &path, prefix, out)?;
             }
         } else if rel.starts_with(prefix) {
-            out.push(rel);
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // removed meanwhile
+                Err(e) => return Err(e),
+            };
+            out.push((rel, len));
         }
     }
     Ok(())
@@ -319,6 +369,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.get("refs/main").await.unwrap(), "2");
+        assert_eq!(
+            s.list_sizes("chunks/").await.unwrap(),
+            vec![("chunks/ab/x".to_string(), 11)]
+        );
+        s.delete("chunks/ab/x").await.unwrap();
+        s.delete("chunks/ab/x").await.unwrap(); // absent: not an error
+        assert!(s.list("chunks/").await.unwrap().is_empty());
+        assert!(matches!(
+            s.compare_and_delete("refs/main", b"1").await,
+            Err(StoreError::CasConflict { .. })
+        ));
+        s.compare_and_delete("refs/main", b"2").await.unwrap();
+        assert!(s.get("refs/main").await.unwrap_err().is_not_found());
+        assert!(
+            s.compare_and_delete("refs/main", b"2")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

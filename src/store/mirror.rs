@@ -4,7 +4,9 @@
 //! fails its hash check marks that store unhealthy for a back-off period and the read moves on
 //! to the next one. When the back-off expires the preferred store is tried again, so reads go
 //! back to it once it recovers. If every store is unhealthy they are all tried anyway, in order.
-//! Writes go to the first store only: mirrors are read replicas.
+//! Writes go to the first store only: mirrors are read replicas. So do removals (`delete`,
+//! `compare_and_delete`): a mirror is kept in step by whoever copies to it, and `gc` collects
+//! each repository of a mirror set on its own (by its own refs), never one through another.
 
 use std::ops::Range;
 use std::path::Path;
@@ -233,6 +235,21 @@ impl Store for MirrorStore {
         new: Bytes,
     ) -> Result<(), StoreError> {
         self.stores[0].compare_and_swap(key, expected, new).await
+    }
+
+    async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.each(prefix, |s| async move {
+            s.list_sizes(prefix).await.map(|v| (v, true))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.stores[0].delete(key).await
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
+        self.stores[0].compare_and_delete(key, expected).await
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {

@@ -67,6 +67,43 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Keys starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 
+    /// Keys starting with `prefix` with their sizes in bytes, sorted by key. Backends that
+    /// know sizes from their listing override this; the default reports every size as 0.
+    async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|k| (k, 0))
+            .collect())
+    }
+
+    /// Remove an object. Removing a key that does not exist is not an error (a retry, or two
+    /// collectors at once). Only `gc` removes objects, and refs go only through
+    /// [`Store::compare_and_delete`]; see `gc` for when removing an object is safe.
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported(format!(
+            "{}: this store cannot remove `{key}`",
+            self.describe()
+        )))
+    }
+
+    /// Remove `key` only if its current content is `expected` (a ref that nobody moved
+    /// meanwhile): [`StoreError::CasConflict`] otherwise, [`StoreError::NotFound`] if it is
+    /// gone. Stores with a ref lock (file, ssh) do it under that lock, atomically with respect
+    /// to [`Store::compare_and_swap`]; the default reads, compares, then deletes, which leaves
+    /// a short window in which a concurrent swap can be undone by the delete.
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
+        let current = self.get(key).await?;
+        if current.as_ref() != expected {
+            return Err(StoreError::CasConflict {
+                store: self.describe(),
+                key: key.to_string(),
+            });
+        }
+        self.delete(key).await
+    }
+
     /// Replace `key` only if its current content is `expected` (`None` = must not exist).
     async fn compare_and_swap(
         &self,

@@ -1108,6 +1108,26 @@ impl Store for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_sizes(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key)?;
+        let request = async {
+            match self.client.delete(&p).await {
+                Ok(()) | Err(OsError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        self.bounded(key, 0, request).await
+    }
+
+    async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         // object_store lists whole "directories": list the one holding `prefix`, then filter.
         let dir = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
         let full_dir = self.full_key(dir);
@@ -1135,7 +1155,7 @@ impl Store for S3Store {
                 continue;
             };
             if rel.starts_with(prefix) && !rel.split('/').any(|c| c.starts_with('.')) {
-                out.push(rel.to_string());
+                out.push((rel.to_string(), meta.size));
             }
         }
         out.sort();

@@ -1304,7 +1304,7 @@ impl Conn {
         root: &str,
         dir: &str,
         prefix: &str,
-        out: &mut Vec<String>,
+        out: &mut Vec<(String, u64)>,
     ) -> Result<(), OpError> {
         let entries = match self.sftp.readdir(p(dir)) {
             Ok(v) => v,
@@ -1326,10 +1326,61 @@ impl Conn {
                     self.walk(root, &full, prefix, out)?;
                 }
             } else if rel.starts_with(prefix) {
-                out.push(rel);
+                out.push((rel, stat.size.unwrap_or(0)));
             }
         }
         Ok(())
+    }
+
+    /// Remove a file; one that does not exist is not an error.
+    fn delete(&self, path: &str) -> Result<(), OpError> {
+        match self.sftp.unlink(p(path)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_file(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Remove `path` if it holds `expected`, under the ref lock of its directory (the lock
+    /// `compare_and_swap` takes). `Ok(None)`: it does not exist; `Ok(Some(false))`: it holds
+    /// something else.
+    fn compare_and_delete(
+        &mut self,
+        inner: &Inner,
+        path: &str,
+        expected: &[u8],
+    ) -> Result<Option<bool>, OpError> {
+        let (dir, _) = split_path(path);
+        // An empty temp file tells the server's time, by which the lock's age is judged.
+        let tmp = self.write_temp(inner, path, b"")?;
+        let written_at = Instant::now();
+        let stat = self.sftp.stat(p(&tmp));
+        let _ = self.sftp.unlink(p(&tmp));
+        let server_time = match stat {
+            Ok(FileStat { mtime: Some(t), .. }) => t,
+            Ok(_) => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            Err(e) => return Err(e.into()),
+        };
+        let lock = format!("{dir}/{LOCK_NAME}");
+        self.lock(&lock, || server_time + written_at.elapsed().as_secs())?;
+        let r = (|| -> Result<Option<bool>, OpError> {
+            match self.read_opt(path)? {
+                None => Ok(None),
+                Some(current) if current != expected => Ok(Some(false)),
+                Some(_) => {
+                    self.sftp.unlink(p(path))?;
+                    Ok(Some(true))
+                }
+            }
+        })();
+        let broken = r.as_ref().is_err_and(OpError::breaks_session);
+        if !broken {
+            let _ = self.sftp.rmdir(p(&lock));
+        }
+        r.map_err(|e| OpError::Committed(Box::new(e)))
     }
 
     /// Take the per-directory CAS lock. `server_now` estimates the server's clock, so that the
@@ -1530,6 +1581,41 @@ impl Store for SshStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_sizes(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.inner.path(key);
+        self.run(key, move |_, c| c.delete(&path)).await
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
+        let path = self.inner.path(key);
+        let expected = expected.to_vec();
+        match self
+            .run(key, move |inner, c| {
+                c.compare_and_delete(inner, &path, &expected)
+            })
+            .await?
+        {
+            Some(true) => Ok(()),
+            Some(false) => Err(StoreError::CasConflict {
+                store: self.describe(),
+                key: key.to_string(),
+            }),
+            None => Err(StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            }),
+        }
+    }
+
+    async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let prefix = prefix.to_string();
         self.run("", move |inner, c| {
             // Start at the deepest directory the prefix names, not at the root.

@@ -121,8 +121,9 @@ With NAME, creates branch NAME at REV (default HEAD). Creation is a compare-and-
 Mount the new branch with `horcrux mount URL MOUNTPOINT --ref NAME`; a writable mount of it
 commits onto it.
 
--d NAME (delete) is not supported yet: repositories have no way to remove a key until `gc`
-comes; it says so, and refuses the mounted branch in any case.
+-d NAME deletes branch NAME (by compare-and-delete: a branch someone moved meanwhile is kept,
+with an error); the mounted branch is refused. Its commits stay in the repository until
+`horcrux gc` finds that no other branch or tag reaches them.
 
 Examples:
   horcrux branch                                # inside a mount
@@ -136,7 +137,7 @@ pub struct BranchArgs {
     /// [NAME [REV]] [PATH]: the branch to create, where [default: HEAD], and the mount
     #[arg(value_name = "NAME|REV|PATH")]
     pub args: Vec<OsString>,
-    /// Delete branch NAME (not supported yet; see below)
+    /// Delete branch NAME (its data goes at the next `horcrux gc`s)
     #[arg(short = 'd', long)]
     pub delete: bool,
     /// List as JSON: [{"name", "commit", "head"}]
@@ -154,8 +155,8 @@ With NAME, creates tag NAME at REV (default HEAD): an immutable name for that ve
 Mount it with `horcrux mount URL MOUNTPOINT --ref NAME` (a writable mount of a tag has no
 branch to commit onto).
 
--d NAME (delete) is not supported yet: repositories have no way to remove a key until `gc`
-comes.
+-d NAME deletes tag NAME; its commits stay in the repository until `horcrux gc` finds that
+no branch or other tag reaches them.
 
 Examples:
   horcrux tag                                   # inside a mount
@@ -169,7 +170,7 @@ pub struct TagArgs {
     /// [NAME [REV]] [PATH]: the tag to create, where [default: HEAD], and the mount
     #[arg(value_name = "NAME|REV|PATH")]
     pub args: Vec<OsString>,
-    /// Delete tag NAME (not supported yet; see below)
+    /// Delete tag NAME (its data goes at the next `horcrux gc`s)
     #[arg(short = 'd', long)]
     pub delete: bool,
     /// List as JSON: [{"name", "commit", "head"}]
@@ -575,11 +576,29 @@ fn delete_ref(ctx: &Ctx, kind: Kind, name: &str) -> anyhow::Result<()> {
     {
         bail!("cannot delete branch `{name}`: it is the branch mounted at {mp}");
     }
-    bail!(
-        "deleting a {} is not supported yet: repositories cannot remove a key until `gc` comes \
-         (issue 5); `{name}` stays where it is",
-        kind.word()
-    )
+    let at = at.expect("checked above");
+    ctx.rt
+        .block_on(async {
+            match kind {
+                Kind::Branch => ctx.repo.delete_branch(&ctx.volume, name, at).await,
+                Kind::Tag => ctx.repo.delete_tag(&ctx.volume, name, at).await,
+            }
+        })
+        .with_context(|| {
+            format!(
+                "deleting {} `{name}` of volume {} (it was at {})",
+                kind.word(),
+                ctx.volume,
+                at.short()
+            )
+        })?;
+    println!(
+        "deleted {} {name} of volume {} (was at {}); `horcrux gc` removes what only it reached",
+        kind.word(),
+        ctx.volume,
+        at.short()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
