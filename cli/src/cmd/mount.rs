@@ -431,7 +431,10 @@ fn serve(
         let source = Arc::new(MirrorStore::new(stores, mirror_config));
         let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
         let name = repo.pick_volume(a.name.as_deref()).await?;
-        let mut id = repo.resolve(&name, &a.reference).await?;
+        // Any revision: a branch, a tag, a commit id or prefix, with `~N` to go back.
+        let mut id = horcrux::history::resolve_rev(&repo, &name, &a.reference, None)
+            .await?
+            .id;
         let overlay = if a.read_only {
             None
         } else {
