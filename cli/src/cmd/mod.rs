@@ -8,5 +8,6 @@ pub mod demo;
 pub mod generate;
 pub mod history;
 pub mod mount;
+pub mod plugin;
 pub mod remotes;
 pub mod versions;
