@@ -86,11 +86,11 @@ pub fn locate(target: &Target) -> anyhow::Result<Located> {
     match target {
         Target::Path(p) => {
             // A bare name that is not a path here: a Docker volume of the plugin, perhaps.
-            if let Some(name) = docker_volume_name(p) {
-                if let Some(mp) = crate::cmd::plugin::volume_mountpoint(name)? {
-                    let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
-                    return locate_in(&mp, &table);
-                }
+            if let Some(name) = docker_volume_name(p)
+                && let Some(mp) = crate::cmd::plugin::volume_mountpoint(name)?
+            {
+                let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
+                return locate_in(&mp, &table);
             }
             let abs = resolve_path(p).with_context(|| format!("resolving {}", p.display()))?;
             let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
@@ -106,7 +106,8 @@ fn docker_volume_name(p: &Path) -> Option<&str> {
         return None;
     };
     let n = n.to_str()?;
-    let absent = matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound);
+    let absent =
+        matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound);
     (absent && horcrux_plugin::driver::check_docker_name(n).is_ok()).then_some(n)
 }
 
