@@ -263,9 +263,7 @@ impl<M: Mounter> Driver<M> {
         Volume {
             name: rec.name.clone(),
             mountpoint: if mounted {
-                mountpoint(&self.state_dir, &rec.name)
-                    .display()
-                    .to_string()
+                mountpoint(&self.state_dir, &rec.name).display().to_string()
             } else {
                 String::new()
             },
@@ -333,7 +331,8 @@ impl<M: Mounter> VolumeDriver for Driver<M> {
         }
         let dir = volume_dir(&self.state_dir, &req.name);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("removing {}: {e}", dir.display()))?;
         }
         self.registry()
             .delete(&req.name)

@@ -193,7 +193,9 @@ impl Registry {
             .prepare_cached("SELECT id, count FROM mounts WHERE volume = ?1")
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
             .map_err(|e| self.err(e))?;
         let mut out = BTreeMap::new();
         for r in rows {
@@ -210,9 +212,7 @@ impl Registry {
                 .conn
                 .prepare("SELECT name FROM volumes ORDER BY name")
                 .map_err(|e| self.err(e))?;
-            let rows = st
-                .query_map([], |r| r.get(0))
-                .map_err(|e| self.err(e))?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?;
             rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?
         };
         let mut out = Vec::with_capacity(names.len());

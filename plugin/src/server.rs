@@ -297,7 +297,11 @@ mod tests {
         );
         assert_eq!(r.path, "/VolumeDriver.List");
         assert_eq!(r.body, b"{}");
-        assert!(read_request(&mut BufReader::new(&b""[..])).unwrap().is_none());
+        assert!(
+            read_request(&mut BufReader::new(&b""[..]))
+                .unwrap()
+                .is_none()
+        );
         assert!(read_request(&mut BufReader::new(&b"GARBAGE\r\n\r\n"[..])).is_err());
         assert!(
             read_request(&mut BufReader::new(
