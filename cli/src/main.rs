@@ -152,6 +152,8 @@ enum Command {
     Copy(cmd::copy::CopyArgs),
     /// Run the main job end to end on a built-in sample: generate, mount, read, show the cache
     Demo(cmd::demo::DemoArgs),
+    /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
+    Plugin(cmd::plugin::PluginArgs),
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -230,7 +232,9 @@ fn main() -> ExitCode {
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Plugin(a) => cmd::plugin::run(a),
     };
+    cmd::plugin::release_temporary_mounts();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -40,10 +40,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// What the user named as the volume to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// A mountpoint or any path inside a mount (relative to the current directory).
+    /// A mountpoint or any path inside a mount (relative to the current directory); or a
+    /// Docker volume name of the plugin's registry, when no such path exists (see [`locate`]).
     Path(PathBuf),
-    // Issue 6 adds `Docker(String)`: a Docker volume name, looked up in the plugin's registry
-    // to find its mountpoint; `locate` is the one place that must learn it.
 }
 
 impl Target {
@@ -86,11 +85,30 @@ impl Located {
 pub fn locate(target: &Target) -> anyhow::Result<Located> {
     match target {
         Target::Path(p) => {
+            // A bare name that is not a path here: a Docker volume of the plugin, perhaps.
+            if let Some(name) = docker_volume_name(p)
+                && let Some(mp) = crate::cmd::plugin::volume_mountpoint(name)?
+            {
+                let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
+                return locate_in(&mp, &table);
+            }
             let abs = resolve_path(p).with_context(|| format!("resolving {}", p.display()))?;
             let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
             locate_in(&abs, &table)
         }
     }
+}
+
+/// `p` as a Docker volume name: one plain component that does not exist as a path.
+fn docker_volume_name(p: &Path) -> Option<&str> {
+    let mut c = p.components();
+    let (Some(Component::Normal(n)), None) = (c.next(), c.next()) else {
+        return None;
+    };
+    let n = n.to_str()?;
+    let absent =
+        matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound);
+    (absent && horcrux_plugin::driver::check_docker_name(n).is_ok()).then_some(n)
 }
 
 /// `path` made absolute with symlinks and `..` resolved as far as it exists; the rest (a path

@@ -1,14 +1,20 @@
 //! Docker volume driver for horcrux.
 //!
-//! This crate holds the transport-free part of the driver: the VolumeDriver protocol v1 message
-//! types exactly as the Docker engine sends and expects them ([`protocol`]), a dispatcher from
-//! an endpoint path and a JSON body to a [`protocol::VolumeDriver`] implementation, and the
-//! parsing of `docker volume create -o ...` options ([`options`]). The Unix-socket server, the
-//! persisted volume registry and the ref-counted mounts come with the driver itself (issue 6);
-//! they use an injected mounter, never the FUSE crate directly.
+//! - [`protocol`]: the VolumeDriver protocol v1 message types exactly as the Docker engine
+//!   sends and expects them, and a transport-free dispatcher to a [`protocol::VolumeDriver`];
+//! - [`options`]: parsing of `docker volume create -o ...` options;
+//! - [`server`]: HTTP/1.1 over the plugin's Unix socket;
+//! - [`registry`]: the persisted volume registry and mount counts (SQLite);
+//! - [`driver`]: the driver itself, over an injected [`driver::Mounter`] (the CLI runs
+//!   `horcrux mount` daemons; this crate never uses FUSE directly).
 
+pub mod driver;
 pub mod options;
 pub mod protocol;
+pub mod registry;
+pub mod server;
 
+pub use driver::{Driver, MountSpec, MountState, Mounter};
 pub use options::{OptionsError, VolumeOptions};
 pub use protocol::{DispatchReply, VolumeDriver, dispatch};
+pub use registry::{Registry, VolumeRecord};

@@ -9,5 +9,6 @@ pub mod gc;
 pub mod generate;
 pub mod history;
 pub mod mount;
+pub mod plugin;
 pub mod remotes;
 pub mod versions;

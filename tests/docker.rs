@@ -1,0 +1,353 @@
+//! End to end with the real Docker engine: a tiny image built offline (`docker import` of a
+//! busybox-static rootfs), `horcrux plugin` started by the test under a unique driver name
+//! (`horcrux-test-<pid>`, socket `/run/docker/plugins/horcrux-test-<pid>.sock`), then
+//! create → `docker run` reads and writes → `docker cp` → `horcrux commit VOLUME` → a second
+//! container sees the committed state → plugin `kill -9` and restart with a container running
+//! → `docker volume rm` refused with uncommitted changes → `horcrux discard --force` → rm.
+//! Also implicit creation through `docker run --mount ...,volume-driver=...,volume-opt=...`.
+//!
+//! Where no engine answers `docker info`, the test prints `SKIP: <reason>` and passes.
+
+mod common;
+mod plugin_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use common::*;
+use plugin_support::*;
+
+const IMAGE: &str = "horcrux-test-busybox";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(o.status.success(), "docker {args:?} failed:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Why Docker cannot be used here, if it cannot.
+fn docker_unavailable() -> Option<String> {
+    match Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Err(e) => Some(format!("no docker command ({e})")),
+        Ok(o) if !o.status.success() => Some(format!(
+            "`docker info` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// The busybox image, built offline from Debian's busybox-static (kept between runs).
+fn ensure_image(work: &Path) {
+    if docker(&["image", "inspect", IMAGE]).status.success() {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: run tests/setup.d/docker.sh (installs busybox-static)"
+    );
+    let root = work.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    for d in ["tmp", "data", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    let list = Command::new(busybox).arg("--list").output().unwrap();
+    for name in String::from_utf8_lossy(&list.stdout).lines() {
+        if name != "busybox" && !name.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
+        }
+    }
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let import = Command::new("docker")
+        .args(["import", "-", IMAGE])
+        .stdin(tar.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of the rootfs failed");
+    assert!(import.status.success(), "docker import: {}", text(&import));
+}
+
+/// Serialize runs of this test on the machine (they share the driver name).
+fn lock_driver_name() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::create("/run/docker/plugins/.horcrux-test.lock")
+        .or_else(|_| std::fs::File::create("/tmp/.horcrux-docker-test.lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
+/// Removes what the test made in Docker, whatever happens, before the plugin goes.
+struct DockerCleanup {
+    label: String,
+    volumes: Vec<String>,
+    state: PathBuf,
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        let ids = docker(&["ps", "-aq", "--filter", &format!("label={}", self.label)]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        // Only what the plugin still has: a lookup of an unknown name asks every driver the
+        // engine knows, and a dead one costs ~15 s.
+        for v in self
+            .volumes
+            .iter()
+            .filter(|v| self.state.join("volumes").join(v).exists())
+        {
+            // Changes left by a failed run are thrown away so the volume can go.
+            let _ = Command::new(horcrux_bin())
+                .args(["discard", "--force", v])
+                .env("HORCRUX_PLUGIN_STATE_DIR", &self.state)
+                .current_dir("/")
+                .output();
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+fn horcrux_cli(state: &Path, args: &[&str]) -> Output {
+    Command::new(horcrux_bin())
+        .args(args)
+        .env("HORCRUX_PLUGIN_STATE_DIR", state)
+        .current_dir("/")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn docker_volume_end_to_end() {
+    if let Some(why) = docker_unavailable() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let t0 = Instant::now();
+    let t = tempdir();
+    let root = t.path().to_path_buf();
+    // HORCRUX_KEEP=1 keeps the work directory (the plugin's log) for a look afterwards.
+    let _t = if std::env::var_os("HORCRUX_KEEP").is_some() {
+        eprintln!("keeping {}", t.keep().display());
+        None
+    } else {
+        Some(t)
+    };
+    ensure_image(&root);
+
+    let src = root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"hello from horcrux\n").unwrap();
+    std::fs::write(src.join("big"), bytes(3, 2 * MIB as usize)).unwrap();
+    let repo = root.join("repo");
+    generate("vol", &src, &repo);
+
+    let pid = std::process::id();
+    // One fixed driver name, runs serialized by a lock: the engine remembers every legacy
+    // plugin it has talked to until it restarts, and each one that no longer answers adds
+    // ~15 s to `docker volume ls` and to lookups of unknown volume names.
+    let driver = "horcrux-test".to_string();
+    let _lock = lock_driver_name();
+    let socket = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+    let state = root.join("state");
+    let v1 = format!("hxt{pid}-v1");
+    let v2 = format!("hxt{pid}-v2");
+    let label = format!("horcrux-test={pid}");
+    // Declared first, dropped last: the plugin outlives the Docker cleanup.
+    let mut plugin = Plugin::start(&socket, &state);
+    eprintln!("plugin log: {}", plugin.log.display());
+    let _cleanup = DockerCleanup {
+        label: label.clone(),
+        volumes: vec![v1.clone(), v2.clone()],
+        state: state.clone(),
+    };
+    let access = format!("access={}", url(&repo));
+    let mut timings = Vec::new();
+    let mut lap =
+        |what: &str, since: Instant| timings.push(format!("{what}: {:?}", since.elapsed()));
+
+    let s = Instant::now();
+    docker_ok(&[
+        "volume", "create", "-d", &driver, "-o", &access, "-o", "name=vol", &v1,
+    ]);
+    lap("volume create", s);
+    let bad = docker(&[
+        "volume", "create", "-d", &driver, "-o", &access, "-o", "size=1G", "hxt-bad",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("known options are access, name"),
+        "{}",
+        text(&bad)
+    );
+
+    // Read and write in a container.
+    let data = format!("{v1}:/data");
+    let s = Instant::now();
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "-v",
+        &data,
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /data/f; echo new > /data/g; wc -c < /data/big",
+    ]);
+    lap("docker run (read f, write g)", s);
+    assert!(out.contains("hello from horcrux"), "{out}");
+    assert!(out.contains(&(2 * MIB).to_string()), "{out}");
+
+    // docker cp from a created container (the engine mounts the volume for it).
+    let c = format!("hxt{pid}-cp");
+    docker_ok(&[
+        "create", "--name", &c, "--label", &label, "-v", &data, IMAGE, "true",
+    ]);
+    let copied = root.join("g.copy");
+    docker_ok(&["cp", &format!("{c}:/data/g"), copied.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&copied).unwrap(), b"new\n");
+    docker_ok(&["rm", &c]);
+    let mp = state
+        .canonicalize()
+        .unwrap()
+        .join(format!("volumes/{v1}/mnt"));
+    assert!(
+        eventually(10, || !is_mounted(&mp)),
+        "still mounted with no user"
+    );
+
+    // Commit by Docker volume name; a second container sees the committed state.
+    let st = horcrux_cli(&state, &["status", &v1]);
+    assert!(text(&st).contains("A g"), "{}", text(&st));
+    let s = Instant::now();
+    let cm = horcrux_cli(&state, &["commit", "-m", "from docker", &v1]);
+    lap("horcrux commit VOLUME", s);
+    assert!(cm.status.success(), "{}", text(&cm));
+    let out = docker_ok(&[
+        "run", "--rm", "--label", &label, "-v", &data, IMAGE, "cat", "/data/g",
+    ]);
+    assert_eq!(out, "new\n");
+    let log = horcrux_cli(&state, &["log", &v1]);
+    if log.status.success() {
+        assert!(text(&log).contains("from docker"), "{}", text(&log));
+    }
+    // Clean after the commit: removal would be allowed now.
+    let st = horcrux_cli(&state, &["status", &v1]);
+    assert!(!text(&st).contains("A g"), "{}", text(&st));
+
+    // A running container across a plugin kill -9 and restart.
+    let run = format!("hxt{pid}-run");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &run,
+        "--label",
+        &label,
+        "-v",
+        &data,
+        IMAGE,
+        "sh",
+        "-c",
+        "echo running > /data/h; sleep 600",
+    ]);
+    assert!(eventually(20, || docker(&["exec", &run, "cat", "/data/h"])
+        .status
+        .success()));
+    let s = Instant::now();
+    plugin.restart();
+    lap("plugin kill -9 + restart", s);
+    let inspect = docker_ok(&["volume", "inspect", &v1]);
+    assert!(inspect.contains(mp.to_str().unwrap()), "{inspect}");
+    assert_eq!(
+        plugin.ok("/VolumeDriver.List", "")["Volumes"][0]["Name"],
+        v1.as_str()
+    );
+    assert_eq!(
+        docker_ok(&["exec", &run, "cat", "/data/f"]),
+        "hello from horcrux\n"
+    );
+    docker_ok(&["exec", &run, "sh", "-c", "echo after > /data/h2"]);
+    let s = Instant::now();
+    docker_ok(&["rm", "-f", &run]);
+    lap("docker rm -f (unmount through the restarted plugin)", s);
+    assert!(
+        eventually(10, || !is_mounted(&mp)),
+        "still mounted after the last container went; log:\n{}",
+        plugin.log_text()
+    );
+
+    // Uncommitted changes: removal refused, then discarded, then removed.
+    let rm = docker(&["volume", "rm", &v1]);
+    assert!(
+        !rm.status.success(),
+        "rm with uncommitted changes succeeded"
+    );
+    assert!(
+        text(&rm).contains("uncommitted changes") && text(&rm).contains("discard --force"),
+        "{}",
+        text(&rm)
+    );
+    let d = horcrux_cli(&state, &["discard", "--force", &v1]);
+    assert!(d.status.success(), "{}", text(&d));
+    docker_ok(&["volume", "rm", &v1]);
+    plugin.err("/VolumeDriver.Get", &format!(r#"{{"Name":"{v1}"}}"#));
+
+    // Implicit creation through --mount.
+    let s = Instant::now();
+    let out = docker_ok(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "--mount",
+        &format!(
+            "type=volume,src={v2},dst=/data,volume-driver={driver},volume-opt=access={},volume-opt=name=vol",
+            url(&repo)
+        ),
+        IMAGE,
+        "cat",
+        "/data/f",
+    ]);
+    lap("docker run --mount (implicit create)", s);
+    assert_eq!(out, "hello from horcrux\n");
+    docker_ok(&["volume", "rm", &v2]);
+
+    println!("timings ({:?} in all):", t0.elapsed());
+    for l in &timings {
+        println!("  {l}");
+    }
+}
