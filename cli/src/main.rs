@@ -118,6 +118,8 @@ enum Command {
     Tag(cmd::history::TagArgs),
     /// Send a mounted volume's branch to another repository (only what it lacks)
     Push(cmd::remotes::PushArgs),
+    /// Bring a branch's new commits (and their data) from another repository; switch the mount
+    Pull(cmd::pull::PullArgs),
     /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
     Clone(cmd::remotes::CloneArgs),
     /// Inspect and bound the local cache
@@ -204,6 +206,7 @@ fn main() -> ExitCode {
         Command::Branch(a) => cmd::history::run_branch(a),
         Command::Tag(a) => cmd::history::run_tag(a),
         Command::Push(a) => cmd::remotes::run_push(a),
+        Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),

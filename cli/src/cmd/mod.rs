@@ -8,5 +8,6 @@ pub mod demo;
 pub mod generate;
 pub mod history;
 pub mod mount;
+pub mod pull;
 pub mod remotes;
 pub mod versions;
