@@ -272,11 +272,22 @@ fn print_outcome(
             new.short(),
             short(&info.commit)
         ),
-        MountOutcome::Stayed(why) => println!(
-            "the origin was updated, but {mp} stays at {}: {why}\n\
-             switch it later with `horcrux checkout {branch} {mp}` (commits from it are refused \
-             until then: the branch moved; `--discard` throws uncommitted changes away)",
-            short(&info.commit)
-        ),
+        MountOutcome::Stayed(why) => {
+            // The daemon's refusal comes as "the daemon of MP: reason".
+            let why = why
+                .strip_prefix(&format!("the daemon of {mp}: "))
+                .unwrap_or(why);
+            println!(
+                "the origin was updated, but {mp} stays at {}: {why}\n\
+                 switch it later with `horcrux checkout {branch} {mp}`{}",
+                short(&info.commit),
+                if why.contains("uncommitted") {
+                    " (commits from it are refused until then: the branch moved; `--discard` \
+                     throws the uncommitted changes away)"
+                } else {
+                    ""
+                }
+            )
+        }
     }
 }
