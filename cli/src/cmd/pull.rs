@@ -31,9 +31,10 @@ committed), the pull is refused and nothing changes (merge is not supported). On
 origin lacks is sent; an interrupted pull resumes without copying again what arrived.
 
 The mount is not switched while it has uncommitted changes or open files: the origin is
-updated all the same, the mount stays where it was, and `horcrux checkout BRANCH` switches it
-later (after `horcrux commit` is no longer possible there: the branch moved; --discard throws
-the changes away). A read-only mount shows the version it was mounted at: mount it again.
+updated all the same, the mount stays where it was and says so, and `horcrux checkout BRANCH`
+switches it later. Until then `horcrux commit` from that mount is refused (the branch moved
+under its changes): copy out what you need, then `horcrux checkout BRANCH --discard`; or
+commit before pulling. A read-only mount shows the version it was mounted at: mount it again.
 
 Without a mount: --access URL [--name VOL] updates only that repository.
 
