@@ -137,6 +137,8 @@ enum Command {
     Tag(cmd::history::TagArgs),
     /// Send a mounted volume's branch to another repository (only what it lacks)
     Push(cmd::remotes::PushArgs),
+    /// Bring a branch's new commits (and their data) from another repository; switch the mount
+    Pull(cmd::pull::PullArgs),
     /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
     Clone(cmd::remotes::CloneArgs),
     /// Remove what no branch or tag reaches (two runs apart by a grace period); --dry-run
@@ -227,6 +229,7 @@ fn main() -> ExitCode {
         Command::Branch(a) => cmd::history::run_branch(a),
         Command::Tag(a) => cmd::history::run_tag(a),
         Command::Push(a) => cmd::remotes::run_push(a),
+        Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Gc(a) => cmd::gc::run(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),

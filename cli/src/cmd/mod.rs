@@ -10,5 +10,6 @@ pub mod generate;
 pub mod history;
 pub mod mount;
 pub mod plugin;
+pub mod pull;
 pub mod remotes;
 pub mod versions;

@@ -94,7 +94,7 @@ pub struct CloneArgs {
     pub json: bool,
 }
 
-struct Bar(indicatif::ProgressBar);
+pub(super) struct Bar(pub(super) indicatif::ProgressBar);
 
 impl CopyProgress for Bar {
     fn start(&self, total: u64) {
@@ -105,12 +105,12 @@ impl CopyProgress for Bar {
     }
 }
 
-fn short(hex: &str) -> &str {
+pub(super) fn short(hex: &str) -> &str {
     &hex[..12.min(hex.len())]
 }
 
 /// "2 of 5 chunks (1.0 MiB), 1 manifest, 1 commit: 1.1 MiB in 0.3s".
-fn sent(r: &CopyReport, t: Instant) -> String {
+pub(super) fn sent(r: &CopyReport, t: Instant) -> String {
     format!(
         "{} of {} chunks ({}), {} manifest{}, {} commit{}: {} in {:.1}s",
         r.chunks_copied,
@@ -125,7 +125,7 @@ fn sent(r: &CopyReport, t: Instant) -> String {
     )
 }
 
-fn json_report(r: &CopyReport, extra: serde_json::Value, t: Instant) -> String {
+pub(super) fn json_report(r: &CopyReport, extra: serde_json::Value, t: Instant) -> String {
     let mut v = serde_json::to_value(r).expect("report serializes");
     if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
         o.extend(e);

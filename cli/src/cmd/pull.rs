@@ -1,0 +1,294 @@
+//! `horcrux pull`: bring a branch's new commits from another repository into a mounted volume's
+//! origin (fast-forward only), then switch the live mount to the new head (issue 5, remotes).
+//!
+//! It is `transfer::copy` the other way round from `push` — REMOTE is the source, the origin
+//! the destination, restricted to one volume and one branch — followed by
+//! `Request::Checkout { rev: <branch>, discard: false }` on the mount's daemon. The copy brings
+//! the chunks too, not only refs and manifests: "a commit present in a repository has its
+//! chunks there" is the invariant `push` (and every later copy) relies on to stop its walk.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use horcrux::repo::Repository;
+use horcrux::transfer::{CopyError, CopyOptions, copy, is_ancestor};
+use horcrux_proto::control::{MountInfo, Request, Response};
+
+use super::remotes::{Bar, json_report, sent, short};
+use crate::mounts::{self, Target};
+
+const PULL_HELP: &str = "\
+Brings the new commits of a branch (default: the mounted one) from REMOTE into the repository
+the volume is mounted from (its origin, where `horcrux commit` writes) — commits, manifests
+and the chunks they use: the data is copied too, so the origin can mount, push and clone every
+version it holds without REMOTE — moves the origin's branch by compare-and-swap, then switches
+the live mount to the new version (like `horcrux checkout BRANCH`).
+
+Only a fast-forward is done: when the origin's branch has commits REMOTE's lacks (both sides
+committed), the pull is refused and nothing changes (merge is not supported). Only what the
+origin lacks is sent; an interrupted pull resumes without copying again what arrived.
+
+The mount is not switched while it has uncommitted changes or open files: the origin is
+updated all the same, the mount stays where it was and says so, and `horcrux checkout BRANCH`
+switches it later. Until then `horcrux commit` from that mount is refused (the branch moved
+under its changes): copy out what you need, then `horcrux checkout BRANCH --discard`; or
+commit before pulling. A read-only mount shows the version it was mounted at: mount it again.
+
+Without a mount: --access URL [--name VOL] updates only that repository.
+
+Examples:
+  horcrux pull s3://backups/amcc /var/lib/mysql
+  horcrux pull scp://dev@dbhost:/opt/horcrux-amcc --access file:///opt/amcc-copy --name AMCC";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = PULL_HELP)]
+pub struct PullArgs {
+    /// Repository to pull from (file:///path, scp://, ssh://, s3://)
+    pub remote: String,
+    /// The mountpoint of the volume, or any path inside it [default: the current directory]
+    pub path: Option<PathBuf>,
+    /// Same as PATH
+    #[arg(short = 'C', value_name = "PATH", conflicts_with = "path")]
+    pub dir: Option<PathBuf>,
+    /// Branch to pull [default: the mounted branch; `main` with --access]
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Update this repository (access URL, mirrors comma-separated) instead of a mount's origin
+    #[arg(long, value_name = "URL", conflicts_with_all = ["path", "dir"])]
+    pub access: Option<String>,
+    /// With --access: the volume (needed when the repository holds several)
+    #[arg(long = "name", value_name = "VOL", requires = "access")]
+    pub name: Option<String>,
+    /// Parallel transfers
+    #[arg(long, default_value_t = 8)]
+    pub jobs: usize,
+    /// Print what was copied, and where the mount is, as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What happened to the mount after the origin was updated.
+enum MountOutcome {
+    /// No mount (--access), or it shows another branch / a tag / a commit.
+    NotMounted,
+    Other(String),
+    /// Already at the head.
+    AtHead,
+    Switched,
+    /// Refused (or failed): the daemon's reason.
+    Stayed(String),
+}
+
+pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
+    crate::init_logging(None)?;
+    let (access, volume, branch, mounted) = match &a.access {
+        Some(access) => (access.clone(), a.name.clone(), a.branch.clone(), None),
+        None => {
+            let path = a.dir.as_deref().or(a.path.as_deref());
+            let loc = mounts::locate(&Target::from_arg(path))?;
+            let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
+                Response::Described(i) => i,
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            };
+            let branch = match (&a.branch, &info.branch) {
+                (Some(b), _) => b.clone(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => bail!(
+                    "{} shows `{}` (a tag or commit, not a branch): say which branch to pull \
+                     with --branch",
+                    loc.mountpoint.display(),
+                    info.reference
+                ),
+            };
+            (
+                info.access.clone(),
+                Some(info.volume.clone()),
+                Some(branch),
+                Some((loc, info)),
+            )
+        }
+    };
+    let branch = branch.unwrap_or_else(|| "main".into());
+    let rt = tokio::runtime::Runtime::new()?;
+    let remote_url = horcrux::store::parse_one(&a.remote)?;
+    let t = Instant::now();
+    let (report, old, theirs, new) = rt.block_on(async {
+        let origin = Repository::open(crate::open_access(&access)?)
+            .await
+            .with_context(|| format!("opening the volume's repository {access}"))?;
+        let volume = origin.pick_volume(volume.as_deref()).await?;
+        let src = Repository::open(crate::open_store(&remote_url)?)
+            .await
+            .with_context(|| format!("opening {remote_url}"))?;
+        let theirs = src.branch(&volume, &branch).await?.ok_or_else(|| {
+            anyhow!("{remote_url} has no branch `{branch}` of volume `{volume}`: nothing to pull")
+        })?;
+        let ours = origin.branch(&volume, &branch).await?;
+        if let Some(ours) = ours
+            && ours != theirs
+            && is_ancestor(&origin, theirs, ours).await?
+        {
+            // REMOTE is behind: nothing to bring (copying would be refused as a non-FF move).
+            return Ok::<_, anyhow::Error>((None, Some(ours), theirs, ours));
+        }
+        let opts = CopyOptions {
+            volumes: vec![volume.clone()],
+            refs: Some(vec![format!("heads/{branch}")]),
+            force: false,
+            concurrency: a.jobs,
+            ..Default::default()
+        };
+        let bar = crate::progress::bar("pulling");
+        let r = copy(&src, origin.store().clone(), &opts, &Bar(bar.clone())).await;
+        bar.finish_and_clear();
+        match r {
+            Ok(r) => Ok((Some(r), ours, theirs, theirs)),
+            Err(CopyError::Diverged { src, dst, .. }) => Err(anyhow!(
+                "cannot pull {volume}/{branch} from {remote_url}: the branches have diverged — \
+                 {access}'s `{branch}` is at {dst}, which is not an ancestor of {remote_url}'s \
+                 {src} (both sides have commits the other lacks). pull only fast-forwards \
+                 (merge is not supported); nothing was changed. To look at REMOTE's version: \
+                 `horcrux mount {remote_url} MOUNTPOINT --ref {src}`; to replace REMOTE's \
+                 branch with yours: `horcrux push {remote_url} --force`"
+            )),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("pulling {volume}/{branch} from {remote_url}"))),
+        }
+    })?;
+    let volume_name = mounted
+        .as_ref()
+        .map(|(_, i)| i.volume.clone())
+        .or(volume)
+        .unwrap_or_default();
+    // REMOTE's head is an ancestor of the origin's: nothing was copied.
+    let ahead = report.is_none() && theirs != new;
+
+    // Switch the mount when it shows the pulled branch.
+    let outcome = match &mounted {
+        None => MountOutcome::NotMounted,
+        Some((_, info)) if info.branch.as_deref() != Some(branch.as_str()) => {
+            MountOutcome::Other(format!(
+                "{} shows `{}`, not branch `{branch}`: it was left as it is",
+                info.mountpoint, info.reference
+            ))
+        }
+        Some((_, info)) if info.commit == new.to_hex() => MountOutcome::AtHead,
+        Some((_, info)) if info.read_only => MountOutcome::Stayed(format!(
+            "it is read-only and shows {} as mounted: unmount and mount it again to see {}",
+            short(&info.commit),
+            new.short()
+        )),
+        Some((_, info)) if ahead => MountOutcome::Other(format!(
+            "{} shows {}; `horcrux checkout {branch}` switches it to the origin's head",
+            info.mountpoint,
+            short(&info.commit)
+        )),
+        Some((loc, _)) => {
+            let req = Request::Checkout {
+                rev: branch.clone(),
+                discard: false,
+            };
+            match mounts::request(loc, &req, Duration::from_secs(600)) {
+                Ok(Response::CheckedOut { commit, .. }) if commit == new.to_hex() => {
+                    MountOutcome::Switched
+                }
+                Ok(Response::CheckedOut { commit, .. }) => MountOutcome::Stayed(format!(
+                    "it now shows {} (the branch moved again meanwhile)",
+                    short(&commit)
+                )),
+                Ok(other) => MountOutcome::Stayed(format!("unexpected answer: {other:?}")),
+                Err(e) => MountOutcome::Stayed(format!("{e:#}")),
+            }
+        }
+    };
+
+    if a.json {
+        let mut extra = serde_json::json!({
+            "volume": volume_name, "branch": branch, "remote": remote_url.to_string(),
+            "old": old.map(|c| c.to_hex()), "commit": new.to_hex(), "origin_ahead": ahead,
+        });
+        if let Some((_, info)) = &mounted {
+            let (state, detail) = match &outcome {
+                MountOutcome::NotMounted => ("none", None),
+                MountOutcome::Other(s) => ("other", Some(s.clone())),
+                MountOutcome::AtHead => ("at_head", None),
+                MountOutcome::Switched => ("switched", None),
+                MountOutcome::Stayed(s) => ("stayed", Some(s.clone())),
+            };
+            extra["mount"] = serde_json::json!({
+                "mountpoint": info.mountpoint, "was": info.commit, "state": state,
+                "detail": detail,
+            });
+        }
+        let r = report.clone().unwrap_or_default();
+        println!("{}", json_report(&r, extra, t));
+    } else {
+        match (&report, old) {
+            (None, Some(o)) if ahead => println!(
+                "nothing to pull: {access}'s {volume_name}/{branch} at {} is ahead of \
+                 {remote_url}'s {} (`horcrux push {remote_url}` sends the difference)",
+                o.short(),
+                theirs.short()
+            ),
+            (Some(r), Some(o)) if o != new => println!(
+                "pulled {volume_name}/{branch} from {remote_url} into {access}: {} → {}; copied {}",
+                o.short(),
+                new.short(),
+                sent(r, t)
+            ),
+            (Some(r), None) => println!(
+                "pulled {volume_name}/{branch} from {remote_url} into {access}: new branch at \
+                 {}; copied {}",
+                new.short(),
+                sent(r, t)
+            ),
+            _ => println!(
+                "{access} is up to date with {remote_url}: {volume_name}/{branch} at {}",
+                new.short()
+            ),
+        }
+        print_outcome(&outcome, mounted.as_ref().map(|(_, i)| i), &branch, new);
+    }
+    Ok(())
+}
+
+fn print_outcome(
+    outcome: &MountOutcome,
+    info: Option<&MountInfo>,
+    branch: &str,
+    new: horcrux::ids::CommitId,
+) {
+    let Some(info) = info else {
+        return;
+    };
+    let mp = &info.mountpoint;
+    match outcome {
+        MountOutcome::NotMounted => {}
+        MountOutcome::Other(s) => println!("{s}"),
+        MountOutcome::AtHead => println!("{mp} already shows {}", new.short()),
+        MountOutcome::Switched => println!(
+            "{mp} now shows {} (was {})",
+            new.short(),
+            short(&info.commit)
+        ),
+        MountOutcome::Stayed(why) => {
+            // The daemon's refusal comes as "the daemon of MP: reason".
+            let why = why
+                .strip_prefix(&format!("the daemon of {mp}: "))
+                .unwrap_or(why);
+            println!(
+                "the origin was updated, but {mp} stays at {}: {why}\n\
+                 switch it later with `horcrux checkout {branch} {mp}`{}",
+                short(&info.commit),
+                if why.contains("uncommitted") {
+                    " (commits from it are refused until then: the branch moved; `--discard` \
+                     throws the uncommitted changes away)"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
+}
