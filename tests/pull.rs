@@ -1,7 +1,8 @@
 //! `horcrux pull` through the CLI with real FUSE mounts: two origins A and B share history
 //! through a remote R (B is a clone of R); A commits and pushes, B pulls and its live mount
-//! shows A's content. A pull into a mount with uncommitted changes (or open files) updates the
-//! origin and leaves the mount where it was, saying so; a diverged branch is refused and
+//! shows A's content. A pull into a mount with uncommitted changes is refused before anything
+//! moves; with open files it updates the origin and leaves the mount where it was, saying so;
+//! a diverged branch is refused and
 //! nothing changes; an origin ahead of R has nothing to pull; `--access` updates only a
 //! repository.
 //!
@@ -213,11 +214,11 @@ fn pull_with_nothing_new_and_with_the_origin_ahead() {
     assert_eq!(v["mount"]["state"], "at_head", "{v}");
 }
 
-/// B has uncommitted changes (then an open file): the pull updates B's origin, leaves the mount
-/// where it was with the changes, and says how to switch later; `checkout main` does once the
-/// mount is clean (or with --discard).
+/// B has uncommitted changes: the pull is refused before anything moves (B's origin, mount
+/// and changes stay); once they are discarded the pull goes through. A clean mount with an open
+/// file: the origin is updated, the mount stays, and `checkout main` switches it once closed.
 #[test]
-fn pull_into_a_dirty_or_busy_mount_updates_the_origin_only() {
+fn pull_into_a_dirty_or_busy_mount() {
     let t = tempdir();
     let remote = url(&t.path().join("remote"));
     let p = pair(Access::default(), remote, t.path());
@@ -225,34 +226,23 @@ fn pull_into_a_dirty_or_busy_mount_updates_the_origin_only() {
     fs::write(p.b.path("mine"), b"uncommitted\n").unwrap();
 
     let c = p.a_commits_and_pushes("from A\n", 9);
-    let out = stdout(&p.pull_b());
-    eprintln!("dirty pull: {out}");
-    assert!(out.contains("pulled vol/main"), "{out}");
-    assert!(out.contains("the origin was updated"), "{out}");
+    let out = p.pull_b();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.contains(&format!("stays at {}", &before[..12])),
-        "{out}"
+        err.contains("uncommitted") && err.contains("nothing was changed"),
+        "{err}"
     );
-    assert!(out.contains("uncommitted"), "{out}");
-    assert!(out.contains("horcrux checkout main"), "{out}");
-    assert_eq!(head(&p.origin_b, "vol", "main"), c);
+    assert_eq!(head(&p.origin_b, "vol", "main"), before);
     assert_eq!(mounted_commit(&p.access, &p.b.mountpoint), before);
-    assert_eq!(fs::read(p.b.path("small")).unwrap(), b"base\n");
     assert_eq!(fs::read(p.b.path("mine")).unwrap(), b"uncommitted\n");
-    // Pulling again: the origin is up to date, the mount still stays.
-    let out = stdout(&p.pull_b());
-    assert!(
-        out.contains("is up to date") && out.contains("stays at"),
-        "{out}"
-    );
 
-    let out = p.access.ok(&[
-        os("checkout"),
-        os("main"),
-        p.b.mountpoint.as_os_str(),
-        os("--discard"),
-    ]);
-    assert!(out.contains(&c[..12]), "{out}");
+    p.access
+        .ok(&[os("discard"), os("--force"), p.b.mountpoint.as_os_str()]);
+    let out = stdout(&p.pull_b());
+    assert!(out.contains("pulled vol/main"), "{out}");
+    assert_eq!(head(&p.origin_b, "vol", "main"), c);
+    assert_eq!(mounted_commit(&p.access, &p.b.mountpoint), c);
     assert_eq!(fs::read(p.b.path("small")).unwrap(), b"from A\n");
     assert!(!p.b.path("mine").exists());
 

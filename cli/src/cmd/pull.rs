@@ -30,11 +30,11 @@ Only a fast-forward is done: when the origin's branch has commits REMOTE's lacks
 committed), the pull is refused and nothing changes (merge is not supported). Only what the
 origin lacks is sent; an interrupted pull resumes without copying again what arrived.
 
-The mount is not switched while it has uncommitted changes or open files: the origin is
-updated all the same, the mount stays where it was and says so, and `horcrux checkout BRANCH`
-switches it later. Until then `horcrux commit` from that mount is refused (the branch moved
-under its changes): copy out what you need, then `horcrux checkout BRANCH --discard`; or
-commit before pulling. A read-only mount shows the version it was mounted at: mount it again.
+A mount with uncommitted changes on the pulled branch is refused before anything moves
+(the branch would move under the changes, which could then be committed nowhere): commit or
+discard them first. While files are open the mount is not switched: the origin is updated all
+the same, the mount stays where it was and says so, and `horcrux checkout BRANCH` switches it
+later. A read-only mount shows the version it was mounted at: mount it again.
 
 Without a mount: --access URL [--name VOL] updates only that repository.
 
@@ -111,6 +111,21 @@ pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
         }
     };
     let branch = branch.unwrap_or_else(|| "main".into());
+    // A pull moves the branch under the mount's changes, which could then be committed nowhere:
+    // refuse before anything moves.
+    if let Some((loc, info)) = &mounted
+        && info.branch.as_deref() == Some(branch.as_str())
+        && let Response::Status(st) =
+            mounts::request(loc, &Request::Status, Duration::from_secs(60))?
+        && !st.changes.is_empty()
+    {
+        bail!(
+            "{} has {} uncommitted change(s) on `{branch}`: commit them (`horcrux commit -m ...`) \
+             or throw them away (`horcrux discard --force`) before pulling; nothing was changed",
+            loc.mountpoint.display(),
+            st.changes.len()
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let remote_url = horcrux::store::parse_one(&a.remote)?;
     let t = Instant::now();
