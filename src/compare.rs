@@ -612,7 +612,11 @@ impl Walker<'_> {
         field("uid", a.uid.to_string(), b.uid.to_string());
         field("gid", a.gid.to_string(), b.gid.to_string());
         if b.kind != NodeKind::Dir {
-            field("mtime", fmt_time(a.mtime), fmt_time(b.mtime));
+            field(
+                "mtime",
+                crate::util::rfc3339_ns(a.mtime),
+                crate::util::rfc3339_ns(b.mtime),
+            );
         }
         if a.target != b.target {
             let t = |n: &Node| {
@@ -776,29 +780,6 @@ fn changed_ranges(a: &Content, sa: u64, b: &Content, sb: u64) -> Vec<Range<u64>>
         changed = union(changed, std::iter::once(lo..sa.max(sb)).collect());
     }
     changed
-}
-
-/// Nanoseconds since the epoch as RFC 3339 UTC with nanoseconds.
-fn fmt_time(t: i64) -> String {
-    let secs = t.div_euclid(1_000_000_000);
-    let nanos = t.rem_euclid(1_000_000_000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -1234,10 +1215,13 @@ mod tests {
 
     #[test]
     fn times_format() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(fmt_time(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(crate::util::rfc3339_ns(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(
-            fmt_time(1_700_000_000_123_456_789),
+            crate::util::rfc3339_ns(-1),
+            "1969-12-31T23:59:59.999999999Z"
+        );
+        assert_eq!(
+            crate::util::rfc3339_ns(1_700_000_000_123_456_789),
             "2023-11-14T22:13:20.123456789Z"
         );
     }

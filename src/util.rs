@@ -76,3 +76,55 @@ mod tests {
         assert_eq!(fs::read_dir(d.path().join("a")).unwrap().count(), 1);
     }
 }
+
+/// A time in UTC, RFC 3339: `2026-12-01T10:46:30Z`, or with nanoseconds when `nanos` is given
+/// (`2026-12-01T10:46:30.123456789Z`).
+fn rfc3339_parts(secs: i64, nanos: Option<i64>) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let frac = nanos.map_or(String::new(), |n| format!(".{n:09}"));
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{frac}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the epoch as RFC 3339 in UTC (`2026-12-01T10:46:30Z`).
+pub fn rfc3339(secs: i64) -> String {
+    rfc3339_parts(secs, None)
+}
+
+/// Nanoseconds since the epoch as RFC 3339 in UTC with nanoseconds.
+pub fn rfc3339_ns(t: i64) -> String {
+    rfc3339_parts(
+        t.div_euclid(1_000_000_000),
+        Some(t.rem_euclid(1_000_000_000)),
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339_ns(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_ns(1_796_123_035_465_115_984),
+            "2026-12-01T11:03:55.465115984Z"
+        );
+        assert_eq!(rfc3339_ns(-1), "1969-12-31T23:59:59.999999999Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

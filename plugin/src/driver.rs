@@ -267,7 +267,7 @@ impl<M: Mounter> Driver<M> {
             } else {
                 String::new()
             },
-            created_at: Some(horcrux::history::rfc3339(rec.created_at)),
+            created_at: Some(horcrux::util::rfc3339(rec.created_at)),
             status: Some(status),
         }
     }

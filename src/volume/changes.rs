@@ -350,7 +350,11 @@ impl Volume {
         field("uid", b.uid.to_string(), now.uid.to_string());
         field("gid", b.gid.to_string(), now.gid.to_string());
         if now.kind != NodeKind::Dir {
-            field("mtime", fmt_time(b.mtime), fmt_time(now.mtime));
+            field(
+                "mtime",
+                crate::util::rfc3339_ns(b.mtime),
+                crate::util::rfc3339_ns(now.mtime),
+            );
         }
         if b.target != now.target {
             field(
@@ -703,46 +707,9 @@ fn changed_ranges(st: &State, ino: u64, base_size: u64) -> Vec<Range<u64>> {
     set.iter().collect()
 }
 
-/// A timestamp in UTC, RFC 3339 with nanoseconds (`2026-12-01T10:46:30.123456789Z`).
-fn fmt_time(t: i64) -> String {
-    let secs = t.div_euclid(1_000_000_000);
-    let nanos = t.rem_euclid(1_000_000_000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_rfc3339() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            fmt_time(1_796_123_035_465_115_984),
-            "2026-12-01T11:03:55.465115984Z"
-        );
-        assert_eq!(fmt_time(-1), "1969-12-31T23:59:59.999999999Z");
-        assert_eq!(
-            fmt_time(951_782_400_000_000_000),
-            "2000-02-29T00:00:00.000000000Z"
-        );
-    }
 
     #[test]
     fn under_matches_whole_components() {
