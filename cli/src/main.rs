@@ -117,7 +117,7 @@ enum Command {
     Umount(cmd::mount::UmountArgs),
     /// List the local changes of a mounted volume (added, modified, deleted, renamed paths)
     Status(cmd::changes::StatusArgs),
-    /// Show per file what changed in a mounted volume: byte ranges, sizes, metadata
+    /// Show what changed, per file (byte ranges, sizes, metadata): in a mount, or between two versions
     Diff(cmd::changes::DiffArgs),
     /// Throw away local changes of a mounted volume (lists them unless --force)
     Discard(cmd::changes::DiscardArgs),
@@ -152,7 +152,7 @@ enum Command {
     },
     /// Copy a repository (all or some volumes, with history) to another store; resumable
     Copy(cmd::copy::CopyArgs),
-    /// Run the main job end to end on a built-in sample: generate, mount, read, show the cache
+    /// Run the main job end to end on a built-in sample: generate, mount, read, write, commit
     Demo(cmd::demo::DemoArgs),
     /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
     Plugin(cmd::plugin::PluginArgs),
