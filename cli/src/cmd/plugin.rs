@@ -271,3 +271,50 @@ pub fn release_temporary_mounts() {
         }
     }
 }
+
+/// The Docker volume of the plugin's registry that `target` names: a volume name (one plain
+/// component that is not a path here), or the plugin's mountpoint of a volume
+/// (`<state>/volumes/<name>/mnt`) or a path inside it. `None` for anything else.
+pub fn docker_volume_of(target: &Path) -> anyhow::Result<Option<String>> {
+    let state = default_state_dir();
+    let Some(reg) = Registry::open_read_only(&state)? else {
+        return Ok(None);
+    };
+    let known = |n: &str| -> anyhow::Result<Option<String>> { Ok(reg.get(n)?.map(|r| r.name)) };
+    if let Some(n) = crate::mounts::docker_volume_name(target) {
+        return known(n);
+    }
+    let state = state.canonicalize().unwrap_or(state);
+    let abs = crate::mounts::resolve_path(target)?;
+    let Ok(rest) = abs.strip_prefix(state.join("volumes")) else {
+        return Ok(None);
+    };
+    let mut c = rest.components();
+    match (c.next(), c.next()) {
+        (Some(std::path::Component::Normal(n)), Some(std::path::Component::Normal(m)))
+            if m == "mnt" =>
+        {
+            n.to_str().map_or(Ok(None), known)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The plugin's own mountpoint of volume `name` (canonical state directory).
+pub fn plugin_mountpoint(name: &str) -> PathBuf {
+    let state = default_state_dir();
+    let state = state.canonicalize().unwrap_or(state);
+    driver::mountpoint(&state, name)
+}
+
+/// Record in the registry that volume `name` now shows `rev` (a branch, or a commit id), so
+/// that its next mount (the plugin's, when a container starts) shows it too.
+pub fn set_volume_ref(name: &str, rev: &str) -> anyhow::Result<()> {
+    let reg = Registry::open(&default_state_dir())?;
+    if !reg.set_option(name, "ref", rev)? {
+        return Err(anyhow!(
+            "Docker volume `{name}` is no longer in the registry"
+        ));
+    }
+    Ok(())
+}
