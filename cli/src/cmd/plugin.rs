@@ -9,7 +9,7 @@
 //! the FUSE mount is live) and unmounted with `horcrux umount`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -277,27 +277,31 @@ pub fn release_temporary_mounts() {
 /// (`<state>/volumes/<name>/mnt`) or a path inside it. `None` for anything else.
 pub fn docker_volume_of(target: &Path) -> anyhow::Result<Option<String>> {
     let state = default_state_dir();
+    // The registry is opened only for a candidate: a plain path must not depend on it.
+    let candidate = match crate::mounts::docker_volume_name(target) {
+        Some(n) => n.to_string(),
+        None => {
+            let canonical = state.canonicalize().unwrap_or_else(|_| state.clone());
+            let abs = crate::mounts::resolve_path(target)?;
+            let Ok(rest) = abs.strip_prefix(canonical.join("volumes")) else {
+                return Ok(None);
+            };
+            let mut c = rest.components();
+            match (c.next(), c.next()) {
+                (Some(Component::Normal(n)), Some(Component::Normal(m))) if m == "mnt" => {
+                    match n.to_str() {
+                        Some(n) => n.to_string(),
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+    };
     let Some(reg) = Registry::open_read_only(&state)? else {
         return Ok(None);
     };
-    let known = |n: &str| -> anyhow::Result<Option<String>> { Ok(reg.get(n)?.map(|r| r.name)) };
-    if let Some(n) = crate::mounts::docker_volume_name(target) {
-        return known(n);
-    }
-    let state = state.canonicalize().unwrap_or(state);
-    let abs = crate::mounts::resolve_path(target)?;
-    let Ok(rest) = abs.strip_prefix(state.join("volumes")) else {
-        return Ok(None);
-    };
-    let mut c = rest.components();
-    match (c.next(), c.next()) {
-        (Some(std::path::Component::Normal(n)), Some(std::path::Component::Normal(m)))
-            if m == "mnt" =>
-        {
-            n.to_str().map_or(Ok(None), known)
-        }
-        _ => Ok(None),
-    }
+    Ok(reg.get(&candidate)?.map(|r| r.name))
 }
 
 /// The plugin's own mountpoint of volume `name` (canonical state directory).
