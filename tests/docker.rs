@@ -351,3 +351,153 @@ fn docker_volume_end_to_end() {
         println!("  {l}");
     }
 }
+
+/// The commit id (12 digits) of `horcrux commit`'s report.
+fn committed_id(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no commit id in {out:?}"));
+    id.to_string()
+}
+
+fn started_at(container: &str) -> String {
+    docker_ok(&["inspect", "-f", "{{.State.StartedAt}}", container])
+}
+
+/// `horcrux checkout REV VOLUME` and `reset --hard` on a volume a running container uses: the
+/// container is stopped, the volume switched, the container started again and sees the
+/// version switched to; a failed switch starts it again too.
+#[test]
+fn docker_checkout_restarts_containers() {
+    if let Some(why) = docker_unavailable() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let t0 = Instant::now();
+    let t = tempdir();
+    let root = t.path().to_path_buf();
+    ensure_image(&root);
+    let src = root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"generated\n").unwrap();
+    let repo = root.join("repo");
+    generate("vol", &src, &repo);
+
+    let pid = std::process::id();
+    let driver = "horcrux-test";
+    let _lock = lock_driver_name();
+    let socket = PathBuf::from(format!("/run/docker/plugins/{driver}.sock"));
+    let state = root.join("state");
+    let v = format!("hxt{pid}-co");
+    let label = format!("horcrux-test={pid}");
+    let plugin = Plugin::start(&socket, &state);
+    eprintln!("plugin log: {}", plugin.log.display());
+    let _cleanup = DockerCleanup {
+        label: label.clone(),
+        volumes: vec![v.clone()],
+        state: state.clone(),
+    };
+    let access = format!("access={}", url(&repo));
+    docker_ok(&[
+        "volume", "create", "-d", driver, "-o", &access, "-o", "name=vol", &v,
+    ]);
+    let c = format!("hxt{pid}-sleeper");
+    // sh as PID 1 ignores SIGTERM unless trapped: stop would wait the whole grace period.
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &c,
+        "--label",
+        &label,
+        "-v",
+        &format!("{v}:/data"),
+        IMAGE,
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while :; do sleep 1; done",
+    ]);
+    let cat = || docker_ok(&["exec", &c, "cat", "/data/f"]);
+    assert_eq!(cat(), "generated\n");
+
+    // Two versions, committed by volume name while the container runs.
+    docker_ok(&["exec", &c, "sh", "-c", "echo one > /data/f"]);
+    let first = committed_id(&horcrux_cli(&state, &["commit", "-m", "one", &v]));
+    docker_ok(&["exec", &c, "sh", "-c", "echo two > /data/f"]);
+    let second = committed_id(&horcrux_cli(&state, &["commit", "-m", "two", &v]));
+    assert_ne!(first, second);
+
+    let before = started_at(&c);
+    let s = Instant::now();
+    let co = horcrux_cli(&state, &["checkout", &first, &v]);
+    let checkout_time = s.elapsed();
+    assert!(co.status.success(), "{}", text(&co));
+    assert!(
+        text(&co).contains(&format!("stopping container {c}")),
+        "{}",
+        text(&co)
+    );
+    assert!(
+        text(&co).contains(&format!("switched; started again: {c}")),
+        "{}",
+        text(&co)
+    );
+    assert_ne!(started_at(&c), before, "the container was not restarted");
+    assert_eq!(
+        docker_ok(&["inspect", "-f", "{{.State.Running}}", &c]).trim(),
+        "true"
+    );
+    assert_eq!(
+        cat(),
+        "one\n",
+        "the restarted container sees the first version"
+    );
+    let mp = state
+        .canonicalize()
+        .unwrap()
+        .join(format!("volumes/{v}/mnt"));
+    assert!(
+        is_mounted(&mp),
+        "the plugin mounts it again for the container"
+    );
+    // Not a branch: the registry remembers the commit (`docker volume inspect` shows it).
+    let inspect = docker_ok(&["volume", "inspect", &v]);
+    assert!(inspect.contains(&first), "{inspect}");
+
+    // A switch that fails starts the container again and says so.
+    let before = started_at(&c);
+    let bad = horcrux_cli(&state, &["checkout", "no-such-rev", &v]);
+    assert!(!bad.status.success(), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("the switch FAILED") && text(&bad).contains(&c),
+        "{}",
+        text(&bad)
+    );
+    assert_ne!(started_at(&c), before);
+    assert_eq!(cat(), "one\n");
+
+    // Back to the branch, then reset it to the first version; by the plugin's mountpoint.
+    let co = horcrux_cli(&state, &["checkout", "main", &v]);
+    assert!(co.status.success(), "{}", text(&co));
+    assert_eq!(cat(), "two\n");
+    let s = Instant::now();
+    let reset = horcrux_cli(&state, &["reset", "--hard", &first, mp.to_str().unwrap()]);
+    let reset_time = s.elapsed();
+    assert!(reset.status.success(), "{}", text(&reset));
+    assert!(text(&reset).contains("started again"), "{}", text(&reset));
+    assert_eq!(cat(), "one\n");
+    let log = horcrux_cli(&state, &["log", &v]);
+    assert!(!text(&log).contains(&second), "{}", text(&log));
+
+    docker_ok(&["rm", "-f", &c]);
+    assert!(eventually(10, || !is_mounted(&mp)));
+    docker_ok(&["volume", "rm", &v]);
+    println!(
+        "checkout with a container restart: {checkout_time:?}; reset --hard: {reset_time:?}; \
+         {:?} in all",
+        t0.elapsed()
+    );
+}

@@ -2,6 +2,7 @@
 //! This is the only crate that assembles everything; errors become `anyhow` here.
 
 mod cmd;
+mod docker_api;
 mod mounts;
 mod paths;
 mod progress;

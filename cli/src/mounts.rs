@@ -99,8 +99,17 @@ pub fn locate(target: &Target) -> anyhow::Result<Located> {
     }
 }
 
+/// Docker volume `name` of the plugin's registry: its live mount, or one made for this
+/// command (see [`crate::cmd::plugin::volume_mountpoint`]).
+pub fn locate_volume(name: &str) -> anyhow::Result<Located> {
+    let mp = crate::cmd::plugin::volume_mountpoint(name)?
+        .ok_or_else(|| anyhow!("no Docker volume `{name}` in the plugin's registry"))?;
+    let table = mountinfo::mounts().context("reading /proc/self/mountinfo")?;
+    locate_in(&mp, &table)
+}
+
 /// `p` as a Docker volume name: one plain component that does not exist as a path.
-fn docker_volume_name(p: &Path) -> Option<&str> {
+pub fn docker_volume_name(p: &Path) -> Option<&str> {
     let mut c = p.components();
     let (Some(Component::Normal(n)), None) = (c.next(), c.next()) else {
         return None;

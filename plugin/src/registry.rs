@@ -152,6 +152,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Set option `key` of a volume (any `-`/`--` spelling of it is replaced): how
+    /// `horcrux checkout VOLUME` makes the next mount show the version it switched to.
+    /// False when the volume is not known.
+    pub fn set_option(&self, name: &str, key: &str, value: &str) -> Result<bool, RegistryError> {
+        let Some(rec) = self.get(name)? else {
+            return Ok(false);
+        };
+        let mut options = rec.options;
+        options.retain(|k, _| k.trim_start_matches('-') != key);
+        options.insert(key.to_string(), value.to_string());
+        let json = serde_json::to_string(&options).expect("a map of strings serializes");
+        let n = self
+            .conn
+            .execute(
+                "UPDATE volumes SET options = ?2 WHERE name = ?1",
+                params![name, json],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
     /// Forget a volume (and any mount rows it still has).
     pub fn delete(&mut self, name: &str) -> Result<(), RegistryError> {
         let tx = self.conn.transaction().map_err(|e| RegistryError {
@@ -294,6 +315,17 @@ mod tests {
         assert!(r.drop_mount("v1", "a").unwrap());
         assert!(r.drop_mount("v1", "a").unwrap());
         assert_eq!(r.get("v1").unwrap().unwrap().mount_count(), 0);
+        let mut spelled = opts.clone();
+        spelled.insert("--ref".into(), "main".into());
+        r.insert("v3", &spelled, 1).unwrap();
+        assert!(r.set_option("v3", "ref", "abc").unwrap());
+        let o = r.get("v3").unwrap().unwrap().options;
+        assert_eq!(
+            (o.get("ref"), o.get("--ref")),
+            (Some(&"abc".to_string()), None)
+        );
+        assert!(!r.set_option("nope", "ref", "x").unwrap());
+        r.delete("v3").unwrap();
         let ro = Registry::open_read_only(d.path()).unwrap().unwrap();
         assert!(ro.get("v1").unwrap().is_some());
         assert!(

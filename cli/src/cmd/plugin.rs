@@ -9,7 +9,7 @@
 //! the FUSE mount is live) and unmounted with `horcrux umount`.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -270,4 +270,55 @@ pub fn release_temporary_mounts() {
             ),
         }
     }
+}
+
+/// The Docker volume of the plugin's registry that `target` names: a volume name (one plain
+/// component that is not a path here), or the plugin's mountpoint of a volume
+/// (`<state>/volumes/<name>/mnt`) or a path inside it. `None` for anything else.
+pub fn docker_volume_of(target: &Path) -> anyhow::Result<Option<String>> {
+    let state = default_state_dir();
+    // The registry is opened only for a candidate: a plain path must not depend on it.
+    let candidate = match crate::mounts::docker_volume_name(target) {
+        Some(n) => n.to_string(),
+        None => {
+            let canonical = state.canonicalize().unwrap_or_else(|_| state.clone());
+            let abs = crate::mounts::resolve_path(target)?;
+            let Ok(rest) = abs.strip_prefix(canonical.join("volumes")) else {
+                return Ok(None);
+            };
+            let mut c = rest.components();
+            match (c.next(), c.next()) {
+                (Some(Component::Normal(n)), Some(Component::Normal(m))) if m == "mnt" => {
+                    match n.to_str() {
+                        Some(n) => n.to_string(),
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+    };
+    let Some(reg) = Registry::open_read_only(&state)? else {
+        return Ok(None);
+    };
+    Ok(reg.get(&candidate)?.map(|r| r.name))
+}
+
+/// The plugin's own mountpoint of volume `name` (canonical state directory).
+pub fn plugin_mountpoint(name: &str) -> PathBuf {
+    let state = default_state_dir();
+    let state = state.canonicalize().unwrap_or(state);
+    driver::mountpoint(&state, name)
+}
+
+/// Record in the registry that volume `name` now shows `rev` (a branch, or a commit id), so
+/// that its next mount (the plugin's, when a container starts) shows it too.
+pub fn set_volume_ref(name: &str, rev: &str) -> anyhow::Result<()> {
+    let reg = Registry::open(&default_state_dir())?;
+    if !reg.set_option(name, "ref", rev)? {
+        return Err(anyhow!(
+            "Docker volume `{name}` is no longer in the registry"
+        ));
+    }
+    Ok(())
 }
