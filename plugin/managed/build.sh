@@ -71,9 +71,27 @@ else
 fi
 chmod 755 "$rootfs/usr/bin/horcrux"
 
+cp "$here/config.json" "$build_dir/config.json"
+
+# An init as PID 1 (the host's tini, the `docker-init` of docker run --init): it passes
+# SIGTERM on to `horcrux plugin` (a PID 1 without a handler ignores it, and `docker plugin
+# disable` then waits 10 s for its SIGKILL) and reaps the exited `horcrux mount` daemons.
+progs="$rootfs/usr/bin/horcrux"
+init=
+for c in tini-static docker-init tini; do
+    init=$(command -v "$c" || true)
+    [ -n "$init" ] && break
+done
+if [ -n "$init" ]; then
+    cp -L "$init" "$rootfs/usr/bin/tini"
+    progs="$progs $rootfs/usr/bin/tini"
+else
+    echo "warning: no tini on this host (apt-get install tini): horcrux runs as PID 1" >&2
+    sed -i -e '/"\/usr\/bin\/tini",/d' -e '/^ *"-s",$/d' -e '/^ *"--",$/d' "$build_dir/config.json"
+fi
+
 # fusermount3: unused as root (the plugin mounts with mount(2)), a fallback otherwise.
 fusermount=$(command -v fusermount3 || true)
-progs="$rootfs/usr/bin/horcrux"
 if [ -n "$fusermount" ]; then
     cp "$fusermount" "$rootfs/usr/bin/fusermount3"
     progs="$progs $fusermount"
@@ -127,7 +145,6 @@ printf 'hosts: files dns\n' > "$rootfs/etc/nsswitch.conf"
 : > "$rootfs/etc/hosts"
 : > "$rootfs/etc/resolv.conf"
 
-cp "$here/config.json" "$build_dir/config.json"
 "$rootfs/usr/bin/horcrux" --version >/dev/null 2>&1 || \
     echo "warning: $rootfs/usr/bin/horcrux --version failed on the host" >&2
 echo "==> package: $build_dir ($(du -sh "$build_dir" | cut -f1))" >&2
