@@ -201,11 +201,12 @@ fn managed_plugin_end_to_end() {
         cleanup.plugin_id = Some(String::from_utf8_lossy(&id.stdout).trim().to_string());
     }
     assert!(build.status.success(), "build.sh failed:\n{}", text(&build));
-    let id = cleanup.plugin_id.clone().expect("the plugin exists after build.sh");
-    let cfg: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(root.join("package/config.json")).unwrap(),
-    )
-    .unwrap();
+    let id = cleanup
+        .plugin_id
+        .clone()
+        .expect("the plugin exists after build.sh");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("package/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["interface"]["types"][0], "docker.volumedriver/1.0");
 
     let set = |k: &str, v: &Path| format!("{k}={}", v.display());
@@ -259,7 +260,10 @@ fn managed_plugin_end_to_end() {
     let st = runc_exec(&id, &["status", &volume]);
     assert!(text(&st).contains("A g"), "{}", text(&st));
     let rm = docker(&["volume", "rm", &volume]);
-    assert!(!rm.status.success(), "rm with uncommitted changes succeeded");
+    assert!(
+        !rm.status.success(),
+        "rm with uncommitted changes succeeded"
+    );
     assert!(text(&rm).contains("uncommitted changes"), "{}", text(&rm));
     let d = runc_exec(&id, &["discard", "--force", &volume]);
     assert!(d.status.success(), "{}", text(&d));
