@@ -54,6 +54,48 @@ pub struct StoreArgs {
     pub s3_allow_http: Option<bool>,
 }
 
+impl StoreArgs {
+    /// These flags as a command line (what child `horcrux` processes, such as the mounts the
+    /// Docker plugin runs, must be given to reach stores the same way).
+    pub fn to_flags(&self) -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = Vec::new();
+        let mut flag = |name: &str, value: Option<std::ffi::OsString>| {
+            if let Some(v) = value {
+                out.push(format!("--{name}").into());
+                out.push(v);
+            }
+        };
+        flag("identity", self.identity.clone().map(Into::into));
+        flag("known-hosts", self.known_hosts.clone().map(Into::into));
+        flag(
+            "ssh-sessions",
+            self.ssh_sessions.map(|n| n.to_string().into()),
+        );
+        flag("s3-endpoint", self.s3_endpoint.clone().map(Into::into));
+        flag("s3-region", self.s3_region.clone().map(Into::into));
+        flag("s3-profile", self.s3_profile.clone().map(Into::into));
+        flag(
+            "s3-path-style",
+            self.s3_path_style.map(|b| b.to_string().into()),
+        );
+        flag(
+            "s3-allow-http",
+            self.s3_allow_http.map(|b| b.to_string().into()),
+        );
+        if self.insecure_ignore_host_key {
+            out.push("--insecure-ignore-host-key".into());
+        }
+        out
+    }
+}
+
+static STORE_FLAGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// The store flags this process was given, as a command line (see [`StoreArgs::to_flags`]).
+pub fn store_flags() -> Vec<std::ffi::OsString> {
+    STORE_FLAGS.get().cloned().unwrap_or_default()
+}
+
 static S3_DEFAULTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
 
 static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> =
@@ -190,6 +232,7 @@ pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = STORE_FLAGS.set(cli.store.to_flags());
     let st = &cli.store;
     let s3_flags = [
         ("endpoint", st.s3_endpoint.clone()),
@@ -245,5 +288,41 @@ fn main() -> ExitCode {
             eprintln!("horcrux: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flags_round_trip() {
+        let cli = Cli::parse_from([
+            "horcrux",
+            "--identity",
+            "/k/id",
+            "--known-hosts",
+            "/k/kh",
+            "--insecure-ignore-host-key",
+            "--ssh-sessions",
+            "3",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--s3-path-style",
+            "true",
+            "cache",
+            "stats",
+        ]);
+        let flags = cli.store.to_flags();
+        let mut argv: Vec<std::ffi::OsString> = vec!["horcrux".into()];
+        argv.extend(flags.clone());
+        argv.extend(["cache".into(), "stats".into()]);
+        let again = Cli::parse_from(argv);
+        assert_eq!(again.store.to_flags(), flags);
+        assert_eq!(again.store.ssh_sessions, Some(3));
+        assert!(again.store.insecure_ignore_host_key);
+        assert_eq!(again.store.s3_path_style, Some(true));
+        let none = Cli::parse_from(["horcrux", "cache", "stats"]);
+        assert!(none.store.to_flags().is_empty());
     }
 }

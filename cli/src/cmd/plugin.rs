@@ -154,7 +154,10 @@ pub fn mount_state(mountpoint: &Path) -> MountState {
 
 impl Mounter for CliMounter {
     fn mount(&self, spec: &MountSpec) -> Result<(), String> {
-        run_self(&self.exe, &mount_args(spec)).map(|out| {
+        // The plugin's own SSH/S3 flags reach the volumes' sources the same way.
+        let mut args = crate::store_flags();
+        args.extend(mount_args(spec));
+        run_self(&self.exe, &args).map(|out| {
             tracing::debug!(volume = %spec.volume, "{}", out.trim());
         })
     }
