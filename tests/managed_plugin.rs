@@ -12,91 +12,15 @@
 //! every legacy plugin it knows, ~15 s for each dead one).
 
 mod common;
+#[path = "support/docker.rs"]
+mod docker_support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use common::*;
-
-const IMAGE: &str = "horcrux-test-busybox";
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run docker")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn docker_ok(args: &[&str]) -> String {
-    let o = docker(args);
-    assert!(o.status.success(), "docker {args:?} failed:\n{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Why Docker cannot be used here, if it cannot.
-fn docker_unavailable() -> Option<String> {
-    match Command::new("docker")
-        .arg("info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-    {
-        Err(e) => Some(format!("no docker command ({e})")),
-        Ok(o) if !o.status.success() => Some(format!(
-            "`docker info` failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Ok(_) => None,
-    }
-}
-
-/// The busybox image of tests/docker.rs, built offline the same way if it is not there.
-fn ensure_image(work: &Path) {
-    if docker(&["image", "inspect", IMAGE]).status.success() {
-        return;
-    }
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "/bin/busybox is missing: run tests/setup.d/docker.sh (installs busybox-static)"
-    );
-    let root = work.join("image-rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    for d in ["tmp", "data", "proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let list = Command::new(busybox).arg("--list").output().unwrap();
-    for name in String::from_utf8_lossy(&list.stdout).lines() {
-        if name != "busybox" && !name.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
-        }
-    }
-    let mut tar = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let import = Command::new("docker")
-        .args(["import", "-", IMAGE])
-        .stdin(tar.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(tar.wait().unwrap().success(), "tar of the rootfs failed");
-    assert!(import.status.success(), "docker import: {}", text(&import));
-}
+use docker_support::*;
 
 /// Removes what the test made in Docker, whatever happens: containers (by label), the volume
 /// (only once created: no lookups of unknown names), the plugin, and any mount left on the
