@@ -249,6 +249,14 @@ pub fn volume_relative(path: &Path) -> anyhow::Result<WirePath> {
 
 /// Ask the daemon of `loc` one thing. A daemon that is not there, or answers with an error,
 /// becomes a message naming the mount and what to do.
+/// How the volume at `loc` is mounted (its repository, branch, commit...), from its daemon.
+pub fn describe(loc: &Located, timeout: Duration) -> anyhow::Result<control::MountInfo> {
+    match request(loc, &Request::Describe, timeout)? {
+        Response::Described(i) => Ok(i),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
 pub fn request(loc: &Located, req: &Request, timeout: Duration) -> anyhow::Result<Response> {
     let socket = &loc.socket;
     let mp = loc.mountpoint.display();

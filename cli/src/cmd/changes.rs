@@ -703,9 +703,7 @@ mod versions {
     use horcrux::ids::CommitId;
     use horcrux::manifest::Manifest;
     use horcrux::repo::Repository;
-    use horcrux_proto::control::{
-        Change, ChangeKind, FileDiff, MetaChange, Request, Response, WirePath,
-    };
+    use horcrux_proto::control::{Change, ChangeKind, FileDiff, MetaChange, WirePath};
 
     use super::{DiffArgs, format_diff, interpret, resolve_with, short, sort_diffs};
     use crate::mounts;
@@ -780,11 +778,7 @@ mod versions {
             });
         }
         let loc = resolve_with(&interpret(rest)?, mounts::locate)?;
-        let info = match mounts::request(&loc, &Request::Describe, a.daemon.timeout)? {
-            Response::Described(i) => i,
-            Response::Error { message } => bail!("the daemon of {}: {message}", loc.display()),
-            other => bail!("unexpected answer from the daemon: {other:?}"),
-        };
+        let info = mounts::describe(&loc, a.daemon.timeout)?;
         let head: CommitId = info.commit.parse().with_context(|| {
             format!(
                 "the daemon of {} reports commit `{}`",

@@ -8,7 +8,6 @@ use clap::Args;
 use horcrux::gc::{GcOptions, GcProgress, GcReport, Tally};
 use horcrux::repo::Repository;
 use horcrux::util::human_size;
-use horcrux_proto::control::{Request, Response};
 
 use crate::mounts::{self, Target};
 
@@ -117,10 +116,7 @@ pub fn run(a: GcArgs) -> anyhow::Result<()> {
         Some(u) => u.clone(),
         None => {
             let loc = mounts::locate(&Target::from_arg(a.path.as_deref()))?;
-            let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
-                Response::Described(i) => i,
-                other => bail!("unexpected answer from the daemon: {other:?}"),
-            };
+            let info = mounts::describe(&loc, Duration::from_secs(30))?;
             // What the mount sits on stays, even if no ref reaches it.
             if let Ok(id) = info.commit.parse() {
                 keep.push(id);

@@ -14,7 +14,6 @@ use horcrux::history::{self, HEAD, LogEntry, Refs, Resolved};
 use horcrux::ids::CommitId;
 use horcrux::repo::Repository;
 use horcrux::util::human_size;
-use horcrux_proto::control::{Request, Response};
 
 use crate::mounts::{self, Target};
 
@@ -295,10 +294,7 @@ impl Ctx {
                 ),
             }
         })?;
-        let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
-            Response::Described(i) => i,
-            other => bail!("unexpected answer from the daemon: {other:?}"),
-        };
+        let info = mounts::describe(&loc, Duration::from_secs(30))?;
         let head: CommitId = info.commit.parse().with_context(|| {
             format!(
                 "the daemon of {} reports commit `{}`",

@@ -88,20 +88,8 @@ pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
         None => {
             let path = a.dir.as_deref().or(a.path.as_deref());
             let loc = mounts::locate(&Target::from_arg(path))?;
-            let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
-                Response::Described(i) => i,
-                other => bail!("unexpected answer from the daemon: {other:?}"),
-            };
-            let branch = match (&a.branch, &info.branch) {
-                (Some(b), _) => b.clone(),
-                (None, Some(b)) => b.clone(),
-                (None, None) => bail!(
-                    "{} shows `{}` (a tag or commit, not a branch): say which branch to pull \
-                     with --branch",
-                    loc.mountpoint.display(),
-                    info.reference
-                ),
-            };
+            let info = mounts::describe(&loc, Duration::from_secs(30))?;
+            let branch = super::remotes::branch_of(a.branch.as_ref(), &loc, &info, "pull")?;
             (
                 info.access.clone(),
                 Some(info.volume.clone()),

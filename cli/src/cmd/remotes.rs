@@ -135,6 +135,24 @@ pub(super) fn json_report(r: &CopyReport, extra: serde_json::Value, t: Instant) 
     v.to_string()
 }
 
+/// The branch to `verb`: the one asked for, else the mounted one.
+pub(super) fn branch_of(
+    asked: Option<&String>,
+    loc: &mounts::Located,
+    info: &horcrux_proto::control::MountInfo,
+    verb: &str,
+) -> anyhow::Result<String> {
+    match (asked, &info.branch) {
+        (Some(b), _) | (None, Some(b)) => Ok(b.clone()),
+        (None, None) => bail!(
+            "{} shows `{}` (a tag or commit, not a branch): say which branch to {verb} with \
+             --branch",
+            loc.mountpoint.display(),
+            info.reference
+        ),
+    }
+}
+
 pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
     crate::init_logging(None)?;
     // Where from: a mount (ask its daemon) or a repository named on the command line.
@@ -143,21 +161,9 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
         None => {
             let path = a.dir.as_deref().or(a.path.as_deref());
             let loc = mounts::locate(&Target::from_arg(path))?;
-            let info = match mounts::request(&loc, &Request::Describe, Duration::from_secs(30))? {
-                Response::Described(i) => i,
-                other => bail!("unexpected answer from the daemon: {other:?}"),
-            };
+            let info = mounts::describe(&loc, Duration::from_secs(30))?;
             warn_uncommitted(&loc, &info);
-            let branch = match (&a.branch, &info.branch) {
-                (Some(b), _) => b.clone(),
-                (None, Some(b)) => b.clone(),
-                (None, None) => bail!(
-                    "{} shows `{}` (a tag or commit, not a branch): say which branch to push \
-                     with --branch",
-                    loc.mountpoint.display(),
-                    info.reference
-                ),
-            };
+            let branch = branch_of(a.branch.as_ref(), &loc, &info, "push")?;
             (
                 info.access.clone(),
                 Some(info.volume.clone()),
