@@ -44,52 +44,7 @@ use std::ops::Range;
 
 use crate::ids::ChunkId;
 use crate::manifest::{DirEntry, Manifest, ManifestError, Node, NodeKind, ROOT_INO};
-
-/// How a path differs between the two versions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiffKind {
-    Added,
-    Modified,
-    Deleted,
-    /// Moved here from `from` (content or metadata may have changed as well).
-    Renamed {
-        from: Vec<u8>,
-    },
-}
-
-/// A metadata field that differs, both values formatted for people (`mode`: `0644`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetaChange {
-    /// `mode`, `uid`, `gid`, `mtime`, `target`, `rdev`, `xattr:NAME`.
-    pub field: String,
-    /// `(none)` when the field did not exist (an added xattr).
-    pub old: String,
-    /// `(none)` when the field no longer exists (a removed xattr).
-    pub new: String,
-}
-
-/// One changed path between version A and version B.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionDiff {
-    /// The path in B (for a deletion: in A), relative to the volume root; the root is empty.
-    pub path: Vec<u8>,
-    pub kind: DiffKind,
-    /// The kind of the node (in B, or in A for a deletion).
-    pub node_kind: NodeKind,
-    /// The content changed (always for added and deleted files).
-    pub data: bool,
-    /// Metadata changed (see the module documentation for mtime).
-    pub meta: bool,
-    /// Bytes in `ranges` (for a deleted file: its size).
-    pub bytes: u64,
-    /// Size in A (`None` when added).
-    pub old_size: Option<u64>,
-    /// Size in B (`None` when deleted).
-    pub new_size: Option<u64>,
-    /// Changed byte ranges of the content, sorted, disjoint and not adjacent.
-    pub ranges: Vec<Range<u64>>,
-    pub meta_changes: Vec<MetaChange>,
-}
+use crate::volume::{Change, ChangeKind, FileDiff, MetaChange};
 
 /// Everything that differs between catalogs `a` and `b` at or below `prefix` (a path relative
 /// to the volume root, `/`-separated; `None` or empty: the whole volume), sorted by path.
@@ -99,7 +54,7 @@ pub fn diff_versions(
     a: &Manifest,
     b: &Manifest,
     prefix: Option<&[u8]>,
-) -> Result<Vec<VersionDiff>, ManifestError> {
+) -> Result<Vec<FileDiff>, ManifestError> {
     let mut w = Walker {
         a: Side::new(a),
         b: Side::new(b),
@@ -120,16 +75,15 @@ pub fn diff_versions(
     w.finish()?;
     let mut out = w.out;
     out.sort_by(|x, y| {
-        x.path
-            .cmp(&y.path)
-            .then(kind_order(&x.kind).cmp(&kind_order(&y.kind)))
+        (x.change.path.cmp(&y.change.path))
+            .then(kind_order(&x.change.kind).cmp(&kind_order(&y.change.kind)))
     });
     Ok(out)
 }
 
-fn kind_order(k: &DiffKind) -> u8 {
+fn kind_order(k: &ChangeKind) -> u8 {
     match k {
-        DiffKind::Deleted => 0,
+        ChangeKind::Deleted => 0,
         _ => 1,
     }
 }
@@ -261,7 +215,7 @@ struct Lone {
 struct Walker<'a> {
     a: Side<'a>,
     b: Side<'a>,
-    out: Vec<VersionDiff>,
+    out: Vec<FileDiff>,
     deleted: Vec<Lone>,
     added: Vec<Lone>,
     /// Directory pairs `(path in B, ino in A, ino in B)` whose entries are still to compare.
@@ -299,7 +253,7 @@ impl Walker<'_> {
                 self.added.push(Lone { path, node: b });
             }
             (Some(a), Some(b)) => {
-                if let Some(d) = self.compare(&path, DiffKind::Modified, &a, &b)? {
+                if let Some(d) = self.compare(&path, ChangeKind::Modified, &a, &b)? {
                     self.out.push(d);
                 }
                 if a.kind == NodeKind::Dir {
@@ -330,10 +284,10 @@ impl Walker<'_> {
         }
         self.global_renames()?;
         for l in std::mem::take(&mut self.deleted) {
-            self.out.push(lone(l, DiffKind::Deleted));
+            self.out.push(lone(l, ChangeKind::Deleted));
         }
         for l in std::mem::take(&mut self.added) {
-            self.out.push(lone(l, DiffKind::Added));
+            self.out.push(lone(l, ChangeKind::Added));
         }
         Ok(())
     }
@@ -402,7 +356,7 @@ impl Walker<'_> {
         }
         for &(i, j) in &pairs {
             let (d, n) = (&self.deleted[i], &self.added[j]);
-            let kind = DiffKind::Renamed {
+            let kind = ChangeKind::Renamed {
                 from: d.path.clone(),
             };
             let (path, na, nb) = (n.path.clone(), d.node.clone(), n.node.clone());
@@ -454,7 +408,7 @@ impl Walker<'_> {
                     Some((p, nb)) => {
                         seen_b.insert(nb.ino);
                         seen_a.insert(d.node.ino);
-                        let kind = DiffKind::Renamed { from: d.path };
+                        let kind = ChangeKind::Renamed { from: d.path };
                         let diff = self.compare(&p, kind, &d.node, &nb)?;
                         self.out.push(diff.expect("a rename is always a change"));
                         if nb.kind == NodeKind::Dir {
@@ -485,7 +439,7 @@ impl Walker<'_> {
                     Some((from, na)) => {
                         seen_a.insert(na.ino);
                         seen_b.insert(n.node.ino);
-                        let kind = DiffKind::Renamed { from };
+                        let kind = ChangeKind::Renamed { from };
                         let diff = self.compare(&n.path, kind, &na, &n.node)?;
                         self.out.push(diff.expect("a rename is always a change"));
                         if na.kind == NodeKind::Dir {
@@ -565,10 +519,10 @@ impl Walker<'_> {
     fn compare(
         &mut self,
         path: &[u8],
-        kind: DiffKind,
+        kind: ChangeKind,
         a: &Node,
         b: &Node,
-    ) -> Result<Option<VersionDiff>, ManifestError> {
+    ) -> Result<Option<FileDiff>, ManifestError> {
         let ranges = if a.kind == NodeKind::File {
             let ca = self.a.content(a.ino)?;
             let cb = self.b.content(b.ino)?;
@@ -579,21 +533,23 @@ impl Walker<'_> {
         let data = !ranges.is_empty();
         let meta_changes = self.meta_changes(a, b)?;
         let meta = meta_changes.iter().any(|m| !(data && m.field == "mtime"));
-        if matches!(kind, DiffKind::Modified) && !data && meta_changes.is_empty() {
+        if matches!(kind, ChangeKind::Modified) && !data && meta_changes.is_empty() {
             return Ok(None);
         }
         let sized = |n: &Node| (n.kind == NodeKind::File).then_some(n.size);
-        Ok(Some(VersionDiff {
-            path: path.to_vec(),
-            kind,
-            node_kind: b.kind,
-            data,
-            meta,
-            bytes: ranges.iter().map(|r| r.end - r.start).sum(),
+        Ok(Some(FileDiff {
+            change: Change {
+                path: path.to_vec(),
+                kind,
+                node_kind: b.kind,
+                data,
+                meta,
+                bytes: ranges.iter().map(|r| r.end - r.start).sum(),
+            },
             old_size: sized(a),
             new_size: sized(b),
             ranges,
-            meta_changes,
+            meta: meta_changes,
         }))
     }
 
@@ -651,27 +607,29 @@ impl Walker<'_> {
 }
 
 /// The change for a path present on one side only.
-fn lone(l: Lone, kind: DiffKind) -> VersionDiff {
+fn lone(l: Lone, kind: ChangeKind) -> FileDiff {
     let n = l.node;
     let file = n.kind == NodeKind::File;
     let size = file.then_some(n.size);
-    let added = matches!(kind, DiffKind::Added);
+    let added = matches!(kind, ChangeKind::Added);
     let ranges = if added && file && n.size > 0 {
         std::iter::once(0..n.size).collect()
     } else {
         Vec::new()
     };
-    VersionDiff {
-        path: l.path,
-        node_kind: n.kind,
-        data: file,
-        meta: added,
-        bytes: if file { n.size } else { 0 },
+    FileDiff {
+        change: Change {
+            path: l.path,
+            node_kind: n.kind,
+            data: file,
+            meta: added,
+            bytes: if file { n.size } else { 0 },
+            kind,
+        },
         old_size: if added { None } else { size },
         new_size: if added { size } else { None },
         ranges,
-        meta_changes: Vec::new(),
-        kind,
+        meta: Vec::new(),
     }
 }
 
@@ -915,11 +873,11 @@ mod tests {
         Manifest::open(&path).unwrap()
     }
 
-    fn diff(a: &[E], b: &[E]) -> Vec<VersionDiff> {
+    fn diff(a: &[E], b: &[E]) -> Vec<FileDiff> {
         diff_in(a, b, None)
     }
 
-    fn diff_in(a: &[E], b: &[E], prefix: Option<&str>) -> Vec<VersionDiff> {
+    fn diff_in(a: &[E], b: &[E], prefix: Option<&str>) -> Vec<FileDiff> {
         let t = tempfile::tempdir().unwrap();
         let ids: Vec<u8> = (1..=20).collect();
         let rev: Vec<u8> = ids.iter().rev().copied().collect();
@@ -929,15 +887,17 @@ mod tests {
         diff_versions(&ma, &mb, prefix.map(str::as_bytes)).unwrap()
     }
 
-    fn summary(d: &[VersionDiff]) -> Vec<String> {
+    fn summary(d: &[FileDiff]) -> Vec<String> {
         d.iter()
             .map(|d| {
-                let p = String::from_utf8_lossy(&d.path);
-                let k = match &d.kind {
-                    DiffKind::Added => "A".to_string(),
-                    DiffKind::Modified => "M".to_string(),
-                    DiffKind::Deleted => "D".to_string(),
-                    DiffKind::Renamed { from } => format!("R {} ->", String::from_utf8_lossy(from)),
+                let p = String::from_utf8_lossy(&d.change.path);
+                let k = match &d.change.kind {
+                    ChangeKind::Added => "A".to_string(),
+                    ChangeKind::Modified => "M".to_string(),
+                    ChangeKind::Deleted => "D".to_string(),
+                    ChangeKind::Renamed { from } => {
+                        format!("R {} ->", String::from_utf8_lossy(from))
+                    }
                 };
                 let r: Vec<String> = d
                     .ranges
@@ -1059,9 +1019,9 @@ mod tests {
         b[1].ext[1] = (MIB, MIB, 7, 0);
         let d = diff(&a, &b);
         assert_eq!(summary(&d), vec![format!("M d/big [{}..{}]", MIB, 2 * MIB)]);
-        assert!(d[0].data && !d[0].meta);
+        assert!(d[0].change.data && !d[0].change.meta);
         assert_eq!(
-            (d[0].old_size, d[0].new_size, d[0].bytes),
+            (d[0].old_size, d[0].new_size, d[0].change.bytes),
             (Some(3 * MIB), Some(3 * MIB), MIB)
         );
     }
@@ -1104,9 +1064,9 @@ mod tests {
             ]
         );
         let f = &d[0];
-        assert!(!f.data && f.meta);
+        assert!(!f.change.data && f.change.meta);
         let fields: Vec<(&str, &str, &str)> = f
-            .meta_changes
+            .meta
             .iter()
             .map(|m| (m.field.as_str(), m.old.as_str(), m.new.as_str()))
             .collect();
@@ -1115,11 +1075,11 @@ mod tests {
             vec![("mode", "0644", "0600"), ("xattr:user.tag", "(none)", "x")]
         );
         let l = &d[4];
-        let fields: Vec<&str> = l.meta_changes.iter().map(|m| m.field.as_str()).collect();
+        let fields: Vec<&str> = l.meta.iter().map(|m| m.field.as_str()).collect();
         assert_eq!(fields, vec!["mtime", "target"]);
-        assert_eq!(l.meta_changes[1].new, "y");
+        assert_eq!(l.meta[1].new, "y");
         assert_eq!(
-            (d[1].old_size, d[1].new_size, d[1].bytes),
+            (d[1].old_size, d[1].new_size, d[1].change.bytes),
             (Some(20), None, 20)
         );
     }
@@ -1161,7 +1121,7 @@ mod tests {
                 "M sub2/y [0..11]".to_string(),
             ]
         );
-        assert!(d[0].data && !d[1].data);
+        assert!(d[0].change.data && !d[1].change.data);
     }
 
     #[test]

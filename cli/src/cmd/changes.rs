@@ -698,12 +698,12 @@ mod versions {
 
     use anyhow::{Context, bail};
     use horcrux::cache::{Cache, CacheConfig};
-    use horcrux::compare::{self, DiffKind, VersionDiff};
+    use horcrux::compare;
     use horcrux::history::{self, HistoryError, Resolved};
     use horcrux::ids::CommitId;
     use horcrux::manifest::Manifest;
     use horcrux::repo::Repository;
-    use horcrux_proto::control::{Change, ChangeKind, FileDiff, MetaChange, WirePath};
+    use horcrux_proto::control::{FileDiff, WirePath};
 
     use super::{DiffArgs, format_diff, interpret, resolve_with, short, sort_diffs};
     use crate::mounts;
@@ -733,7 +733,10 @@ mod versions {
         let (rb, mb) = rt.block_on(version(&src, rev_b, &cache))?;
         let diffs = compare::diff_versions(&ma, &mb, src.prefix.as_ref().map(WirePath::as_bytes))
             .context("comparing the two versions")?;
-        let mut diffs: Vec<FileDiff> = diffs.into_iter().map(wire).collect();
+        let mut diffs: Vec<FileDiff> = diffs
+            .into_iter()
+            .map(crate::cmd::control_handler::file_diff)
+            .collect();
         let mut out = std::io::stdout().lock();
         if a.json {
             serde_json::to_writer_pretty(&mut out, &diffs)?;
@@ -826,37 +829,6 @@ mod versions {
             .await
             .with_context(|| format!("fetching the catalog of `{rev}` ({})", r.id.short()))?;
         Ok((r, m))
-    }
-
-    /// The wire form `horcrux diff` prints for local changes too.
-    pub fn wire(d: VersionDiff) -> FileDiff {
-        FileDiff {
-            change: Change {
-                path: d.path.into(),
-                kind: match d.kind {
-                    DiffKind::Added => ChangeKind::Added,
-                    DiffKind::Modified => ChangeKind::Modified,
-                    DiffKind::Deleted => ChangeKind::Deleted,
-                    DiffKind::Renamed { from } => ChangeKind::Renamed { from: from.into() },
-                },
-                node_kind: d.node_kind.name().to_string(),
-                data: d.data,
-                meta: d.meta,
-                bytes: d.bytes,
-            },
-            old_size: d.old_size,
-            new_size: d.new_size,
-            ranges: d.ranges.into_iter().map(|r| [r.start, r.end]).collect(),
-            meta: d
-                .meta_changes
-                .into_iter()
-                .map(|m| MetaChange {
-                    field: m.field,
-                    old: m.old,
-                    new: m.new,
-                })
-                .collect(),
-        }
     }
 }
 

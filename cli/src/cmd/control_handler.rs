@@ -144,7 +144,8 @@ fn change(c: volume::Change) -> control::Change {
     }
 }
 
-fn file_diff(d: volume::FileDiff) -> control::FileDiff {
+/// A core diff in its wire form (also what `diff A B` prints).
+pub fn file_diff(d: volume::FileDiff) -> control::FileDiff {
     control::FileDiff {
         change: change(d.change),
         old_size: d.old_size,
