@@ -487,12 +487,12 @@ impl Volume {
 
     /// Read up to `size` bytes at `offset`. Short only at end of file. Holes read as zeros.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Bytes, VolumeError> {
-        // The state is only consulted here: fetches run without holding it.
-        let (node, data) = match &self.overlay {
-            Some(ov) => self.read_target(&ov.state.read(), ino)?,
-            None => (self.node(ino)?, None),
+        // The state is only consulted to plan the read: fetches run without holding it.
+        let plan = match &self.overlay {
+            Some(ov) => self.plan_read(&ov.state.read(), ino, offset, size)?,
+            None => self.plan_read(&State::default(), ino, offset, size)?,
         };
-        self.read_with(ino, fh, offset, size, node, data)
+        self.read_planned(ino, fh, offset, plan)
     }
 
     /// [`Self::read`] with the overlay state already held.
@@ -504,39 +504,69 @@ impl Volume {
         offset: u64,
         size: u32,
     ) -> Result<Bytes, VolumeError> {
-        let (node, data) = self.read_target(st, ino)?;
-        self.read_with(ino, fh, offset, size, node, data)
+        let plan = self.plan_read(st, ino, offset, size)?;
+        self.read_planned(ino, fh, offset, plan)
     }
 
-    fn read_target(
+    /// Where the bytes of `[offset, offset + size)` of file `ino` come from. Only the pieces of
+    /// this range are taken from the overlay's written ranges, never the whole set.
+    fn plan_read(
         &self,
         st: &State,
         ino: u64,
-    ) -> Result<(Node, Option<crate::overlay::DataState>), VolumeError> {
-        Ok(match st.nodes.get(&ino) {
-            Some(o) => (o.node.clone(), o.data.clone()),
-            None => (self.node_in(st, ino)?, None),
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadPlan, VolumeError> {
+        let (kind, file_size, data) = match st.nodes.get(&ino) {
+            Some(o) => (o.node.kind, o.node.size, o.data.as_ref()),
+            None => {
+                let n = self.node_in(st, ino)?;
+                (n.kind, n.size, None)
+            }
+        };
+        if kind != NodeKind::File {
+            return Err(VolumeError::IsDir);
+        }
+        let end = (offset + size as u64).min(file_size);
+        if offset >= end {
+            return Ok(ReadPlan::Eof);
+        }
+        Ok(match data {
+            None => ReadPlan::Base { end, file_size },
+            Some(d) => {
+                let below = offset..end.min(d.base_limit).max(offset);
+                let mut pieces = d.written.split(below.clone());
+                if end > below.end {
+                    pieces.push((below.end..end, true));
+                }
+                ReadPlan::Changed {
+                    end,
+                    file_size,
+                    base_limit: d.base_limit,
+                    pieces,
+                }
+            }
         })
     }
 
-    fn read_with(
+    fn read_planned(
         &self,
         ino: u64,
         fh: u64,
         offset: u64,
-        size: u32,
-        node: Node,
-        data: Option<crate::overlay::DataState>,
+        plan: ReadPlan,
     ) -> Result<Bytes, VolumeError> {
-        if node.kind != NodeKind::File {
-            return Err(VolumeError::IsDir);
-        }
-        if offset >= node.size || size == 0 {
-            return Ok(Bytes::new());
-        }
-        let end = (offset + size as u64).min(node.size);
-        let Some(data) = data else {
-            return self.read_base(ino, fh, offset, end, node.size);
+        let (end, file_size, base_limit, pieces) = match plan {
+            ReadPlan::Eof => return Ok(Bytes::new()),
+            ReadPlan::Base { end, file_size } => {
+                return self.read_base(ino, fh, offset, end, file_size);
+            }
+            ReadPlan::Changed {
+                end,
+                file_size,
+                base_limit,
+                pieces,
+            } => (end, file_size, base_limit, pieces),
         };
         // Changed file: base bytes where the overlay does not own them, the data file
         // elsewhere.
@@ -544,13 +574,8 @@ impl Volume {
             .overlay
             .as_ref()
             .expect("data state implies an overlay");
-        let file = ov.data_file(ino, node.size)?;
+        let file = ov.data_file(ino, file_size)?;
         let mut out = BytesMut::zeroed((end - offset) as usize);
-        let below = offset..end.min(data.base_limit).max(offset);
-        let mut pieces = data.written.split(below.clone());
-        if end > below.end {
-            pieces.push((below.end..end, true));
-        }
         for (r, own) in pieces {
             let dst = &mut out[(r.start - offset) as usize..(r.end - offset) as usize];
             if own {
@@ -561,7 +586,7 @@ impl Volume {
                     })
                 })?;
             } else {
-                let b = self.read_base(ino, fh, r.start, r.end, data.base_limit)?;
+                let b = self.read_base(ino, fh, r.start, r.end, base_limit)?;
                 dst[..b.len()].copy_from_slice(&b);
             }
         }
@@ -750,6 +775,21 @@ impl Volume {
             ..base
         })
     }
+}
+
+/// How a read is served, decided under the overlay state.
+enum ReadPlan {
+    /// At or past the end of the file.
+    Eof,
+    /// Content unchanged: all from the base.
+    Base { end: u64, file_size: u64 },
+    /// Changed content: `pieces` of `[offset, end)` tagged `true` come from the data file.
+    Changed {
+        end: u64,
+        file_size: u64,
+        base_limit: u64,
+        pieces: Vec<(std::ops::Range<u64>, bool)>,
+    },
 }
 
 /// Longest file name.
