@@ -28,7 +28,8 @@ Which volume:
 Arguments: a path or a revision?
   An argument containing `/`, or `.` or `..`, is a path (of a mount); anything else is a
   revision or a name. Branch and tag names never contain `/`, so `horcrux log main` is the
-  branch and `horcrux log ./main` the directory. -C PATH is always a path.
+  branch and `horcrux log ./main` the directory. -C PATH is always a path. The name of a
+  Docker volume of `horcrux plugin` (no such path here) names that volume.
 
 Revisions:
   HEAD           the commit the mount sits on (its branch may have moved on since)
@@ -197,7 +198,12 @@ fn split_args(
     let mut words = Vec::new();
     let mut path = v.mount.clone();
     for a in args {
-        if is_path(a) {
+        // A Docker volume of the plugin's registry names the volume like a mountpoint would.
+        let volume = path.is_none()
+            && v.access.is_none()
+            && crate::mounts::docker_volume_name(std::path::Path::new(a))
+                .is_some_and(crate::cmd::plugin::is_docker_volume);
+        if is_path(a) || volume {
             if let Some(p) = &path {
                 bail!(
                     "two paths given ({} and {}): name one mount",

@@ -206,6 +206,14 @@ static TEMPORARY: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::ne
 /// Where Docker volume `name` of the plugin's registry is mounted: its live mount, or else a
 /// mount made for this command (undone by [`release_temporary_mounts`]). `None` when the
 /// registry does not know the name.
+/// Is `name` a volume in the plugin's registry? (Nothing is mounted to find out.)
+pub fn is_docker_volume(name: &str) -> bool {
+    matches!(
+        Registry::open_read_only(&default_state_dir()),
+        Ok(Some(reg)) if matches!(reg.get(name), Ok(Some(_)))
+    )
+}
+
 pub fn volume_mountpoint(name: &str) -> anyhow::Result<Option<PathBuf>> {
     let state = default_state_dir();
     let Some(reg) = Registry::open_read_only(&state)? else {
