@@ -298,7 +298,7 @@ pub fn reset_hard(
     })?;
     // The target must exist before anything moves.
     runtime.block_on(repo.commit(target))?;
-    if volume.freeze()?.open_files() > 0 {
+    if volume.open_handles() > 0 {
         return Err(VolumeError::Busy(
             "files are open in the volume; stop the applications using it and retry".into(),
         )

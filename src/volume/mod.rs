@@ -213,6 +213,11 @@ impl Volume {
         &self.fetcher
     }
 
+    /// Open file handles (a switch to another version needs none).
+    pub fn open_handles(&self) -> usize {
+        self.handles.lock().len()
+    }
+
     pub fn overlay(&self) -> Option<&Overlay> {
         self.overlay.as_ref()
     }

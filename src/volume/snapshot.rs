@@ -344,17 +344,12 @@ impl Frozen<'_> {
         Ok(())
     }
 
-    /// Open file handles (a switch to another version needs none).
-    pub fn open_files(&self) -> usize {
-        self.vol.handles.lock().len()
-    }
-
     /// Switch the volume to another version, `manifest` committed as `base`, throwing away
     /// any changes (the caller checked the user asked for that). Refused while files are open.
     /// Inode numbers then name other files: the generation is bumped and the kernel is told to
     /// drop every name it cached under the root (which drops the subtrees below them).
     pub fn switch_to(self, manifest: Arc<Manifest>, base: &BaseInfo) -> Result<(), VolumeError> {
-        let open = self.open_files();
+        let open = self.vol.open_handles();
         if open > 0 {
             return Err(VolumeError::Busy(format!(
                 "{open} file(s) are open in the volume; stop the applications using it and retry"
