@@ -1,6 +1,7 @@
 //! `gc`: removing the objects of a repository that no ref reaches.
 //!
-//! **Mark.** Every ref of every volume (`volumes/*/refs/heads|tags/*`) is a root. From each, the
+//! **Mark.** Every ref of every volume (`volumes/*/refs/heads|tags/*`, and the
+//! remote-tracking `refs/remotes/*/*`) is a root. From each, the
 //! walk follows commits along their parents; a reachable commit's manifest is reachable, and
 //! so is every chunk that manifest lists (manifests are downloaded to a temporary directory and
 //! checked against their ids). A parent the repository does not hold ends the walk there (a
@@ -366,6 +367,9 @@ async fn read_refs(repo: &Repository) -> Result<BTreeMap<String, CommitId>, GcEr
         }
         for (name, id) in repo.tags(&v).await? {
             out.insert(crate::format::tag_key(&v, &name), id);
+        }
+        for (remote, branch, id) in repo.remote_branches(&v).await? {
+            out.insert(crate::format::remote_ref_key(&v, &remote, &branch), id);
         }
     }
     // Keys under refs/ that are not valid ref names are skipped by `branches`/`tags`; a ref
