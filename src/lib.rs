@@ -24,5 +24,6 @@ pub mod repo;
 pub mod store;
 pub mod transfer;
 pub mod util;
+pub mod verify;
 pub mod versions;
 pub mod volume;

@@ -242,6 +242,40 @@ pub fn with_lazy_remotes(own: Vec<Arc<dyn Store>>, open: OpenStore) -> Vec<Arc<d
     stores
 }
 
+/// Which of `keys` (chunk keys a repository lacks) one of `remotes` holds: the data of
+/// versions fetched lazily. A remote that cannot be asked counts as not holding them.
+pub async fn held_by(
+    remotes: &[Arc<dyn Store>],
+    keys: &[String],
+) -> std::collections::HashSet<String> {
+    let mut found = std::collections::HashSet::new();
+    let mut left: Vec<String> = keys.to_vec();
+    for remote in remotes {
+        if left.is_empty() {
+            break;
+        }
+        let mut still = Vec::new();
+        for batch in left.chunks(1000) {
+            let there = match remote.exists(batch).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(remote = %remote.describe(), error = %e, "cannot ask this remote");
+                    vec![false; batch.len()]
+                }
+            };
+            for (k, t) in batch.iter().zip(there) {
+                if t {
+                    found.insert(k.clone());
+                } else {
+                    still.push(k.clone());
+                }
+            }
+        }
+        left = still;
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,6 +183,8 @@ enum Command {
     Tag(cmd::history::TagArgs),
     /// Send a mounted volume's branch to another repository (only what it lacks)
     Push(cmd::remotes::PushArgs),
+    /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
+    Verify(cmd::verify::VerifyArgs),
     /// Bring a remote's branches as remote-tracking refs: commits and manifests, data stays lazy
     Fetch(cmd::fetch::FetchArgs),
     /// List, add or remove the named remotes of a volume's repository
@@ -281,6 +283,7 @@ fn main() -> ExitCode {
         Command::Tag(a) => cmd::history::run_tag(a),
         Command::Push(a) => cmd::remotes::run_push(a),
         Command::Fetch(a) => cmd::fetch::run_fetch(a),
+        Command::Verify(a) => cmd::verify::run_verify(a),
         Command::Remote(a) => cmd::fetch::run_remote(a),
         Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),

@@ -13,4 +13,5 @@ pub mod mount;
 pub mod plugin;
 pub mod pull;
 pub mod remotes;
+pub mod verify;
 pub mod versions;
