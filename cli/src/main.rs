@@ -183,18 +183,18 @@ enum Command {
     Tag(cmd::history::TagArgs),
     /// Send a mounted volume's branch to another repository (only what it lacks)
     Push(cmd::remotes::PushArgs),
-    /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
-    Verify(cmd::verify::VerifyArgs),
     /// Bring a remote's branches as remote-tracking refs: commits and manifests, data stays lazy
     Fetch(cmd::fetch::FetchArgs),
     /// List, add or remove the named remotes of a volume's repository
     Remote(cmd::fetch::RemoteArgs),
-    /// Bring a branch's new commits (and their data) from another repository; switch the mount
+    /// Bring a branch's new commits from another repository (data read on demand); switch the mount
     Pull(cmd::pull::PullArgs),
     /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
     Clone(cmd::remotes::CloneArgs),
     /// Remove what no branch or tag reaches (two runs apart by a grace period); --dry-run
     Gc(cmd::gc::GcArgs),
+    /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
+    Verify(cmd::verify::VerifyArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -208,6 +208,10 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
     Plugin(cmd::plugin::PluginArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    Completions(cmd::docs::CompletionsArgs),
+    /// Print or write the manual pages
+    Man(cmd::docs::ManArgs),
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -284,6 +288,8 @@ fn main() -> ExitCode {
         Command::Push(a) => cmd::remotes::run_push(a),
         Command::Fetch(a) => cmd::fetch::run_fetch(a),
         Command::Verify(a) => cmd::verify::run_verify(a),
+        Command::Completions(a) => cmd::docs::run_completions::<Cli>(a),
+        Command::Man(a) => cmd::docs::run_man::<Cli>(a),
         Command::Remote(a) => cmd::fetch::run_remote(a),
         Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),

@@ -5,6 +5,7 @@ pub mod changes;
 pub mod control_handler;
 pub mod copy;
 pub mod demo;
+pub mod docs;
 pub mod fetch;
 pub mod gc;
 pub mod generate;
