@@ -19,6 +19,7 @@ pub mod history;
 pub mod ids;
 pub mod manifest;
 pub mod overlay;
+pub mod prefetch;
 pub mod repo;
 pub mod store;
 pub mod transfer;
