@@ -206,7 +206,9 @@ impl Fetcher {
         if present {
             return Ok(Hydrated::Present);
         }
-        let (bytes, fetched) = self.block_with(info, idx, Priority::Background, true).await?;
+        let (bytes, fetched) = self
+            .block_with(info, idx, Priority::Background, true)
+            .await?;
         Ok(if fetched {
             Hydrated::Fetched(bytes.len() as u64)
         } else {
@@ -304,7 +306,9 @@ impl Fetcher {
         idx: u32,
         prio: Priority,
     ) -> Result<Bytes, FetchError> {
-        self.block_with(info, idx, prio, false).await.map(|(b, _)| b)
+        self.block_with(info, idx, prio, false)
+            .await
+            .map(|(b, _)| b)
     }
 
     /// [`Self::block`], also saying whether this call fetched it from the source; with

@@ -455,7 +455,8 @@ impl Job {
                     }
                     let r = block_range(info.len, bs, b);
                     sh2.total_blocks.fetch_add(1, Ordering::Relaxed);
-                    sh2.total_bytes.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    sh2.total_bytes
+                        .fetch_add(r.end - r.start, Ordering::Relaxed);
                     if present.get(b) {
                         sh2.present_blocks.fetch_add(1, Ordering::Relaxed);
                         sh2.present_bytes
@@ -486,9 +487,11 @@ impl Job {
             "prefetch running"
         );
         let queue = Arc::new(queue);
-        let bucket = Arc::new(sh.config.bandwidth.map(|r| {
-            TokenBucket::new(r, self.volume.fetcher().block_size() as u64)
-        }));
+        let bucket = Arc::new(
+            sh.config
+                .bandwidth
+                .map(|r| TokenBucket::new(r, self.volume.fetcher().block_size() as u64)),
+        );
         let mut workers = Vec::new();
         for w in 0..sh.config.concurrency.max(1) {
             let queue = queue.clone();

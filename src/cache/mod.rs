@@ -453,6 +453,15 @@ impl Cache {
             .map_err(|err| self.sql(err))?;
             tx.commit().map_err(|err| self.sql(err))?;
             e.present.write().merge(&present);
+            // Another thread may have replaced the open entry of this generation meanwhile
+            // (see `get_or_create`): its bitmap must learn these blocks too, or this process
+            // would take them for missing until the entry leaves the LRU.
+            if let Some(cur) = self.entries.lock().peek(&info.id)
+                && cur.generation == e.generation
+                && !Arc::ptr_eq(cur, &e)
+            {
+                cur.present.write().merge(&present);
+            }
             bytes.saturating_sub(old_bytes.max(0) as u64)
         };
         self.total.fetch_add(new_bytes, Ordering::Relaxed);
@@ -516,10 +525,19 @@ impl Cache {
             self.entries.lock().put(info.id, e.clone());
             return Ok(e);
         }
-        // Another thread or process created it first: use theirs.
+        // Another thread or process created it first: use theirs — the open entry if this
+        // process has it (its bitmap is the live one), else a fresh one from the row.
         drop(file);
         let _ = fs::remove_file(&path);
-        self.entries.lock().pop(&info.id);
+        {
+            let mut entries = self.entries.lock();
+            match entries.get(&info.id) {
+                Some(cur) if cur.generation == winner => return Ok(cur.clone()),
+                _ => {
+                    entries.pop(&info.id);
+                }
+            }
+        }
         self.entry(&info.id)?
             .ok_or_else(|| self.io(io::Error::other("chunk evicted while being created")))
     }

@@ -60,9 +60,8 @@ impl Volume {
         let bs = m.header().block_size;
         let mut plan = BlockPlan::default();
         for c in m.chunks()? {
-            crate::hashtree::verify_outboard(c.id, c.len, bs, &c.blocks).map_err(|e| {
-                VolumeError::Fetch(crate::fetch::FetchError::Corrupt(Arc::new(e)))
-            })?;
+            crate::hashtree::verify_outboard(c.id, c.len, bs, &c.blocks)
+                .map_err(|e| VolumeError::Fetch(crate::fetch::FetchError::Corrupt(Arc::new(e))))?;
             let n = block_count(c.len, bs);
             plan.add(&Arc::new(c), bs, 0..n);
         }
@@ -132,7 +131,11 @@ impl Volume {
                 if cs >= ct {
                     continue;
                 }
-                plan.add(&info, bs as u32, (cs / bs) as u32..((ct - 1) / bs) as u32 + 1);
+                plan.add(
+                    &info,
+                    bs as u32,
+                    (cs / bs) as u32..((ct - 1) / bs) as u32 + 1,
+                );
             }
         }
         Ok(())

@@ -185,7 +185,13 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
             for p in &pins {
                 let state = cache
                     .prefetch_record(&p.owner)?
-                    .map(|r| format!("prefetch {}, commit {}", r.state, &r.commit[..12.min(r.commit.len())]))
+                    .map(|r| {
+                        format!(
+                            "prefetch {}, commit {}",
+                            r.state,
+                            &r.commit[..12.min(r.commit.len())]
+                        )
+                    })
                     .unwrap_or_else(|| "no prefetch record".into());
                 println!(
                     "{}\n    {} chunks ({} of {} cached), {} manifests; {}",

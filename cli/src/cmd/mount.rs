@@ -492,7 +492,8 @@ fn serve(
     });
     let (opened, offline) = match opened {
         Ok(o) => (o, false),
-        Err(e) => match offline_version(a, &cache, &access, &urls, mirror_config.clone(), runtime)? {
+        Err(e) => match offline_version(a, &cache, &access, &urls, mirror_config.clone(), runtime)?
+        {
             Some(o) => {
                 tracing::warn!(error = %format!("{e:#}"), volume = %o.0, commit = %o.1, "the source is unreachable: mounting the cached version this volume was prefetched at (its ref may have moved since; commits are refused until the source is back)");
                 (o, true)
@@ -681,7 +682,9 @@ fn offline_version(
     if !cache.has_manifest(&mid) {
         return Ok(None);
     }
-    let manifest = Arc::new(horcrux::manifest::Manifest::open(&cache.manifest_path(&mid))?);
+    let manifest = Arc::new(horcrux::manifest::Manifest::open(
+        &cache.manifest_path(&mid),
+    )?);
     let stores = runtime.block_on(async {
         urls.iter()
             .map(crate::open_store)
@@ -701,7 +704,13 @@ fn offline_version(
         None => (None, None),
     };
     Ok(Some((
-        rec.volume, commit, manifest, source, overlay, None, overlay_dir,
+        rec.volume,
+        commit,
+        manifest,
+        source,
+        overlay,
+        None,
+        overlay_dir,
     )))
 }
 

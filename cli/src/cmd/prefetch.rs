@@ -232,7 +232,10 @@ pub fn format_report(r: &PrefetchReport) -> String {
             .unwrap_or_else(|| "unbounded".into())
     ));
     if r.failed_blocks > 0 {
-        s.push_str(&format!("\n{} blocks could not be fetched", r.failed_blocks));
+        s.push_str(&format!(
+            "\n{} blocks could not be fetched",
+            r.failed_blocks
+        ));
     }
     if let Some(e) = &r.error {
         s.push_str(&format!("\nerror: {e}"));
