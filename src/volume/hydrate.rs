@@ -108,13 +108,15 @@ impl Volume {
                             .filter(|(_, own)| !own)
                             .map(|(r, _)| r)
                             .collect(),
-                        None => vec![0..o.node.size],
+                        None => std::iter::once(0..o.node.size).collect(),
                     },
-                    None if self.is_base(ino) => vec![0..self.node_in(&st, ino)?.size],
+                    None if self.is_base(ino) => {
+                        std::iter::once(0..self.node_in(&st, ino)?.size).collect()
+                    }
                     None => Vec::new(),
                 }
             }
-            None => vec![0..self.node(ino)?.size],
+            None => std::iter::once(0..self.node(ino)?.size).collect(),
         };
         let m = self.manifest();
         let bs = m.header().block_size as u64;
