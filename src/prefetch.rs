@@ -247,7 +247,9 @@ impl Prefetcher {
     }
 
     /// Start hydrating `scope` of the volume at `commit` (hex). A job already running is
-    /// replaced; if its request was unfinished, the new one covers both scopes.
+    /// replaced; the recorded request becomes the union of the earlier one (unless it was
+    /// cancelled) and this one, so what was promised before — an unfinished request, or a
+    /// finished one re-checked at each mount — is kept.
     pub fn start(
         &self,
         scope: Scope,
@@ -256,7 +258,7 @@ impl Prefetcher {
     ) -> Result<Progress, PrefetchError> {
         let mut scope = scope;
         if let Some(old) = self.cache.prefetch_record(&self.owner)?
-            && old.state == "active"
+            && old.state != "cancelled"
             && let Ok(s) = serde_json::from_str::<Scope>(&old.scope)
         {
             scope = s.union(scope);
