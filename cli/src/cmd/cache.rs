@@ -143,6 +143,15 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 s.manifests,
                 human_size(s.manifest_bytes)
             );
+            let pins = cache.pin_summaries()?;
+            if !pins.is_empty() {
+                println!(
+                    "pinned       {} of {} by {} volume(s) (`horcrux cache pins`)",
+                    human_size(pins.iter().map(|p| p.bytes_present).sum()),
+                    human_size(pins.iter().map(|p| p.bytes_total).sum()),
+                    pins.len()
+                );
+            }
             match s.max_size {
                 Some(m) => println!(
                     "bound        {} ({:.0}% used)",
