@@ -572,8 +572,11 @@ impl TokenBucket {
         st.0 -= n as f64;
         if st.0 < 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(-st.0 / self.rate)).await;
-            st.0 = 0.0;
-            st.1 = Instant::now();
+            // Credit the time actually slept (timers overshoot by a millisecond or so, which
+            // at a few ms per block would otherwise cost a good part of the rate).
+            let now = Instant::now();
+            st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * self.rate).min(self.burst);
+            st.1 = now;
         }
     }
 }
