@@ -126,6 +126,17 @@ pub fn tag_key(volume: &str, tag: &str) -> String {
     format!("volumes/{volume}/refs/tags/{tag}")
 }
 
+/// Store key of a remote-tracking ref: where branch `branch` of remote `remote` was at the
+/// last `fetch` or `pull`.
+pub fn remote_ref_key(volume: &str, remote: &str, branch: &str) -> String {
+    format!("volumes/{volume}/refs/remotes/{remote}/{branch}")
+}
+
+/// Store key of a registered remote (its access URL, as text).
+pub fn remote_key(name: &str) -> String {
+    format!("remotes/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

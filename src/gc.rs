@@ -1,6 +1,7 @@
 //! `gc`: removing the objects of a repository that no ref reaches.
 //!
-//! **Mark.** Every ref of every volume (`volumes/*/refs/heads|tags/*`) is a root. From each, the
+//! **Mark.** Every ref of every volume (`volumes/*/refs/heads|tags/*`, and the
+//! remote-tracking `refs/remotes/*/*`) is a root. From each, the
 //! walk follows commits along their parents; a reachable commit's manifest is reachable, and
 //! so is every chunk that manifest lists (manifests are downloaded to a temporary directory and
 //! checked against their ids). A parent the repository does not hold ends the walk there (a
@@ -91,6 +92,9 @@ pub struct GcOptions {
     pub now: Option<u64>,
     /// Commits to keep as if a ref named them (e.g. the commit a mount sits on).
     pub keep: Vec<CommitId>,
+    /// Stores of the registered remotes: reachable chunks found there are lazily fetched
+    /// data (`crate::remotes`), not damage.
+    pub remotes: Vec<Arc<dyn Store>>,
 }
 
 impl Default for GcOptions {
@@ -101,6 +105,7 @@ impl Default for GcOptions {
             concurrency: 16,
             now: None,
             keep: Vec::new(),
+            remotes: Vec::new(),
         }
     }
 }
@@ -158,6 +163,8 @@ pub struct GcReport {
     pub rescued: u64,
     /// Keys a ref reaches that the repository does not hold (damage, reported, not repaired).
     pub missing: Vec<String>,
+    /// Reachable chunks held by a registered remote, not here (lazily fetched data).
+    pub on_remotes: u64,
     /// The record this run wrote (`None` when there was nothing to record, or `dry_run`).
     pub record: Option<String>,
 }
@@ -325,6 +332,50 @@ impl<'a> Mark<'a> {
     }
 }
 
+/// What every ref of a repository reaches (for `verify`).
+#[derive(Debug, Default)]
+pub(crate) struct Reachable {
+    pub refs: u64,
+    /// Store keys of reachable objects the walk read (commits, manifests) or that a read
+    /// manifest lists (chunks, not checked for presence).
+    pub keys: HashSet<String>,
+    pub commits: u64,
+    /// Reachable commits and manifests the repository does not hold.
+    pub missing: BTreeSet<String>,
+    /// Parents not in the repository (the edges of shallow copies).
+    pub absent_parents: u64,
+}
+
+/// Mark everything the refs reach (commits and manifests are checked against their ids).
+pub(crate) async fn reachable(
+    repo: &Repository,
+    concurrency: usize,
+    progress: &dyn GcProgress,
+) -> Result<Reachable, GcError> {
+    let tmp = ScratchDir::new()?;
+    progress.phase("reading refs", 0);
+    let refs = read_refs(repo).await?;
+    let mut mark = Mark {
+        repo,
+        tmp: tmp.0.clone(),
+        concurrency,
+        reachable: HashSet::new(),
+        commits_seen: HashSet::new(),
+        manifests_done: HashSet::new(),
+        commits: 0,
+        missing: BTreeSet::new(),
+        absent_parents: BTreeSet::new(),
+    };
+    mark.from(refs.values().copied(), progress).await?;
+    Ok(Reachable {
+        refs: refs.len() as u64,
+        keys: mark.reachable,
+        commits: mark.commits,
+        missing: mark.missing,
+        absent_parents: mark.absent_parents.len() as u64,
+    })
+}
+
 /// The chunks manifest `m` lists (downloaded to `dir` and checked); `None` if it is missing.
 async fn manifest_chunks(
     store: Arc<dyn Store>,
@@ -366,6 +417,9 @@ async fn read_refs(repo: &Repository) -> Result<BTreeMap<String, CommitId>, GcEr
         }
         for (name, id) in repo.tags(&v).await? {
             out.insert(crate::format::tag_key(&v, &name), id);
+        }
+        for (remote, branch, id) in repo.remote_branches(&v).await? {
+            out.insert(crate::format::remote_ref_key(&v, &remote, &branch), id);
         }
     }
     // Keys under refs/ that are not valid ref names are skipped by `branches`/`tags`; a ref
@@ -480,12 +534,18 @@ pub async fn gc(
             unreachable.insert(k.clone(), *size);
         }
     }
-    // Reachable objects the repository does not hold (chunks of a present manifest, say).
-    for k in &mark.reachable {
-        if listing.size(k).is_none() {
-            mark.missing.insert(k.clone());
-        }
-    }
+    // Reachable objects the repository does not hold (chunks of a present manifest, say),
+    // unless a registered remote holds them (lazily fetched data).
+    let absent: Vec<String> = mark
+        .reachable
+        .iter()
+        .filter(|k| listing.size(k).is_none())
+        .cloned()
+        .collect();
+    let held = crate::remotes::held_by(&options.remotes, &absent).await;
+    report.on_remotes = held.len() as u64;
+    mark.missing
+        .extend(absent.into_iter().filter(|k| !held.contains(k)));
     // Eligible: listed unreachable by an earlier run at least `grace` ago, and still so.
     let grace = options.grace.as_secs();
     let mut eligible: BTreeSet<String> = unreachable

@@ -74,6 +74,13 @@ pub struct Rev {
     pub back: u64,
 }
 
+/// Whether `rev` is a well-formed revision of a remote-tracking branch (`REMOTE/BRANCH`,
+/// `remotes/REMOTE/BRANCH`, with `~N`): the one kind of revision with a `/`, which command
+/// lines otherwise take for a path.
+pub fn is_remote_rev(rev: &str) -> bool {
+    parse_rev(rev).is_ok_and(|r| crate::repo::split_remote_ref(&r.base).is_some())
+}
+
 /// Parse `base[~N|~|^|^1]...`.
 pub fn parse_rev(rev: &str) -> Result<Rev, HistoryError> {
     let bad = |why: &str| HistoryError::BadRev {
@@ -237,6 +244,8 @@ pub async fn walk(
 pub struct Refs {
     pub branches: Vec<(String, CommitId)>,
     pub tags: Vec<(String, CommitId)>,
+    /// Remote-tracking branches, as `REMOTE/BRANCH`.
+    pub remotes: Vec<(String, CommitId)>,
 }
 
 impl Refs {
@@ -244,6 +253,12 @@ impl Refs {
         Ok(Self {
             branches: repo.branches(volume).await?,
             tags: repo.tags(volume).await?,
+            remotes: repo
+                .remote_branches(volume)
+                .await?
+                .into_iter()
+                .map(|(r, b, id)| (format!("{r}/{b}"), id))
+                .collect(),
         })
     }
 
@@ -288,6 +303,9 @@ pub struct LogEntry {
     pub head: bool,
     /// Branches and tags pointing at it.
     pub branches: Vec<String>,
+    /// Remote-tracking branches here, as `REMOTE/BRANCH`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<String>,
     pub tags: Vec<String>,
 }
 
@@ -308,6 +326,7 @@ impl LogEntry {
             chunks: c.stats.chunks,
             head: head == Some(r.id),
             branches: refs.branches_at(&r.id),
+            remotes: at(&refs.remotes, &r.id),
             tags: refs.tags_at(&r.id),
         }
     }
@@ -324,6 +343,7 @@ impl LogEntry {
             }
         }
         out.extend(branches.iter().map(|b| b.to_string()));
+        out.extend(self.remotes.iter().cloned());
         out.extend(self.tags.iter().map(|t| format!("tag: {t}")));
         out.join(", ")
     }

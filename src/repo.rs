@@ -8,7 +8,7 @@ use crate::cache::{Cache, CacheError};
 use crate::commit::{Commit, CommitError};
 use crate::format::{
     self, CONFIG_KEY, FORMAT_VERSION, FormatError, RepoConfig, branch_key, commit_key,
-    manifest_key, tag_key,
+    manifest_key, remote_ref_key, tag_key,
 };
 use crate::ids::{CommitId, ManifestId};
 use crate::manifest::{Manifest, ManifestError};
@@ -168,14 +168,19 @@ impl Repository {
         }
     }
 
-    /// Resolve a branch, tag, full commit id or unique commit id prefix.
+    /// Resolve a branch, tag, remote-tracking branch (`REMOTE/BRANCH` or
+    /// `remotes/REMOTE/BRANCH`), full commit id or unique commit id prefix.
     pub async fn resolve(&self, volume: &str, reference: &str) -> Result<CommitId, RepoError> {
         format::check_volume_name(volume)?;
-        let named = format::check_ref_name(reference).is_ok();
-        for key in [branch_key(volume, reference), tag_key(volume, reference)]
-            .into_iter()
-            .filter(|_| named)
-        {
+        let mut keys = Vec::new();
+        if format::check_ref_name(reference).is_ok() {
+            keys.push(branch_key(volume, reference));
+            keys.push(tag_key(volume, reference));
+        }
+        if let Some((remote, branch)) = split_remote_ref(reference) {
+            keys.push(remote_ref_key(volume, remote, branch));
+        }
+        for key in keys {
             match self.store.get(&key).await {
                 Ok(b) => return self.parse_ref(&key, &b),
                 Err(e) if e.is_not_found() => {}
@@ -252,6 +257,34 @@ impl Repository {
     /// Branches of a volume and the commits they point at, sorted by name.
     pub async fn branches(&self, volume: &str) -> Result<Vec<(String, CommitId)>, RepoError> {
         self.refs_under(volume, "heads").await
+    }
+
+    /// Remote-tracking branches of a volume (`(remote, branch, commit)`), sorted.
+    pub async fn remote_branches(
+        &self,
+        volume: &str,
+    ) -> Result<Vec<(String, String, CommitId)>, RepoError> {
+        let prefix = format!("{}refs/remotes/", format::volume_prefix(volume));
+        let mut out = Vec::new();
+        for key in self.store.list(&prefix).await? {
+            let Some((remote, branch)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/'))
+            else {
+                continue;
+            };
+            if format::check_ref_name(remote).is_err() || format::check_ref_name(branch).is_err() {
+                continue; // temporary files, locks
+            }
+            match self.store.get(&key).await {
+                Ok(b) => out.push((
+                    remote.to_string(),
+                    branch.to_string(),
+                    self.parse_ref(&key, &b)?,
+                )),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
     }
 
     /// Tags of a volume and the commits they point at, sorted by name.
@@ -383,4 +416,12 @@ impl Repository {
             .expect("open task")?;
         Ok(Arc::new(m))
     }
+}
+
+/// `REMOTE/BRANCH` or `remotes/REMOTE/BRANCH` as (remote, branch), when both are valid names.
+pub fn split_remote_ref(reference: &str) -> Option<(&str, &str)> {
+    let r = reference.strip_prefix("remotes/").unwrap_or(reference);
+    let (remote, branch) = r.split_once('/')?;
+    (format::check_ref_name(remote).is_ok() && format::check_ref_name(branch).is_ok())
+        .then_some((remote, branch))
 }

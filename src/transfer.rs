@@ -52,6 +52,18 @@ pub struct CopyOptions {
     /// A new copy (`clone`): refuse a volume whose refs at the destination differ from the
     /// source's (equal refs are an interrupted or finished clone of the same history).
     pub new_only: bool,
+    /// `fetch`: copy commits and manifests but no chunks; the destination reads those from the
+    /// source, registered there as a remote (see [`crate::remotes`]).
+    pub lazy: bool,
+    /// `fetch`: write the source's branches as remote-tracking refs of this remote
+    /// (`refs/remotes/<name>/<branch>`) instead of as branches; tags are left out. A tracking
+    /// ref follows the source wherever it went (no fast-forward check): it records where the
+    /// remote is, it is nobody's work.
+    pub tracking: Option<String>,
+    /// Copy the chunks of the whole history that the destination lacks, also below commits it
+    /// already has (which a lazy fetch may have left without their data): the walk does not
+    /// stop at present commits, and every manifest is read. `pull --data`.
+    pub hydrate: bool,
 }
 
 /// Progress callbacks (bytes of chunk data).
@@ -180,6 +192,7 @@ pub enum CopyError {
 #[derive(Debug, Clone)]
 struct RefToCopy {
     volume: String,
+    /// Destination key (the source's, or a remote-tracking one).
     key: String,
     id: CommitId,
 }
@@ -187,6 +200,9 @@ struct RefToCopy {
 impl RefToCopy {
     fn is_branch(&self) -> bool {
         self.key.contains("/refs/heads/")
+    }
+    fn is_tracking(&self) -> bool {
+        self.key.contains("/refs/remotes/")
     }
     fn name(&self) -> &str {
         let marker = if self.is_branch() {
@@ -217,6 +233,9 @@ pub async fn copy(
         options.volumes.clone()
     };
     let mut report = CopyReport::default();
+    if let Some(remote) = &options.tracking {
+        crate::format::check_ref_name(remote).map_err(RepoError::from)?;
+    }
 
     // 1. Refs, and what the destination has for them; refuse early what would be refused at
     //    the end (before any data moves).
@@ -281,6 +300,16 @@ pub async fn copy(
             }
         }
     }
+    if let Some(remote) = &options.tracking {
+        refs = refs
+            .into_iter()
+            .filter_map(|r| {
+                let (head, branch) = r.key.split_once("/refs/heads/")?;
+                let key = format!("{head}/refs/remotes/{remote}/{branch}");
+                Some(RefToCopy { key, ..r })
+            })
+            .collect();
+    }
     for r in &refs {
         if let Some(current) = read_ref(dst_store.as_ref(), &r.key).await? {
             check_move(src, &dst, dst_store.as_ref(), r, current, options.force).await?;
@@ -293,6 +322,8 @@ pub async fn copy(
     let mut order: Vec<CommitId> = Vec::new();
     let mut boundary: BTreeSet<CommitId> = BTreeSet::new();
     let mut seen: HashSet<CommitId> = HashSet::new();
+    // With `hydrate`: commits the walk went through although the destination has them.
+    let mut already: HashSet<CommitId> = HashSet::new();
     let mut frontier: Vec<CommitId> = refs.iter().map(|r| r.id).collect();
     let mut generation: u32 = 0;
     while !frontier.is_empty() {
@@ -304,9 +335,12 @@ pub async fn copy(
         }
         let mut next = Vec::new();
         for (id, present) in frontier.iter().zip(present) {
-            if present {
+            if present && !options.hydrate {
                 boundary.insert(*id);
                 continue;
+            }
+            if present {
+                already.insert(*id);
             }
             let bytes = match src.store().get(&commit_key(id)).await {
                 Ok(b) => b,
@@ -341,7 +375,7 @@ pub async fn copy(
             report.shallow.push(id.to_hex());
         }
     }
-    report.commits = order.len() as u64;
+    report.commits = (order.len() - already.len()) as u64;
     let manifests: BTreeSet<ManifestId> = new
         .values()
         .map(|(c, _)| c.manifest_id().expect("decode checked the manifest id"))
@@ -363,6 +397,11 @@ pub async fn copy(
         chunks.extend(manifest_chunks(src, m, &tmp.0).await?);
     }
     let mut have: HashSet<ChunkId> = HashSet::new();
+    if options.lazy {
+        // The data stays where it is: the destination reads it from the source, its remote.
+        chunks.clear();
+        have_manifests.clear();
+    }
     for m in have_manifests.difference(&manifests) {
         have.extend(manifest_chunks(src, m, &tmp.0).await?.map(|c| c.0));
     }
@@ -439,6 +478,9 @@ pub async fn copy(
         }
     }
     for id in parents_first(&order, &new) {
+        if already.contains(&id) {
+            continue;
+        }
         let (_, data) = &new[&id];
         dst_store.put(&commit_key(&id), data.clone()).await?;
         report.commits_copied += 1;
@@ -502,6 +544,9 @@ async fn check_move(
 ) -> Result<bool, CopyError> {
     if current == r.id {
         return Ok(false);
+    }
+    if r.is_tracking() {
+        return Ok(!is_ancestor(src, current, r.id).await?);
     }
     if r.is_branch() {
         if is_ancestor(src, current, r.id).await? || is_ancestor(dst, current, r.id).await? {

@@ -151,15 +151,25 @@ fn pull_brings_a_pushed_commit_into_a_live_mount_over_ssh() {
         out.contains(&format!("{} → {}", &before[..12], &c[..12])),
         "{out}"
     );
-    // The touched 1 MiB window and the pack of small files: 2 chunks, not the volume.
-    assert!(out.contains("copied 2 of 2 chunks"), "{out}");
+    // Lazy: the commit and its manifest, no chunk; R was registered as a remote.
+    assert!(out.contains("0 of 0 chunks"), "{out}");
     assert!(out.contains("now shows"), "{out}");
     assert_eq!(head(&p.origin_b, "vol", "main"), c);
     assert_eq!(mounted_commit(&p.access, &p.b.mountpoint), c);
-    // The data is in B's origin (a commit present implies its chunks): B's mount reads it
-    // with R gone from the picture, and so does a fresh mount of B's origin.
+    let chunks_b = files_under(&p.origin_b.join("chunks")).len();
+    // B's mount reads the new data from R, on demand.
     assert_eq!(fs::read(p.b.path("small")).unwrap(), b"from A\n");
     assert!(fs::read(p.b.path("big")).unwrap() == fs::read(p.a.path("big")).unwrap());
+    assert_eq!(files_under(&p.origin_b.join("chunks")).len(), chunks_b);
+    // --data copies what B's origin lacks — the touched 1 MiB window and the pack of small
+    // files: 2 chunks, not the volume — so it no longer needs R.
+    let out = stdout(&p.access.run(&[
+        os("pull"),
+        os("--data"),
+        os(&p.remote),
+        p.b.mountpoint.as_os_str(),
+    ]));
+    assert!(out.contains("copied the data it lacked: 2 of"), "{out}");
     drop(s);
     let m = p.access.mount(
         &url(&p.origin_b),
@@ -279,7 +289,7 @@ fn pull_of_a_diverged_branch_is_refused() {
     eprintln!("diverged pull: {err}");
     assert!(err.contains("diverged"), "{err}");
     assert!(err.contains(&cb[..12]) && err.contains(&ca[..12]), "{err}");
-    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(err.contains("your branch was not changed"), "{err}");
     assert_eq!(head(&p.origin_b, "vol", "main"), cb);
     assert_eq!(mounted_commit(&p.access, &p.b.mountpoint), cb);
     assert_eq!(fs::read(p.b.path("small")).unwrap(), b"B's own\n");

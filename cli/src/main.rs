@@ -109,17 +109,20 @@ pub fn store_options() -> horcrux::store::StoreOptions {
 /// Open the store an access URL names, with the command line's store options.
 /// S3 options given as flags fill what the URL's query does not say.
 /// The store behind an access URL list: the first URL, or all of them as mirrors in order.
+/// After them, the repository's registered remotes, for the chunks a lazy `fetch` or `pull`
+/// left there (`horcrux::remotes`).
 pub fn open_access(access: &str) -> anyhow::Result<std::sync::Arc<dyn horcrux::store::Store>> {
     let urls = horcrux::store::parse_access(access)?;
-    let mut stores = urls.iter().map(open_store).collect::<Result<Vec<_>, _>>()?;
-    Ok(if stores.len() == 1 {
-        stores.remove(0)
-    } else {
-        std::sync::Arc::new(horcrux::store::MirrorStore::new(
-            stores,
-            horcrux::store::MirrorConfig::default(),
-        ))
-    })
+    let stores = urls.iter().map(open_store).collect::<Result<Vec<_>, _>>()?;
+    Ok(std::sync::Arc::new(horcrux::store::MirrorStore::new(
+        horcrux::remotes::with_lazy_remotes(stores, store_opener()),
+        horcrux::store::MirrorConfig::default(),
+    )))
+}
+
+/// [`open_store`] as the core's store opener.
+pub fn store_opener() -> horcrux::store::OpenStore {
+    std::sync::Arc::new(|u: &horcrux::store::AccessUrl| open_store(u))
 }
 
 /// The repository behind an access URL list (see [`open_access`]).
@@ -180,12 +183,18 @@ enum Command {
     Tag(cmd::history::TagArgs),
     /// Send a mounted volume's branch to another repository (only what it lacks)
     Push(cmd::remotes::PushArgs),
-    /// Bring a branch's new commits (and their data) from another repository; switch the mount
+    /// Bring a remote's branches as remote-tracking refs: commits and manifests, data stays lazy
+    Fetch(cmd::fetch::FetchArgs),
+    /// List, add or remove the named remotes of a volume's repository
+    Remote(cmd::fetch::RemoteArgs),
+    /// Bring a branch's new commits from another repository (data read on demand); switch the mount
     Pull(cmd::pull::PullArgs),
     /// Make a new copy of a repository's volumes elsewhere (backup/restore); --depth N
     Clone(cmd::remotes::CloneArgs),
     /// Remove what no branch or tag reaches (two runs apart by a grace period); --dry-run
     Gc(cmd::gc::GcArgs),
+    /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
+    Verify(cmd::verify::VerifyArgs),
     /// Hydrate a mounted volume (or some paths) in the background and pin it: it then needs no source
     Prefetch(cmd::prefetch::PrefetchArgs),
     /// Inspect and bound the local cache
@@ -201,6 +210,10 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
     Plugin(cmd::plugin::PluginArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    Completions(cmd::docs::CompletionsArgs),
+    /// Print or write the manual pages
+    Man(cmd::docs::ManArgs),
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -275,6 +288,11 @@ fn main() -> ExitCode {
         Command::Branch(a) => cmd::history::run_branch(a),
         Command::Tag(a) => cmd::history::run_tag(a),
         Command::Push(a) => cmd::remotes::run_push(a),
+        Command::Fetch(a) => cmd::fetch::run_fetch(a),
+        Command::Verify(a) => cmd::verify::run_verify(a),
+        Command::Completions(a) => cmd::docs::run_completions::<Cli>(a),
+        Command::Man(a) => cmd::docs::run_man::<Cli>(a),
+        Command::Remote(a) => cmd::fetch::run_remote(a),
         Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Gc(a) => cmd::gc::run(a),

@@ -3,6 +3,7 @@
 //! metrics are decorators around it.
 
 mod file;
+mod lazy;
 mod mirror;
 mod s3;
 mod ssh;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use file::FileStore;
+pub use lazy::{LazyRemotes, OpenStore};
 pub use mirror::{MirrorConfig, MirrorStore};
 pub use s3::{S3Config, S3Credentials, S3Env, S3Options, S3Store};
 pub use ssh::{SshEnv, SshStore};

@@ -36,6 +36,8 @@ pub fn start_moto(bucket: &str) -> S3Server {
 pub struct Access {
     pub flags: Vec<OsString>,
     pub env: Vec<(String, String)>,
+    /// A command that runs horcrux (e.g. `nsenter --net=/run/netns/X`); none = directly.
+    pub wrap: Vec<OsString>,
 }
 
 impl Access {
@@ -68,10 +70,22 @@ impl Access {
         self
     }
 
-    /// `horcrux ARGS... <flags>` to completion (stdin closed).
-    pub fn run(&self, args: &[&OsStr]) -> Output {
-        let mut c = Command::new(horcrux_bin());
-        c.args(args).args(&self.flags).stdin(Stdio::null());
+    /// Run horcrux through `wrap` (a network namespace: `netns::Host::wrap`).
+    pub fn wrapped(mut self, wrap: Vec<OsString>) -> Access {
+        self.wrap = wrap;
+        self
+    }
+
+    /// The command `run` runs, without its arguments.
+    pub fn command(&self) -> Command {
+        let mut c = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(horcrux_bin());
+                c
+            }
+            None => Command::new(horcrux_bin()),
+        };
         // Nothing from the developer's own AWS setup may leak into the test.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("AWS_") {
@@ -81,6 +95,13 @@ impl Access {
         for (k, v) in &self.env {
             c.env(k, v);
         }
+        c
+    }
+
+    /// `horcrux ARGS... <flags>` to completion (stdin closed).
+    pub fn run(&self, args: &[&OsStr]) -> Output {
+        let mut c = self.command();
+        c.args(args).args(&self.flags).stdin(Stdio::null());
         c.output().expect("run horcrux")
     }
 

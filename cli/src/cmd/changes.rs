@@ -285,9 +285,14 @@ pub enum DiffForm {
     },
 }
 
-/// Does `arg` look like a revision: UTF-8, no `/`, not `.` or `..`, and well-formed?
+/// Does `arg` look like a revision: UTF-8, well-formed, no `/` (but `REMOTE/BRANCH`), not `.`
+/// or `..`?
 fn revision_like(arg: &Path) -> Option<&str> {
     let s = arg.to_str()?;
+    // `backup/main` is a remote-tracking branch unless such a path exists here.
+    if horcrux::history::is_remote_rev(s) && !arg.exists() {
+        return Some(s);
+    }
     (!s.contains('/') && s != "." && s != ".." && horcrux::history::parse_rev(s).is_ok())
         .then_some(s)
 }

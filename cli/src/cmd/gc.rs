@@ -76,7 +76,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
-struct Bar(indicatif::ProgressBar);
+/// The stores of the repository's registered remotes (where lazily fetched data is).
+pub(super) async fn remote_stores(
+    store: &dyn horcrux::store::Store,
+) -> anyhow::Result<Vec<std::sync::Arc<dyn horcrux::store::Store>>> {
+    let opener = crate::store_opener();
+    Ok(horcrux::remotes::open_all(store, &*opener)
+        .await?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect())
+}
+
+pub(super) struct Bar(pub(super) indicatif::ProgressBar);
 
 impl GcProgress for Bar {
     fn phase(&self, what: &str, total: u64) {
@@ -137,16 +149,18 @@ pub fn run(a: GcArgs) -> anyhow::Result<()> {
     }
     let store = crate::open_store(first)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let options = GcOptions {
+    let mut options = GcOptions {
         dry_run: a.dry_run,
         grace: a.grace,
         concurrency: a.jobs.max(1),
         now: None,
         keep,
+        remotes: Vec::new(),
     };
     let bar = Bar(crate::progress::bar("gc"));
     let report = rt.block_on(async {
         let repo = Repository::open(store.clone()).await?;
+        options.remotes = remote_stores(store.as_ref()).await?;
         anyhow::Ok(horcrux::gc::gc(&repo, &options, &bar).await?)
     });
     bar.0.finish_and_clear();
@@ -197,6 +211,12 @@ fn print_report(r: &GcReport, store: &str, grace: Duration) {
         if r.commits == 1 { "" } else { "s" },
     );
     println!("  kept:        {} reachable", tally(&r.reachable));
+    if r.on_remotes > 0 {
+        println!(
+            "  on remotes:  {} reachable chunk(s) held by registered remotes (lazily fetched)",
+            r.on_remotes
+        );
+    }
     println!(
         "  {}  {}",
         if r.dry_run {

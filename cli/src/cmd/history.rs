@@ -5,7 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -184,6 +184,10 @@ pub struct TagArgs {
 /// revision or name.
 fn is_path(arg: &OsStr) -> bool {
     let b = arg.as_bytes();
+    // `backup/main` is a remote-tracking branch unless such a path exists here.
+    if arg.to_str().is_some_and(horcrux::history::is_remote_rev) && !Path::new(arg).exists() {
+        return false;
+    }
     b.contains(&b'/') || b == b"." || b == b".."
 }
 
@@ -554,6 +558,12 @@ fn list_refs(ctx: &Ctx, kind: Kind, json: bool) -> anyhow::Result<()> {
             Kind::Tag => "",
         };
         writeln!(out, "{mark}{n:width$}  {}  {message}", c.short())?;
+    }
+    if kind == Kind::Branch {
+        // Remote-tracking branches (`fetch`, `pull`), as git's `branch -a` shows them.
+        for (n, c) in &refs.remotes {
+            writeln!(out, "  remotes/{n}  {}", c.short())?;
+        }
     }
     Ok(())
 }

@@ -430,6 +430,8 @@ fn serve(
             .iter()
             .map(crate::open_store)
             .collect::<Result<Vec<_>, _>>()?;
+        // Chunks of versions pulled lazily are read from the remote they were pulled from.
+        let stores = horcrux::remotes::with_lazy_remotes(stores, crate::store_opener());
         // Metadata reads fall over between mirrors just as chunk reads do.
         let source = Arc::new(MirrorStore::new(stores, mirror_config));
         let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
@@ -690,6 +692,8 @@ fn offline_version(
             .map(crate::open_store)
             .collect::<Result<Vec<_>, _>>()
     })?;
+    // As for a mount with its source: a remote may still serve what was pulled lazily.
+    let stores = horcrux::remotes::with_lazy_remotes(stores, crate::store_opener());
     let source = Arc::new(MirrorStore::new(stores, mirror_config));
     let (overlay, overlay_dir) = match overlay {
         Some((ov, dir)) => {

@@ -1,11 +1,11 @@
 //! `horcrux pull`: bring a branch's new commits from another repository into a mounted volume's
 //! origin (fast-forward only), then switch the live mount to the new head (issue 5, remotes).
 //!
-//! It is `transfer::copy` the other way round from `push` — REMOTE is the source, the origin
-//! the destination, restricted to one volume and one branch — followed by
-//! `Request::Checkout { rev: <branch>, discard: false }` on the mount's daemon. The copy brings
-//! the chunks too, not only refs and manifests: "a commit present in a repository has its
-//! chunks there" is the invariant `push` (and every later copy) relies on to stop its walk.
+//! It is `fetch` of one branch (the remote-tracking ref `REMOTE/BRANCH`, commits and manifests;
+//! the data stays on REMOTE, read when needed through `horcrux::remotes`), a compare-and-swap
+//! of the origin's branch onto it when that is a fast-forward, then
+//! `Request::Checkout { rev: <branch>, discard: false }` on the mount's daemon. `--data` copies
+//! the chunks too, so the origin no longer needs REMOTE for that version.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,21 +13,27 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use horcrux::repo::Repository;
-use horcrux::transfer::{CopyError, CopyOptions, copy, is_ancestor};
+use horcrux::store::StoreError;
+use horcrux::transfer::{CopyOptions, copy, is_ancestor};
 use horcrux_proto::control::{MountInfo, Request, Response};
 
+use super::fetch::{fetch, pick_remote};
 use super::remotes::{Bar, json_report, sent, short};
 use crate::mounts::{self, Target};
 
 const PULL_HELP: &str = "\
 Brings the new commits of a branch (default: the mounted one) from REMOTE into the repository
-the volume is mounted from (its origin, where `horcrux commit` writes) — commits, manifests
-and the chunks they use: the data is copied too, so the origin can mount, push and clone every
-version it holds without REMOTE — moves the origin's branch by compare-and-swap, then switches
-the live mount to the new version (like `horcrux checkout BRANCH`).
+the volume is mounted from (its origin, where `horcrux commit` writes) — commits and
+manifests, not the data: chunks stay on REMOTE and are read from there when something reads
+them (--data copies them too, so the origin no longer needs REMOTE) — moves the origin's
+branch by compare-and-swap, then switches the live mount to the new version (like
+`horcrux checkout BRANCH`). REMOTE is a registered remote's name or a repository URL
+(registered under a new name the first time: `horcrux remote` lists them); without it, the
+only registered remote. `REMOTE/BRANCH` then names REMOTE's branch as last pulled.
 
 Only a fast-forward is done: when the origin's branch has commits REMOTE's lacks (both sides
-committed), the pull is refused and nothing changes (merge is not supported). Only what the
+committed), the pull is refused and the branch does not move (merge is not supported; the
+remote-tracking ref shows REMOTE's version). Only what the
 origin lacks is sent; an interrupted pull resumes without copying again what arrived.
 
 A mount with uncommitted changes on the pulled branch is refused before anything moves
@@ -45,8 +51,9 @@ Examples:
 #[derive(Debug, Args)]
 #[command(after_long_help = PULL_HELP)]
 pub struct PullArgs {
-    /// Repository to pull from (file:///path, scp://, ssh://, s3://)
-    pub remote: String,
+    /// A registered remote's name or a repository URL (file:///path, scp://, ssh://, s3://)
+    /// [default: the only registered remote]
+    pub remote: Option<String>,
     /// The mountpoint of the volume, or any path inside it [default: the current directory]
     pub path: Option<PathBuf>,
     /// Same as PATH
@@ -61,6 +68,9 @@ pub struct PullArgs {
     /// With --access: the volume (needed when the repository holds several)
     #[arg(long = "name", value_name = "VOL", requires = "access")]
     pub name: Option<String>,
+    /// Copy the chunks too, so the origin no longer needs REMOTE for the pulled versions
+    #[arg(long)]
+    pub data: bool,
     /// Parallel transfers
     #[arg(long, default_value_t = 8)]
     pub jobs: usize,
@@ -83,10 +93,11 @@ enum MountOutcome {
 
 pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
     crate::init_logging(None)?;
+    let (remote_arg, path) = super::fetch::split_remote_path(a.remote.clone(), a.path.clone());
     let (access, volume, branch, mounted) = match &a.access {
         Some(access) => (access.clone(), a.name.clone(), a.branch.clone(), None),
         None => {
-            let path = a.dir.as_deref().or(a.path.as_deref());
+            let path = a.dir.as_deref().or(path.as_deref());
             let loc = mounts::locate(&Target::from_arg(path))?;
             let info = mounts::describe(&loc, Duration::from_secs(30))?;
             let branch = super::remotes::branch_of(a.branch.as_ref(), &loc, &info, "pull")?;
@@ -115,58 +126,88 @@ pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
-    let remote_url = horcrux::store::parse_one(&a.remote)?;
     let t = Instant::now();
-    let (report, old, theirs, new) = rt.block_on(async {
-        let origin = Repository::open(crate::open_access(&access)?)
+    let (report, old, theirs, new, remote) = rt.block_on(async {
+        let origin_store = crate::open_access(&access)?;
+        let origin = Repository::open(origin_store.clone())
             .await
             .with_context(|| format!("opening the volume's repository {access}"))?;
         let volume = origin.pick_volume(volume.as_deref()).await?;
-        let src = Repository::open(crate::open_store(&remote_url)?)
-            .await
-            .with_context(|| format!("opening {remote_url}"))?;
-        let theirs = src.branch(&volume, &branch).await?.ok_or_else(|| {
-            anyhow!("{remote_url} has no branch `{branch}` of volume `{volume}`: nothing to pull")
-        })?;
-        let ours = origin.branch(&volume, &branch).await?;
-        if let Some(ours) = ours
-            && ours != theirs
-            && is_ancestor(&origin, theirs, ours).await?
-        {
-            // REMOTE is behind: nothing to bring (copying would be refused as a non-FF move).
-            return Ok::<_, anyhow::Error>((None, Some(ours), theirs, ours));
-        }
-        let opts = CopyOptions {
-            volumes: vec![volume.clone()],
-            refs: Some(vec![format!("heads/{branch}")]),
-            force: false,
-            concurrency: a.jobs,
-            ..Default::default()
+        let first = crate::open_store(&horcrux::store::parse_access(&access)?[0])?;
+        let remote = pick_remote(first.as_ref(), remote_arg.as_deref(), true).await?;
+        let remote_url = remote.url.clone();
+        // 1. REMOTE's branch as the remote-tracking ref `REMOTE/BRANCH`: commits and
+        //    manifests, the data left there — or copied too with --data (before anything
+        //    else: a copy stops at the commits the destination has).
+        let r = if a.data {
+            let src = Repository::open(crate::open_store(&horcrux::store::parse_one(&remote_url)?)?)
+                .await
+                .with_context(|| format!("opening {remote_url}"))?;
+            let opts = CopyOptions {
+                volumes: vec![volume.clone()],
+                refs: Some(vec![format!("heads/{branch}")]),
+                concurrency: a.jobs,
+                tracking: Some(remote.name.clone()),
+                // Versions fetched lazily before are here without their data.
+                hydrate: true,
+                ..Default::default()
+            };
+            let bar = crate::progress::bar("pulling");
+            let d = copy(&src, first.clone(), &opts, &Bar(bar.clone())).await;
+            bar.finish_and_clear();
+            d.with_context(|| format!("pulling {volume}/{branch} from {remote_url}"))?
+        } else {
+            fetch(&origin_store, &volume, &remote, Some(&branch), a.jobs).await?
         };
-        let bar = crate::progress::bar("pulling");
-        let r = copy(&src, origin.store().clone(), &opts, &Bar(bar.clone())).await;
-        bar.finish_and_clear();
-        match r {
-            Ok(r) => Ok((Some(r), ours, theirs, theirs)),
-            Err(CopyError::Diverged { src, dst, .. }) => Err(anyhow!(
-                "cannot pull {volume}/{branch} from {remote_url}: the branches have diverged — \
-                 {access}'s `{branch}` is at {dst}, which is not an ancestor of {remote_url}'s \
-                 {src} (both sides have commits the other lacks). pull only fast-forwards \
-                 (merge is not supported); nothing was changed. To look at REMOTE's version: \
-                 `horcrux mount {remote_url} MOUNTPOINT --ref {src}`; to replace REMOTE's \
-                 branch with yours: `horcrux push {remote_url} --force`"
-            )),
-            Err(e) => Err(anyhow::Error::new(e)
-                .context(format!("pulling {volume}/{branch} from {remote_url}"))),
+        let theirs = origin
+            .resolve(&volume, &format!("remotes/{}/{branch}", remote.name))
+            .await?;
+        // 2. Fast-forward the branch onto it, by compare-and-swap.
+        let ours = origin.branch(&volume, &branch).await?;
+        match ours {
+            Some(o) if o == theirs => return Ok((r, ours, theirs, o, remote)),
+            // REMOTE is behind: nothing to bring.
+            Some(o) if is_ancestor(&origin, theirs, o).await? => {
+                return Ok((r, ours, theirs, o, remote));
+            }
+            Some(o) if !is_ancestor(&origin, o, theirs).await? => {
+                return Err(anyhow!(
+                    "cannot pull {volume}/{branch} from {remote_url}: the branches have diverged \
+                     — {access}'s `{branch}` is at {}, which is not an ancestor of \
+                     {}/{branch} at {} (both sides have commits the other lacks). pull only \
+                     fast-forwards (merge is not supported); your branch was not changed. To \
+                     look at REMOTE's version: `horcrux mount {access} MOUNTPOINT --ref {}/{branch}`; \
+                     to replace REMOTE's branch with yours: `horcrux push {} --force`",
+                    o.short(),
+                    remote.name,
+                    theirs.short(),
+                    remote.name,
+                    remote.name
+                ));
+            }
+            _ => {}
         }
+        origin
+            .set_branch(&volume, &branch, ours, theirs)
+            .await
+            .map_err(|e| match e {
+                horcrux::repo::RepoError::Store(StoreError::CasConflict { .. }) => anyhow!(
+                    "{volume}/{branch} moved in {access} while pulling (a commit or another \
+                     pull): nothing was changed; pull again"
+                ),
+                e => anyhow::Error::new(e),
+            })?;
+        Ok::<_, anyhow::Error>((r, ours, theirs, theirs, remote))
     })?;
+    let remote_url = remote.name.clone();
+    let report = (old != Some(new) || report.bytes_sent() > 0).then_some(report);
     let volume_name = mounted
         .as_ref()
         .map(|(_, i)| i.volume.clone())
         .or(volume)
         .unwrap_or_default();
     // REMOTE's head is an ancestor of the origin's: nothing was copied.
-    let ahead = report.is_none() && theirs != new;
+    let ahead = old == Some(new) && theirs != new;
 
     // Switch the mount when it shows the pulled branch.
     let outcome = match &mounted {
@@ -209,7 +250,7 @@ pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
 
     if a.json {
         let mut extra = serde_json::json!({
-            "volume": volume_name, "branch": branch, "remote": remote_url.to_string(),
+            "volume": volume_name, "branch": branch, "remote": remote.name, "url": remote.url, "data": a.data,
             "old": old.map(|c| c.to_hex()), "commit": new.to_hex(), "origin_ahead": ahead,
         });
         if let Some((_, info)) = &mounted {
@@ -236,14 +277,20 @@ pub fn run_pull(a: PullArgs) -> anyhow::Result<()> {
                 theirs.short()
             ),
             (Some(r), Some(o)) if o != new => println!(
-                "pulled {volume_name}/{branch} from {remote_url} into {access}: {} → {}; copied {}",
+                "pulled {volume_name}/{branch} from {remote_url} into {access}: {} → {}; sent {}",
                 o.short(),
                 new.short(),
                 sent(r, t)
             ),
             (Some(r), None) => println!(
                 "pulled {volume_name}/{branch} from {remote_url} into {access}: new branch at \
-                 {}; copied {}",
+                 {}; sent {}",
+                new.short(),
+                sent(r, t)
+            ),
+            (Some(r), _) => println!(
+                "{access} is up to date with {remote_url}: {volume_name}/{branch} at {}; \
+                 copied the data it lacked: {}",
                 new.short(),
                 sent(r, t)
             ),

@@ -33,8 +33,9 @@ Without a mount: --access URL [--name VOL] pushes from that repository.";
 #[derive(Debug, Args)]
 #[command(after_long_help = PUSH_HELP)]
 pub struct PushArgs {
-    /// Repository to push to (file:///path, scp://, ssh://, s3://); created if empty
-    pub remote: String,
+    /// A registered remote's name or a repository URL (file:///path, scp://, ssh://, s3://);
+    /// created if empty [default: the only registered remote]
+    pub remote: Option<String>,
     /// The mountpoint of the volume, or any path inside it [default: the current directory]
     pub path: Option<PathBuf>,
     /// Same as PATH
@@ -155,11 +156,12 @@ pub(super) fn branch_of(
 
 pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
     crate::init_logging(None)?;
+    let (remote_arg, path) = super::fetch::split_remote_path(a.remote.clone(), a.path.clone());
     // Where from: a mount (ask its daemon) or a repository named on the command line.
     let (access, volume, branch, mounted) = match &a.access {
         Some(access) => (access.clone(), a.name.clone(), a.branch.clone(), None),
         None => {
-            let path = a.dir.as_deref().or(a.path.as_deref());
+            let path = a.dir.as_deref().or(path.as_deref());
             let loc = mounts::locate(&Target::from_arg(path))?;
             let info = mounts::describe(&loc, Duration::from_secs(30))?;
             warn_uncommitted(&loc, &info);
@@ -201,7 +203,9 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
                 refs.push(k[prefix.len()..].to_string());
             }
         }
-        let remote_url = horcrux::store::parse_one(&a.remote)?;
+        let first = crate::open_store(&horcrux::store::parse_access(&access)?[0])?;
+        let named = super::fetch::pick_remote(first.as_ref(), remote_arg.as_deref(), false).await?;
+        let remote_url = horcrux::store::parse_one(&named.url)?;
         let remote = crate::open_store(&remote_url)?;
         let opts = CopyOptions {
             volumes: vec![volume.clone()],
@@ -216,6 +220,22 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("pushing {volume}/{branch} to {remote_url}"))?;
         bar.finish_and_clear();
+        // A registered remote's tracking ref now knows where its branch is.
+        let registered = horcrux::remotes::list(first.as_ref()).await?;
+        if registered.iter().any(|r| r.name == named.name) {
+            let key = horcrux::format::remote_ref_key(&volume, &named.name, &branch);
+            let old = match first.get(&key).await {
+                Ok(b) => Some(b.to_vec()),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(e) = first
+                .compare_and_swap(&key, old.as_deref(), format!("{head}\n").into())
+                .await
+            {
+                tracing::warn!(error = %e, %key, "could not update the remote-tracking ref");
+            }
+        }
         if a.json {
             println!(
                 "{}",
@@ -281,7 +301,8 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let src_url = horcrux::store::parse_one(&a.source)?;
         let dst_url = horcrux::store::parse_one(&a.destination)?;
-        let src = Repository::open(crate::open_store(&src_url)?)
+        // With its remotes: versions pulled lazily there have their data on them.
+        let src = Repository::open(crate::open_access(&a.source)?)
             .await
             .with_context(|| format!("opening the source {src_url}"))?;
         let dst = crate::open_store(&dst_url)?;
@@ -292,6 +313,7 @@ pub fn run_clone(a: CloneArgs) -> anyhow::Result<()> {
             concurrency: a.jobs,
             depth: a.depth,
             new_only: true,
+            ..Default::default()
         };
         let bar = crate::progress::bar("cloning");
         let t = Instant::now();
