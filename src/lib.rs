@@ -19,6 +19,7 @@ pub mod history;
 pub mod ids;
 pub mod manifest;
 pub mod overlay;
+pub mod prefetch;
 pub mod remotes;
 pub mod repo;
 pub mod store;

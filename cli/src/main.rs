@@ -195,6 +195,8 @@ enum Command {
     Gc(cmd::gc::GcArgs),
     /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
     Verify(cmd::verify::VerifyArgs),
+    /// Hydrate a mounted volume (or some paths) in the background and pin it: it then needs no source
+    Prefetch(cmd::prefetch::PrefetchArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -294,6 +296,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Prefetch(a) => cmd::prefetch::run(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

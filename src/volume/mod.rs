@@ -14,6 +14,7 @@
 
 mod attr;
 mod changes;
+mod hydrate;
 mod snapshot;
 mod write;
 
@@ -27,6 +28,7 @@ use tokio::runtime::Handle;
 
 pub use attr::{Attr, StatFs};
 pub use changes::{Change, ChangeKind, FileDiff, MetaChange, Status};
+pub use hydrate::BlockPlan;
 pub use snapshot::{ChunkSink, Frozen, SnapshotStats};
 pub use write::{Ctx, SetAttr, TimeSet};
 

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod history;
 pub mod mount;
 pub mod plugin;
+pub mod prefetch;
 pub mod pull;
 pub mod remotes;
 pub mod verify;
