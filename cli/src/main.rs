@@ -157,6 +157,8 @@ pub struct CacheArgs {
 enum Command {
     /// Cut a directory into content-addressed chunks and a manifest: the first commit of a volume
     Generate(cmd::generate::GenerateArgs),
+    /// Import a volume of an original Horcrux repository (`<name>.meta` + `v1/` chunks) as a new volume
+    Import(cmd::import::ImportArgs),
     /// Show a repository's volume as a local filesystem, fetching only what is read
     Mount(cmd::mount::MountArgs),
     /// Unmount a horcrux mount
@@ -273,6 +275,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Import(a) => cmd::import::run(a),
         Command::Mount(a) => cmd::mount::run(a),
         Command::Umount(a) => cmd::mount::run_umount(a),
         Command::Status(a) => cmd::changes::run_status(a),

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod gc;
 pub mod generate;
 pub mod history;
+pub mod import;
 pub mod mount;
 pub mod plugin;
 pub mod pull;
