@@ -1,7 +1,7 @@
 //! `import`: read a volume of an **original Horcrux** repository (the Go tool's `reducto`
 //! output) from any store and write it as a new volume of a horcrux repository.
 //!
-//! The original format (docs/FORMAT.md §10): `<name>.meta` is a JSON document listing every
+//! The original format (docs/FORMAT.md §9): `<name>.meta` is a JSON document listing every
 //! entry of the tree breadth-first (the root first, `Prefix` = the path of its directory,
 //! starting with the root's name), with a Go `os.FileMode`, size, uid and gid, and a chunk count;
 //! a file's bytes are cut into `<Current Version>/<Prefix>/<Name>.<i>` objects of `Chunk Size`
