@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod changes;
+pub mod config;
 pub mod control_handler;
 pub mod copy;
 pub mod demo;
