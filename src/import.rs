@@ -385,7 +385,7 @@ impl Original {
                 mode,
                 uid: e.stat.uid,
                 gid: e.stat.gid,
-                size: if kind == NodeKind::File { size } else { 0 },
+                size,
                 key: format!("{current}/{path}"),
                 chunks,
                 children: Vec::new(),

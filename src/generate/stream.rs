@@ -24,8 +24,8 @@ pub struct InputNode {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Content length of a file (all of it is read through [`TreeInput::read`]); ignored for
-    /// directories; the target's length for a symlink.
+    /// Content length of a file (all of it is read through [`TreeInput::read`]); recorded as
+    /// is for other nodes, except a symlink's, which is its target's length.
     pub size: u64,
     pub atime: TimeNs,
     pub mtime: TimeNs,
@@ -134,7 +134,6 @@ impl<'a> StreamPlanner<'a> {
     fn write_node(&mut self, ino: u64, parent: u64, n: &InputNode) -> Result<(), GenerateError> {
         let size = match n.kind {
             NodeKind::Symlink => n.target.as_ref().map_or(0, |t| t.len() as u64),
-            NodeKind::Dir => 0,
             _ => n.size,
         };
         self.out.add_node(&Node {
