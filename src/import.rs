@@ -574,6 +574,84 @@ pub fn import(
 mod tests {
     use super::*;
 
+    fn entry(name: &str, prefix: &str, mode: u32, size: i64, chunks: i64) -> String {
+        format!(
+            r#"{{"Name": "{name}", "Prefix": "{prefix}", "IsDir": {}, "Stat": {{"Mode": {mode}, "Size": {size}, "Uid": 1, "Gid": 2}}, "Number of Chunks": {chunks}}}"#,
+            mode & GO_DIR != 0
+        )
+    }
+
+    /// Open a `.meta` made of `entries` (chunk size 4) in a file store.
+    fn open(entries: &[String], num_files: Option<usize>) -> Result<Original, ImportError> {
+        let tmp = tempfile::tempdir().unwrap();
+        let n = num_files.unwrap_or(entries.len());
+        let meta = format!(
+            r#"{{"Config": {{"Version": "00.03-rc2", "Chunk Type": 1, "Chunk Size": 4}}, "Current Version": "v1", "Num Files": {n}, "Entry List": [{}]}}"#,
+            entries.join(",")
+        );
+        std::fs::write(tmp.path().join("V.meta"), meta).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Arc::new(crate::store::FileStore::new(tmp.path().to_path_buf()));
+        Original::open(store, "V", 7, rt.handle())
+    }
+
+    fn malformed(r: Result<Original, ImportError>) -> String {
+        match r {
+            Err(e @ ImportError::Malformed { .. }) => e.to_string(),
+            other => panic!("expected a malformed .meta, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn meta_checks() {
+        let root = entry("r", "", GO_DIR | 0o755, 4096, 1);
+        let o = open(
+            &[
+                root.clone(),
+                entry("d", "r", GO_DIR | 0o700, 4096, 1),
+                entry("f", "r/d", 0o644, 9, 3),
+                entry("e", "r", 0o600, 0, 0),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(o.counts(), (4, 2, 9));
+        assert_eq!(o.nodes[2].key, "v1/r/d/f");
+        assert_eq!(o.nodes[0].children, vec![1, 3]);
+
+        let e = malformed(open(&[root.clone(), entry("f", "r/x", 0o644, 1, 1)], None));
+        assert!(e.contains("`r/x` is not listed before it"), "{e}");
+        let e = malformed(open(
+            &[
+                root.clone(),
+                entry("f", "r", 0o644, 1, 1),
+                entry("f", "r", 0o644, 1, 1),
+            ],
+            None,
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = malformed(open(&[root.clone(), entry("f", "r", 0o644, 9, 2)], None));
+        assert!(e.contains("2 chunks listed"), "{e}");
+        let e = malformed(open(&[root.clone()], Some(5)));
+        assert!(e.contains("`Num Files` is 5"), "{e}");
+        let e = malformed(open(
+            &[root.clone(), entry("l", "r", GO_SYMLINK | 0o777, 3, 1)],
+            None,
+        ));
+        assert!(e.contains("symlink"), "{e}");
+        let e = malformed(open(&[root.clone(), entry("..", "r", 0o644, 0, 0)], None));
+        assert!(e.contains("not a single path component"), "{e}");
+        let e = malformed(open(&[entry("f", "", 0o644, 0, 0)], None));
+        assert!(e.contains("not the root directory"), "{e}");
+        assert!(matches!(
+            open(&["{\"Name\": 1}".to_string()], None),
+            Err(ImportError::MetaSyntax { .. })
+        ));
+    }
+
     #[test]
     fn go_modes() {
         assert_eq!(go_mode(0o755 | GO_DIR, true), (NodeKind::Dir, 0o755));
