@@ -635,7 +635,7 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let e = malformed(open(&[root.clone(), entry("f", "r", 0o644, 9, 2)], None));
         assert!(e.contains("2 chunks listed"), "{e}");
-        let e = malformed(open(&[root.clone()], Some(5)));
+        let e = malformed(open(std::slice::from_ref(&root), Some(5)));
         assert!(e.contains("`Num Files` is 5"), "{e}");
         let e = malformed(open(
             &[root.clone(), entry("l", "r", GO_SYMLINK | 0o777, 3, 1)],
