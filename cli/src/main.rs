@@ -294,44 +294,32 @@ fn apply_config(cli: &mut Cli) -> anyhow::Result<config::Config> {
             false,
         ),
     );
-    // The AWS variables rank above the file: fill a flag (which ranks above them) only when
-    // they are unset.
-    if !env_set(&["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]) {
-        note(
-            "s3.endpoint",
-            config::fill(
-                &mut st.s3_endpoint,
-                cfg.s3_endpoint.as_ref(),
-                "--s3-endpoint",
-                None,
-                false,
-            ),
-        );
-    }
-    if !env_set(&["AWS_REGION", "AWS_DEFAULT_REGION"]) {
-        note(
-            "s3.region",
-            config::fill(
-                &mut st.s3_region,
-                cfg.s3_region.as_ref(),
-                "--s3-region",
-                None,
-                false,
-            ),
-        );
-    }
-    if !env_set(&["AWS_PROFILE"]) {
-        note(
-            "s3.profile",
-            config::fill(
-                &mut st.s3_profile,
-                cfg.s3_profile.as_ref(),
-                "--s3-profile",
-                None,
-                false,
-            ),
-        );
-    }
+    // The AWS variables rank above the file: a flag (which ranks above them) is filled from
+    // the file only when they are unset.
+    let file = cfg
+        .s3_endpoint
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]));
+    note(
+        "s3.endpoint",
+        config::fill(&mut st.s3_endpoint, file, "--s3-endpoint", None, false),
+    );
+    let file = cfg
+        .s3_region
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_REGION", "AWS_DEFAULT_REGION"]));
+    note(
+        "s3.region",
+        config::fill(&mut st.s3_region, file, "--s3-region", None, false),
+    );
+    let file = cfg
+        .s3_profile
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_PROFILE"]));
+    note(
+        "s3.profile",
+        config::fill(&mut st.s3_profile, file, "--s3-profile", None, false),
+    );
     let cache_size = cfg.cache_size.clone();
     let mut fill_cache = |c: &mut CacheArgs| {
         note(
