@@ -376,3 +376,30 @@ fn import_errors_are_clear() {
     // After all that, the import works and nothing half-done was left.
     import_ok(&[old_url.as_ref(), repo.as_os_str(), os("--name"), os("AMCC")]);
 }
+
+#[test]
+fn import_from_ssh_into_s3_streams_remote_to_remote() {
+    let f = fixture(MIB);
+    let sshd = remote::start_sshd();
+    let s3 = remote::start_moto("imported");
+    let access = remote::Access::ssh(&sshd).with_s3(&s3);
+    let src = sshd.url(&f.old);
+    let dst = remote::s3_url(&s3, "imported/amcc");
+    access.ok(&[
+        os("import"),
+        src.as_ref(),
+        dst.as_ref(),
+        os("--chunk-size"),
+        os("2M"),
+    ]);
+    let mp = f.work.join("mnt-s3");
+    let m = access.mount(
+        &dst,
+        &mp,
+        &f.work.join("mnt-s3.cache"),
+        &["--name", "AMCC", "--read-only"],
+    );
+    let n = compare_followed(&f.src, &m.mountpoint);
+    assert!(n > 30, "only {n} paths compared");
+    m.unmount();
+}
