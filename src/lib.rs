@@ -17,6 +17,7 @@ pub mod generate;
 pub mod hashtree;
 pub mod history;
 pub mod ids;
+pub mod import;
 pub mod manifest;
 pub mod overlay;
 pub mod prefetch;
