@@ -20,6 +20,7 @@ pub mod ids;
 pub mod manifest;
 pub mod overlay;
 pub mod repo;
+pub mod serve;
 pub mod store;
 pub mod transfer;
 pub mod util;

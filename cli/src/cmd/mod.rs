@@ -9,6 +9,7 @@ pub mod gc;
 pub mod generate;
 pub mod history;
 pub mod mount;
+pub mod peers;
 pub mod plugin;
 pub mod pull;
 pub mod remotes;
