@@ -788,3 +788,183 @@ pub fn parse_host_port(s: &str) -> Option<(String, u16)> {
     }
     Some((h.to_string(), p.parse().ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{self, TlsConfig, TlsFiles};
+    use std::path::Path;
+
+    /// Serves `repo` "r": key "obj" = 3.5 frames of a pattern; anything else is not found.
+    #[derive(Debug)]
+    struct Fixed(Bytes);
+
+    #[async_trait::async_trait]
+    impl PeerBackend for Fixed {
+        async fn get_range(
+            &self,
+            repo: &str,
+            key: &str,
+            range: Range<u64>,
+            _hint: Option<&ChunkHint>,
+        ) -> Result<Bytes, BackendError> {
+            if repo != "r" || key != "obj" {
+                return Err(BackendError::NotFound(key.into()));
+            }
+            if range.end > self.0.len() as u64 {
+                return Err(BackendError::Invalid("past the end".into()));
+            }
+            Ok(self.0.slice(range.start as usize..range.end as usize))
+        }
+        async fn get(&self, repo: &str, key: &str) -> Result<Bytes, BackendError> {
+            self.get_range(repo, key, 0..self.0.len() as u64, None)
+                .await
+        }
+        async fn exists(&self, _repo: &str, keys: &[String]) -> Result<Vec<bool>, BackendError> {
+            Ok(keys.iter().map(|k| k == "obj").collect())
+        }
+        async fn list(&self, _: &str, _: &str) -> Result<Vec<(String, u64)>, BackendError> {
+            Ok(vec![("obj".into(), self.0.len() as u64)])
+        }
+    }
+
+    fn pki(dir: &Path, name: &str, san: &str) -> TlsFiles {
+        if !dir.join(tls::CA_CERT).exists() {
+            tls::init_ca(dir, "test", false).unwrap();
+        }
+        tls::issue(dir, name, &[san.to_string()]).unwrap();
+        TlsFiles::find(dir, Some(Path::new(name)), None).unwrap()
+    }
+
+    async fn start(
+        files: &TlsFiles,
+        data: Bytes,
+        limits: Limits,
+    ) -> (u16, tokio::sync::oneshot::Sender<()>) {
+        let cfg = TlsConfig::load(files).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(serve(
+            l,
+            Some(cfg.server),
+            Arc::new(Fixed(data)),
+            limits,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        (port, tx)
+    }
+
+    fn client(files: &TlsFiles, host: &str, port: u16) -> PeerClient {
+        PeerClient::new(
+            host,
+            port,
+            ClientOptions {
+                tls: Some(tls::client_config(files).unwrap()),
+                connect_timeout: Duration::from_secs(2),
+            },
+        )
+        .unwrap()
+    }
+
+    fn pattern(n: usize) -> Bytes {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mtls_reads_ranges_objects_and_lists() {
+        let d = tempfile::tempdir().unwrap();
+        let files = pki(d.path(), "node", "127.0.0.1");
+        let data = pattern(3 * FRAME + FRAME / 2);
+        let (port, _stop) = start(&files, data.clone(), Limits::default()).await;
+        let c = client(&files, "127.0.0.1", port);
+        // A range across frame boundaries, not aligned.
+        let r = 1000..(2 * FRAME as u64 + 5);
+        let got = c.read_range("r", "obj", r.clone(), None).await.unwrap();
+        assert_eq!(got, data.slice(r.start as usize..r.end as usize));
+        assert_eq!(c.get("r", "obj").await.unwrap(), data);
+        assert!(matches!(
+            c.get("r", "missing").await,
+            Err(PeerError::NotFound(_))
+        ));
+        assert!(matches!(
+            c.read_range("r", "obj", 0..(data.len() as u64 + 1), None)
+                .await,
+            Err(PeerError::Failed(_))
+        ));
+        let (keys, _) = c.have("r", &["obj".into(), "x".into()], &[]).await.unwrap();
+        assert_eq!(keys, vec![true, false]);
+        assert_eq!(
+            c.list("r", "").await.unwrap(),
+            vec![("obj".to_string(), data.len() as u64)]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn foreign_ca_and_wrong_name_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ours = pki(&d.path().join("a"), "node", "127.0.0.1");
+        let theirs = pki(&d.path().join("b"), "intruder", "127.0.0.1");
+        let (port, _stop) = start(&ours, pattern(10), Limits::default()).await;
+        // A client whose certificate another CA signed (and which does not trust ours).
+        let e = client(&theirs, "127.0.0.1", port).get("r", "obj").await;
+        assert!(matches!(e, Err(PeerError::Failed(_))), "{e:?}");
+        // Our own CA, but the server's certificate is not valid for the name dialled.
+        let e = client(&ours, "localhost", port)
+            .get("r", "obj")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+        // The right name works.
+        assert_eq!(
+            client(&ours, "127.0.0.1", port)
+                .get("r", "obj")
+                .await
+                .unwrap(),
+            pattern(10)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bandwidth_and_stream_limits() {
+        let d = tempfile::tempdir().unwrap();
+        let files = pki(d.path(), "node", "127.0.0.1");
+        let data = pattern(4 * FRAME);
+        let limits = Limits {
+            max_streams: 1,
+            bandwidth: Some(8 << 20),
+            queue_wait: Duration::from_millis(200),
+        };
+        let (port, _stop) = start(&files, data.clone(), limits).await;
+        let c = client(&files, "127.0.0.1", port);
+        let t = Instant::now();
+        // The burst covers 1 MiB; the remaining 3 MiB take ~0.37 s at 8 MiB/s.
+        let (a, b) = tokio::join!(c.read_range("r", "obj", 0..4 * FRAME as u64, None), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.read_range("r", "obj", 0..FRAME as u64, None).await
+        });
+        assert_eq!(a.unwrap(), data);
+        // One stream at a time: the second waited past its queue bound and was refused.
+        let e = b.unwrap_err().to_string();
+        assert!(e.contains("ResourceExhausted"), "{e}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            parse_host_port("10.0.0.5:7443"),
+            Some(("10.0.0.5".into(), 7443))
+        );
+        assert_eq!(parse_host_port("[::1]:7"), Some(("::1".into(), 7)));
+        assert_eq!(parse_host_port("node-a:1"), Some(("node-a".into(), 1)));
+        assert_eq!(parse_host_port("node-a"), None);
+    }
+}
