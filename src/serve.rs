@@ -280,3 +280,86 @@ pub fn default_repo_name(url: &crate::store::AccessUrl) -> Option<String> {
         AccessUrl::Peer { repo, .. } => Some(repo.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashtree::hash_chunk;
+    use crate::store::FileStore;
+
+    fn hint(data: &[u8], bs: u32) -> ChunkHint {
+        let (id, blocks) = hash_chunk(data, bs);
+        ChunkHint {
+            chunk_id: *id.as_bytes(),
+            len: data.len() as u64,
+            block_size: bs,
+            block_hashes: blocks,
+        }
+    }
+
+    #[tokio::test]
+    async fn hints_must_hash_up_to_the_chunk_and_unknown_things_are_not_found() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(d.path().join("repo")));
+        let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+        let h = hint(&data, 4096);
+        let key = chunk_key(&ChunkId(h.chunk_id));
+        store.put(&key, Bytes::from(data.clone())).await.unwrap();
+        let cache = Cache::open(crate::cache::CacheConfig {
+            dir: d.path().join("cache"),
+            max_size: None,
+        })
+        .unwrap();
+        let b = NodeBackend::new(
+            vec![ServedRepo {
+                name: "r".into(),
+                store,
+                read_through: true,
+            }],
+            Some(cache),
+            FetchConfig::default(),
+        )
+        .unwrap();
+        // Read through the cache: right bytes, and then they are cached for anyone.
+        let got = b.get_range("r", &key, 100..5000, Some(&h)).await.unwrap();
+        assert_eq!(&got[..], &data[100..5000]);
+        // (Blocks reach the cache on the blocking pool just after they are served.)
+        let mut cached = None;
+        for _ in 0..100 {
+            if let Ok(b) = b.get_range("another-name", &key, 100..5000, Some(&h)).await {
+                cached = Some(b);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let got = cached.expect("cached chunks serve any repository name");
+        assert_eq!(&got[..], &data[100..5000]);
+        // A hint whose hashes were altered is refused, so is one for another key.
+        let mut bad = h.clone();
+        bad.block_hashes[1][0] ^= 1;
+        assert!(matches!(
+            b.get_range("r", &key, 0..10, Some(&bad)).await,
+            Err(BackendError::Invalid(_))
+        ));
+        assert!(matches!(
+            b.get_range("r", "chunks/00/00", 0..10, Some(&h)).await,
+            Err(BackendError::Invalid(_))
+        ));
+        // Unknown repositories and keys: NotFound, so clients move on without blame.
+        assert!(matches!(
+            b.get("nope", "horcrux.json").await,
+            Err(BackendError::NotFound(_))
+        ));
+        assert!(matches!(
+            b.get("r", "horcrux.json").await,
+            Err(BackendError::NotFound(_))
+        ));
+        let p = b.chunks_present(&[h.chunk_id, [9; 32]]).await;
+        assert_eq!(p[0].len, data.len() as u64);
+        assert_eq!(p[1].block_size, 0);
+        assert_eq!(
+            default_repo_name(&crate::store::parse_one("s3://b/x/amcc?region=r").unwrap()),
+            Some("amcc".into())
+        );
+    }
+}
