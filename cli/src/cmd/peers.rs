@@ -258,6 +258,7 @@ fn parse_range(s: &str) -> anyhow::Result<std::ops::Range<u64>> {
 }
 
 pub fn run_peer(c: PeerCommand) -> anyhow::Result<()> {
+    crate::init_logging(None)?;
     let rt = tokio::runtime::Runtime::new()?;
     match c {
         PeerCommand::Get(a) => rt.block_on(async {
