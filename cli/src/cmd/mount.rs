@@ -35,7 +35,8 @@ use crate::CacheArgs;
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Access URL(s), comma-separated mirrors in order of preference: file:///path,
-    /// scp://user@host:/path, ssh://user@host:port/path, s3://bucket/prefix?region=R&endpoint=URL
+    /// scp://user@host:/path, ssh://user@host:port/path, s3://bucket/prefix?region=R&endpoint=URL,
+    /// horcrux://host:7443/REPO (a peer running `horcrux serve`; needs --tls-dir)
     pub access: String,
     /// Empty directory to mount on
     pub mountpoint: PathBuf,
