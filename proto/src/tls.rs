@@ -370,11 +370,17 @@ impl TlsFiles {
     }
 }
 
-/// The crypto all peer connections use: ring. AWS-LC (rustls' default) measured the same on
-/// the data path here but spent 65-145 ms seeding its random generator at a process's first
-/// handshake, which every short-lived client (and every mount's first peer read) would pay.
+/// The crypto all peer connections use: AWS-LC's AEADs (AES-GCM, ChaCha20) for the records,
+/// ring for key exchange, signatures and randomness. AWS-LC alone spent 65-145 ms seeding its
+/// random generator at a process's first handshake, which every short-lived client (and every
+/// mount's first peer read) would pay; ring's handshake costs ~1 ms.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let ring = rustls::crypto::ring::default_provider();
+    let aws = rustls::crypto::aws_lc_rs::default_provider();
+    Arc::new(CryptoProvider {
+        cipher_suites: aws.cipher_suites,
+        ..ring
+    })
 }
 
 /// A node's loaded identity and trust anchor.
