@@ -22,7 +22,6 @@ use parking_lot::Mutex;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::cache::Cache;
-use crate::format::chunk_key;
 use crate::hashtree::{self, Verified, VerifyError, block_count, block_range};
 use crate::ids::ChunkId;
 use crate::manifest::ChunkInfo;
@@ -397,7 +396,6 @@ impl Fetcher {
             }
             Priority::Background => None,
         };
-        let key = chunk_key(&info.id);
         let expected = info.blocks[idx as usize];
         let verified: Mutex<Option<Verified<Bytes>>> = Mutex::new(None);
         let bad: Mutex<Option<VerifyError>> = Mutex::new(None);
@@ -426,7 +424,10 @@ impl Fetcher {
             let mut backoff = Duration::from_millis(100);
             let start = tokio::time::Instant::now();
             loop {
-                let r = self.source.get_range_checked(&key, r.clone(), &check).await;
+                let r = self
+                    .source
+                    .get_chunk_range_checked(info, bs, r.clone(), &check)
+                    .await;
                 match r {
                     Err(e) if bad.lock().is_none() && !e.is_not_found() => {
                         // Give up at half the bound, so the reader gets the source's own error.
@@ -499,6 +500,7 @@ mod tests {
 
     use super::*;
     use crate::cache::CacheConfig;
+    use crate::format::chunk_key;
     use crate::hashtree::hash_chunk;
     use crate::store::FileStore;
 

@@ -23,6 +23,7 @@ pub mod overlay;
 pub mod prefetch;
 pub mod remotes;
 pub mod repo;
+pub mod serve;
 pub mod store;
 pub mod transfer;
 pub mod util;

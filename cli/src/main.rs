@@ -57,6 +57,16 @@ pub struct StoreArgs {
     /// Allow plain http to the S3 endpoint (default: when the endpoint is http://)
     #[arg(long, global = true, value_name = "BOOL")]
     pub s3_allow_http: Option<bool>,
+    /// Directory of this node's TLS files for peers (horcrux://, `serve`): ca.crt and one node
+    /// certificate NAME.crt with its NAME.key (see `horcrux tls`)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Node certificate to use when the TLS directory holds several (a name or a path)
+    #[arg(long, global = true, value_name = "NAME|FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of the node certificate [default: the certificate's path with .key]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -87,6 +97,9 @@ impl StoreArgs {
             "s3-allow-http",
             self.s3_allow_http.map(|b| b.to_string().into()),
         );
+        flag("tls-dir", self.tls_dir.clone().map(Into::into));
+        flag("tls-cert", self.tls_cert.clone().map(Into::into));
+        flag("tls-key", self.tls_key.clone().map(Into::into));
         if self.insecure_ignore_host_key {
             out.push("--insecure-ignore-host-key".into());
         }
@@ -102,6 +115,22 @@ pub fn store_flags() -> Vec<std::ffi::OsString> {
 }
 
 static S3_DEFAULTS: std::sync::OnceLock<Vec<(&'static str, String)>> = std::sync::OnceLock::new();
+
+static TLS_ARGS: std::sync::OnceLock<(Option<PathBuf>, Option<PathBuf>, Option<PathBuf>)> =
+    std::sync::OnceLock::new();
+
+/// This node's TLS files from `--tls-dir` (and `--tls-cert`/`--tls-key`); `None` without
+/// `--tls-dir`.
+pub fn tls_files() -> anyhow::Result<Option<horcrux_proto::tls::TlsFiles>> {
+    let Some((Some(dir), cert, key)) = TLS_ARGS.get() else {
+        return Ok(None);
+    };
+    Ok(Some(horcrux_proto::tls::TlsFiles::find(
+        dir,
+        cert.as_deref(),
+        key.as_deref(),
+    )?))
+}
 
 static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> =
     std::sync::OnceLock::new();
@@ -217,6 +246,18 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
     Plugin(cmd::plugin::PluginArgs),
+    /// Serve repositories and cached chunks to peers over mutually authenticated TLS
+    Serve(cmd::peers::ServeArgs),
+    /// Certificates for peers: a private CA and node certificates
+    Tls {
+        #[command(subcommand)]
+        command: cmd::peers::TlsCommand,
+    },
+    /// Read from one peer directly (checks, scripts, benchmarks)
+    Peer {
+        #[command(subcommand)]
+        command: cmd::peers::PeerCommand,
+    },
     /// Show the effective configuration (files, flags, environment) and where each value comes from
     Config(cmd::config::ConfigArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
@@ -392,6 +433,13 @@ fn main() -> ExitCode {
             .filter_map(|(k, v)| Some((k, v?)))
             .collect(),
     );
+    let _ = TLS_ARGS.set((st.tls_dir.clone(), st.tls_cert.clone(), st.tls_key.clone()));
+    // A bad --tls-dir is reported when a peer is first used (by `PeerStore::new`), so
+    // commands that never reach a peer are not stopped by it.
+    let (peer_tls, tls_error) = match tls_files() {
+        Ok(f) => (f, None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let _ = STORE_OPTIONS.set(horcrux::store::StoreOptions {
         ssh_identity: cli.store.identity.clone(),
         ssh_known_hosts: cli.store.known_hosts.clone(),
@@ -400,6 +448,11 @@ fn main() -> ExitCode {
         ssh_env: Some(horcrux::store::SshEnv::from_process()),
         s3: horcrux::store::S3Options {
             env: Some(horcrux::store::S3Env::from_process()),
+            ..Default::default()
+        },
+        peer: horcrux::store::PeerOptions {
+            tls: peer_tls,
+            tls_error,
             ..Default::default()
         },
     });
@@ -433,6 +486,9 @@ fn main() -> ExitCode {
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Plugin(a) => cmd::plugin::run(a),
+        Command::Serve(a) => cmd::peers::run_serve(a),
+        Command::Tls { command } => cmd::peers::run_tls(command),
+        Command::Peer { command } => cmd::peers::run_peer(command),
     };
     cmd::plugin::release_temporary_mounts();
     match result {

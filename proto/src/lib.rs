@@ -1,13 +1,18 @@
-//! Wire protocol definitions for horcrux (peer service and control API).
+//! Wire protocol definitions for horcrux: the peer service and the local control API.
 //!
-//! The protobuf sources live in `proto/`; tonic/prost code generation is wired in when the peer
-//! service lands (issue 7). Until then this crate exports the schema text so the format is
-//! versioned alongside the code.
+//! - [`peer`]: nodes serve repository objects and cached chunks to each other — gRPC (tonic)
+//!   over mutually authenticated TLS 1.3. The protobuf schema is `horcrux/peer.proto`
+//!   ([`PEER_PROTO`]), compiled at build time without a system `protoc`.
+//! - [`tls`]: the private CA, node certificates, and the rustls configurations of both ends.
+//! - [`control`]: the local channel between the `horcrux` command and a live mount daemon
+//!   (`status`, `diff`, `discard`): JSON lines over a Unix socket.
 //!
-//! [`control`] is the local channel between the `horcrux` command and a live mount daemon
-//! (`status`, `diff`, `discard`): JSON lines over a Unix socket.
+//! This crate knows nothing of repositories or caches: the core implements
+//! [`peer::PeerBackend`] and wraps [`peer::PeerClient`] in a store.
 
 pub mod control;
+pub mod peer;
+pub mod tls;
 
 /// Protobuf source of the peer service.
 pub const PEER_PROTO: &str = include_str!("../horcrux/peer.proto");

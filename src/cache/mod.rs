@@ -808,6 +808,14 @@ impl Cache {
         }
     }
 
+    /// Length, block size and presence bitmap of a cached chunk (`None` if not cached): what
+    /// a peer server reports to `Have`.
+    pub fn presence(&self, id: &ChunkId) -> Result<Option<(u64, u32, Bitmap)>, CacheError> {
+        Ok(self
+            .entry(id)?
+            .map(|e| (e.len, e.block_size, e.present.read().clone())))
+    }
+
     /// Presence bitmap of a cached chunk, for `cache inspect`.
     pub fn bitmap_of(&self, id: &ChunkId) -> Result<Option<Bitmap>, CacheError> {
         Ok(self.entry(id)?.map(|e| e.present.read().clone()))

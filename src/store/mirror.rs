@@ -7,6 +7,11 @@
 //! Writes go to the first store only: mirrors are read replicas. So do removals (`delete`,
 //! `compare_and_delete`): a mirror is kept in step by whoever copies to it, and `gc` collects
 //! each repository of a mirror set on its own (by its own refs), never one through another.
+//!
+//! Peers (`horcrux://`) listed through a peers file form a *rendezvous group*: for a chunk key
+//! the group's stores are tried in the order of a hash of (key, store), not in listed order.
+//! When every node of a fleet lists every node, each chunk then has one owner node that all
+//! others ask first; the owner reads it once from the origin (read-through) and serves it.
 
 use std::ops::Range;
 use std::path::Path;
@@ -17,6 +22,18 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{Store, StoreError};
+use crate::manifest::ChunkInfo;
+
+/// Rendezvous (highest random weight) score of `store` for `key`: every node computes the same
+/// order from the same names, without talking to each other.
+fn rendezvous_score(key: &str, store: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(key.as_bytes());
+    h.update(&[0]);
+    h.update(store.as_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"))
+}
 
 /// Health of one mirror.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +70,8 @@ pub struct MirrorStore {
     stores: Vec<Arc<dyn Store>>,
     health: Mutex<Vec<Health>>,
     config: MirrorConfig,
+    /// Indexes of the stores ordered per chunk key by rendezvous hashing (see the module doc).
+    rendezvous: Vec<usize>,
 }
 
 /// Outcome of a check on data read from a mirror.
@@ -67,19 +86,51 @@ impl MirrorStore {
             stores,
             health: Mutex::new(health),
             config,
+            rendezvous: Vec::new(),
         }
+    }
+
+    /// Order the stores at `group` (indexes into `stores`) per chunk key by rendezvous hashing.
+    /// They keep the places they hold in the list (peers first, then the origin): only who
+    /// goes first among them changes from chunk to chunk.
+    pub fn with_rendezvous(mut self, group: Vec<usize>) -> Self {
+        let mut group: Vec<usize> = group
+            .into_iter()
+            .filter(|&i| i < self.stores.len())
+            .collect();
+        group.sort_unstable();
+        group.dedup();
+        self.rendezvous = group;
+        self
+    }
+
+    /// Preference order for `key` before health is considered.
+    fn preference(&self, key: &str) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.stores.len()).collect();
+        if self.rendezvous.len() > 1 && key.starts_with("chunks/") {
+            let mut ranked = self.rendezvous.clone();
+            ranked.sort_by_cached_key(|&i| {
+                std::cmp::Reverse(rendezvous_score(key, &self.stores[i].describe()))
+            });
+            for (slot, store) in self.rendezvous.iter().zip(ranked) {
+                order[*slot] = store;
+            }
+        }
+        order
     }
 
     pub fn stores(&self) -> &[Arc<dyn Store>] {
         &self.stores
     }
 
-    /// Indexes to try, healthy ones first (in preference order), then the rest.
-    fn order(&self) -> Vec<usize> {
+    /// Indexes to try for `key`, healthy ones first (in preference order), then the rest.
+    fn order(&self, key: &str) -> Vec<usize> {
+        let pref = self.preference(key);
         let now = Instant::now();
         let h = self.health.lock();
-        let (up, down): (Vec<usize>, Vec<usize>) =
-            (0..self.stores.len()).partition(|&i| h[i].down_until.is_none_or(|t| t <= now));
+        let (up, down): (Vec<usize>, Vec<usize>) = pref
+            .into_iter()
+            .partition(|&i| h[i].down_until.is_none_or(|t| t <= now));
         up.into_iter().chain(down).collect()
     }
 
@@ -121,7 +172,7 @@ impl MirrorStore {
     {
         let mut last: Option<StoreError> = None;
         let mut not_found = 0;
-        for i in self.order() {
+        for i in self.order(key) {
             let store = self.stores[i].clone();
             match tokio::time::timeout(self.config.attempt_timeout, op(store)).await {
                 Ok(Ok((v, true))) => {
@@ -170,6 +221,27 @@ impl MirrorStore {
         Err(last.expect("at least one store was tried"))
     }
 
+    /// Bytes `range` of chunk `info`, which must pass `check` (a block hash); stores receive
+    /// the chunk's block hashes (see [`Store::get_chunk_range`]).
+    pub async fn get_chunk_range_checked(
+        &self,
+        info: &ChunkInfo,
+        block_size: u32,
+        range: Range<u64>,
+        check: Check<'_>,
+    ) -> Result<Bytes, StoreError> {
+        let key = crate::format::chunk_key(&info.id);
+        self.each(&key, |s| {
+            let r = range.clone();
+            async move {
+                let b = s.get_chunk_range(info, block_size, r).await?;
+                let ok = check(&b);
+                Ok((b, ok))
+            }
+        })
+        .await
+    }
+
     /// A range whose bytes must pass `check` (e.g. a block hash); a store returning bad data
     /// is marked unhealthy and the next one is asked.
     pub async fn get_range_checked(
@@ -202,6 +274,16 @@ impl Store for MirrorStore {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         self.get_range_checked(key, range, &|_| true).await
+    }
+
+    async fn get_chunk_range(
+        &self,
+        info: &ChunkInfo,
+        block_size: u32,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        self.get_chunk_range_checked(info, block_size, range, &|_| true)
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -259,7 +341,7 @@ impl Store for MirrorStore {
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
         // Large objects: no per-attempt timeout (progress is made), only fall-over on error.
         let mut last = None;
-        for i in self.order() {
+        for i in self.order(key) {
             match self.stores[i].get_to_file(key, dest).await {
                 Ok(()) => {
                     self.ok(i);
@@ -318,6 +400,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(450)).await;
         m.get_range("k", 0..4).await.unwrap();
         assert_eq!(m.health.lock()[0].failures, 0);
+    }
+
+    #[test]
+    fn rendezvous_spreads_chunks_and_keeps_the_origin_last() {
+        let (_d, s) = stores(4);
+        let m = MirrorStore::new(s, MirrorConfig::default()).with_rendezvous(vec![0, 1, 2]);
+        let mut first = [0usize; 3];
+        for n in 0..300 {
+            let key = format!("chunks/ab/{n:064}");
+            let o = m.order(&key);
+            assert_eq!(o[3], 3, "the origin stays last");
+            assert_eq!(o, m.order(&key), "stable per key");
+            first[o[0]] += 1;
+        }
+        // Each peer owns about a third of the chunks.
+        assert!(first.iter().all(|&n| n > 60), "{first:?}");
+        // Metadata keeps the listed order.
+        assert_eq!(m.order("horcrux.json"), vec![0, 1, 2, 3]);
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 mod file;
 mod lazy;
 mod mirror;
+mod peer;
 mod s3;
 mod ssh;
 mod url;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 pub use file::FileStore;
 pub use lazy::{LazyRemotes, OpenStore};
 pub use mirror::{MirrorConfig, MirrorStore};
+pub use peer::{PeerOptions, PeerStore};
 pub use s3::{S3Config, S3Credentials, S3Env, S3Options, S3Store};
 pub use ssh::{SshEnv, SshStore};
 pub use url::{AccessUrl, UrlError, parse_access, parse_one};
@@ -59,6 +61,20 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Bytes `range` of chunk `info` (cut in blocks of `block_size`). Peers override this to
+    /// send the chunk's block hashes along, so a peer that reads through to its own origin can
+    /// verify and cache what it fetches. The caller verifies the bytes either way.
+    async fn get_chunk_range(
+        &self,
+        info: &crate::manifest::ChunkInfo,
+        block_size: u32,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let _ = block_size;
+        self.get_range(&crate::format::chunk_key(&info.id), range)
+            .await
+    }
 
     /// Write an object atomically (readers see the old or the new bytes, never a mix).
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
@@ -157,6 +173,8 @@ pub struct StoreOptions {
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)
     /// and timeouts.
     pub s3: S3Options,
+    /// Peers (`horcrux://`): TLS files and timeouts.
+    pub peer: PeerOptions,
 }
 
 /// Open the store an access URL names, with default options.
@@ -182,9 +200,8 @@ pub fn open_store_with(
             query,
             &options.s3,
         )?)),
-        other => Err(StoreError::Unsupported(format!(
-            "{other}: this build of horcrux cannot read this kind of source yet \
-             (supported: file://, cp://, scp://, ssh://, s3://)"
-        ))),
+        AccessUrl::Peer { host, port, repo } => {
+            Ok(Arc::new(PeerStore::new(host, *port, repo, &options.peer)?))
+        }
     }
 }

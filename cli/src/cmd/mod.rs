@@ -13,6 +13,7 @@ pub mod generate;
 pub mod history;
 pub mod import;
 pub mod mount;
+pub mod peers;
 pub mod plugin;
 pub mod prefetch;
 pub mod pull;

@@ -35,7 +35,8 @@ use crate::CacheArgs;
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Access URL(s), comma-separated mirrors in order of preference: file:///path,
-    /// scp://user@host:/path, ssh://user@host:port/path, s3://bucket/prefix?region=R&endpoint=URL
+    /// scp://user@host:/path, ssh://user@host:port/path, s3://bucket/prefix?region=R&endpoint=URL,
+    /// horcrux://host:7443/REPO (a peer running `horcrux serve`; needs --tls-dir)
     pub access: String,
     /// Empty directory to mount on
     pub mountpoint: PathBuf,
@@ -73,6 +74,14 @@ pub struct MountArgs {
     /// Fetch only the blocks that are read (no background fill of the rest of their chunk)
     #[arg(long)]
     pub no_fill: bool,
+    /// Peers to read chunks from before the origin: one host:port (or host:port/REPO) a line,
+    /// `#` comments. Each chunk is asked first of the peer that rendezvous hashing makes its
+    /// owner, so a fleet reads each chunk from the origin about once. Needs --tls-dir
+    #[arg(long, value_name = "FILE")]
+    pub peers_file: Option<PathBuf>,
+    /// This node's own peer address (host:port, as in the peers file), skipped among the peers
+    #[arg(long = "self", value_name = "HOST:PORT")]
+    pub self_addr: Option<String>,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -103,6 +112,47 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 /// next one well before the whole read's `timeout` runs out.
 fn mirror_attempt_timeout(timeout: Duration) -> Duration {
     (timeout / 2).min(Duration::from_secs(10))
+}
+
+/// The peers of `--peers-file` as access URLs (without this node itself), for the
+/// repository the last URL of the access list names.
+fn peer_urls(
+    a: &MountArgs,
+    urls: &[horcrux::store::AccessUrl],
+) -> anyhow::Result<Vec<horcrux::store::AccessUrl>> {
+    let Some(path) = &a.peers_file else {
+        return Ok(Vec::new());
+    };
+    let origin = urls.last().expect("parse_access returns at least one URL");
+    let default_repo = horcrux::serve::default_repo_name(origin);
+    let mut out = Vec::new();
+    for p in crate::cmd::peers::parse_peers_file(path)? {
+        if a.self_addr
+            .as_deref()
+            .is_some_and(|me| crate::cmd::peers::is_self(&p, me))
+        {
+            continue;
+        }
+        let repo = p
+            .repo
+            .clone()
+            .or_else(|| default_repo.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: name the repository on the peers ({}:{}/REPO): {origin} has no name",
+                    path.display(),
+                    p.host,
+                    p.port
+                )
+            })?;
+        out.push(horcrux::store::AccessUrl::Peer {
+            host: p.host,
+            port: p.port,
+            repo,
+        });
+    }
+    tracing::info!(peers = out.len(), file = %path.display(), "peers from the peers file");
+    Ok(out)
 }
 
 /// Fetch and fall-over settings from the command line.
@@ -426,14 +476,19 @@ fn serve(
     let mc = mirror_config.clone();
     let opened = runtime.block_on(async {
         let mirror_config = mc;
-        let stores = urls
+        // Peers of the peers file first (each chunk asked first of its rendezvous owner), then
+        // the listed sources.
+        let peers = peer_urls(a, &urls)?;
+        let group: Vec<usize> = (0..peers.len()).collect();
+        let stores = peers
             .iter()
+            .chain(urls.iter())
             .map(crate::open_store)
             .collect::<Result<Vec<_>, _>>()?;
         // Chunks of versions pulled lazily are read from the remote they were pulled from.
         let stores = horcrux::remotes::with_lazy_remotes(stores, crate::store_opener());
         // Metadata reads fall over between mirrors just as chunk reads do.
-        let source = Arc::new(MirrorStore::new(stores, mirror_config));
+        let source = Arc::new(MirrorStore::new(stores, mirror_config).with_rendezvous(group));
         let repo = Repository::open(source.clone() as Arc<dyn Store>).await?;
         let name = repo.pick_volume(a.name.as_deref()).await?;
         // Any revision: a branch, a tag, a commit id or prefix, with `~N` to go back.
