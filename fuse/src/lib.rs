@@ -20,14 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Config, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 use horcrux::manifest::NodeKind;
-use horcrux::volume::{Attr, Ctx, DirSink, KernelCache, SetAttr, TimeSet, Volume, VolumeError};
+use horcrux::volume::{
+    Attr, BackingToken, Ctx, DirSink, KernelCache, Opened, SetAttr, TimeSet, Volume, VolumeError,
+};
 
 pub use fuser::Session as FuseSession;
 
@@ -215,6 +217,18 @@ impl Filesystem for HorcruxFs {
         }
         // Timestamps are kept to the nanosecond.
         let _ = config.set_time_granularity(Duration::from_nanos(1));
+        // Passthrough of fully cached files: the backing files sit on a plain filesystem
+        // (stack depth 0), so depth 1 suffices and leaves room to stack an overlayfs on us.
+        if self.volume.passthrough_active() {
+            if offered.contains(InitFlags::FUSE_PASSTHROUGH) {
+                let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
+                let _ = config.set_max_stack_depth(1);
+                tracing::info!("FUSE passthrough enabled for fully cached files");
+            } else {
+                self.volume
+                    .passthrough_unavailable("the kernel does not offer it; it needs Linux 6.9");
+            }
+        }
         tracing::debug!(
             abi = %config.kernel_abi(),
             missing = ?(WANTED - offered),
@@ -252,10 +266,32 @@ impl Filesystem for HorcruxFs {
         let _s = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
-        match self.volume.open(ino.0, write, append) {
+        // A fully cached file may be served by the kernel from a backing file: the volume
+        // decides, and calls this to register the file with the kernel.
+        let mut register = |f: &std::fs::File| -> io::Result<BackingToken> {
+            Ok(Arc::new(reply.open_backing(f)?))
+        };
+        let opened = self
+            .volume
+            .open_with(ino.0, write, append, Some(&mut register));
+        match opened {
+            Ok(Opened {
+                fh,
+                backing: Some(token),
+            }) => match token.downcast_ref::<BackingId>() {
+                // The kernel refuses (EIO) any flag outside FOPEN_PASSTHROUGH_MASK here, so no
+                // FOPEN_KEEP_CACHE: the page cache used is the backing file's anyway.
+                Some(id) => {
+                    tracing::debug!(?id, "open: passthrough");
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+                }
+                None => unreachable!("backing tokens are made by `register` above"),
+            },
             // Content changes only through this mount (the kernel sees it) or by a discard
             // (which invalidates): keep the page cache across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(Opened { fh, backing: None }) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(fail("open", ino.0, &e)),
         }
     }

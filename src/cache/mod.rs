@@ -16,6 +16,7 @@
 //! - Eviction deletes the row first, then the file; chunks pinned by open files are skipped.
 //! - The cache only holds clean, content-addressed data; it never holds local changes.
 
+mod assembled;
 mod bitmap;
 mod index;
 
@@ -33,6 +34,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use assembled::{AssembledCounters, AssembledFile, Piece};
 pub use bitmap::Bitmap;
 
 use crate::hashtree::{self, BlockHash, Verified, block_count, block_range};
@@ -110,6 +112,9 @@ pub struct CacheStats {
     pub misses: u64,
     pub inserted_bytes: u64,
     pub evicted_chunks: u64,
+    /// Files assembled for FUSE passthrough, on disk, and their allocated bytes.
+    pub assembled_files: u64,
+    pub assembled_bytes: u64,
 }
 
 /// What `prune` removed.
@@ -147,6 +152,8 @@ pub struct Cache {
     misses: AtomicU64,
     inserted: AtomicU64,
     evicted: AtomicU64,
+    /// Files assembled for passthrough (`assembled.rs`).
+    assembled: assembled::Assembled,
 }
 
 /// A chunk row as `verify` reads it: id, generation, length, block size, hashes, bitmap.
@@ -216,6 +223,7 @@ impl Cache {
             misses: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            assembled: Default::default(),
         }))
     }
 
@@ -455,7 +463,7 @@ impl Cache {
         self.total.fetch_add(new_bytes, Ordering::Relaxed);
         self.inserted.fetch_add(new_bytes, Ordering::Relaxed);
         if let Some(max) = self.max_size {
-            if self.total.load(Ordering::Relaxed) > max {
+            if self.total.load(Ordering::Relaxed) + self.assembled.bytes() > max {
                 self.evict_to(max)?;
             }
         }
@@ -572,6 +580,10 @@ impl Cache {
             })
             .map_err(|e| self.sql(e))?;
         self.total.store(total as u64, Ordering::Relaxed);
+        // Assembled files (derived copies of cached chunks) go first; what pinned ones still
+        // hold is taken from the chunks' share of the bound.
+        let assembled = self.evict_assembled_to(target.saturating_sub(total as u64));
+        let target = target.saturating_sub(assembled);
         let candidates: Vec<(ChunkId, i64)> = {
             let db = self.db.lock();
             let mut st = db
@@ -774,6 +786,7 @@ impl Cache {
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
         self.flush_touches()?;
+        let (assembled_files, assembled_bytes) = self.assembled_usage();
         let db = self.db.lock();
         let (chunks, bytes) = db
             .query_row(
@@ -805,6 +818,8 @@ impl Cache {
             misses: self.misses.load(Ordering::Relaxed),
             inserted_bytes: self.inserted.load(Ordering::Relaxed),
             evicted_chunks: self.evicted.load(Ordering::Relaxed),
+            assembled_files,
+            assembled_bytes,
         })
     }
 

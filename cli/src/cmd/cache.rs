@@ -131,6 +131,11 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 s.manifests,
                 human_size(s.manifest_bytes)
             );
+            println!(
+                "assembled    {} ({}; files copied whole for FUSE passthrough)",
+                s.assembled_files,
+                human_size(s.assembled_bytes)
+            );
             match s.max_size {
                 Some(m) => println!(
                     "bound        {} ({:.0}% used)",

@@ -73,6 +73,13 @@ pub struct MountArgs {
     /// Fetch only the blocks that are read (no background fill of the rest of their chunk)
     #[arg(long)]
     pub no_fill: bool,
+    /// Serve every read through the daemon: no FUSE passthrough of fully cached files
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Smallest file passed through once fully cached (smaller ones are read through the
+    /// daemon; each passed-through file is copied once into the cache's assembled/ files)
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::parse_size)]
+    pub passthrough_min_size: u64,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -500,10 +507,15 @@ fn serve(
         fetch_config,
     ));
     let writable = overlay.is_some();
-    let volume = Arc::new(match overlay {
+    let mut volume = match overlay {
         Some(ov) => Volume::with_overlay(manifest, fetcher, runtime.handle().clone(), ov)?,
         None => Volume::new(manifest, fetcher, runtime.handle().clone()),
+    };
+    volume.set_passthrough(horcrux::volume::PassthroughConfig {
+        enabled: !a.no_passthrough,
+        min_size: a.passthrough_min_size,
     });
+    let volume = Arc::new(volume);
     let options = horcrux_fuse::MountOptions {
         read_only: !writable,
         allow_other: a.allow_other,
