@@ -80,6 +80,16 @@ pub struct MountArgs {
     /// daemon; each passed-through file is copied once into the cache's assembled/ files)
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::parse_size)]
     pub passthrough_min_size: u64,
+    /// Bench: FUSE max_background asked at init [default: 256]
+    #[arg(long, hide = true, value_name = "N")]
+    pub fuse_max_background: Option<u16>,
+    /// Bench: FUSE max_write asked at init, which also bounds read requests [default: 16M,
+    /// capped by the kernel's fs.fuse.max_pages_limit]
+    #[arg(long, hide = true, value_name = "SIZE", value_parser = crate::parse_size)]
+    pub fuse_max_write: Option<u64>,
+    /// Bench: kernel readahead of the mount in KiB [default: 1024]
+    #[arg(long, hide = true, value_name = "KIB")]
+    pub readahead_kb: Option<u32>,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -521,12 +531,18 @@ fn serve(
         allow_other: a.allow_other,
         fsname: horcrux_fuse::fsname(&name),
         threads: a.threads,
+        tuning: horcrux_fuse::Tuning {
+            max_background: a.fuse_max_background,
+            max_write: a.fuse_max_write.map(|w| w.min(u32::MAX as u64) as u32),
+        },
     };
     let session = horcrux_fuse::mount(volume.clone(), &mountpoint, &options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     // Until the session runs, a failure here must not leave a mount nobody serves.
     let guard = DetachOnDrop(Some(mountpoint.clone()));
-    if let Err(e) = horcrux_fuse::tune_readahead(&mountpoint, READAHEAD_KB) {
+    if let Err(e) =
+        horcrux_fuse::tune_readahead(&mountpoint, a.readahead_kb.unwrap_or(READAHEAD_KB))
+    {
         tracing::debug!(error = %e, "could not raise the kernel readahead");
     }
 
