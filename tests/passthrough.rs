@@ -74,6 +74,26 @@ fn daemon_holds_assembled(pid: u32) -> bool {
         .any(|l| l.to_string_lossy().contains("/assembled/"))
 }
 
+/// Open `rel` read-only and expect it to pass through. A handle closed just before may not
+/// have reached the daemon yet (the kernel sends its release asynchronously), and until it
+/// has, a new open joins the daemon-served mode: retry for a while.
+fn open_passing_through(m: &Mount, rel: &str) -> File {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = File::open(m.path(rel)).unwrap();
+        if daemon_holds_assembled(m.pid) {
+            return f;
+        }
+        drop(f);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rel} never passed through; log:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Read a whole file through the mount, so every block gets cached, and wait until the cache
 /// index has them all (inserts finish in the background).
 fn read_and_cache(m: &Mount, rel: &str, complete_chunks: u64) {
@@ -141,12 +161,7 @@ fn a_fully_cached_file_is_read_by_the_kernel() {
     m.unmount();
     // A fresh mount (nothing in the kernel's page cache of this inode): the open passes through.
     let m = Mount::new(&repo, &mnt, &cache, &["--read-only"]);
-    let f = File::open(m.path("big")).unwrap();
-    assert!(
-        daemon_holds_assembled(m.pid),
-        "no backing file open; log:\n{}",
-        m.log_text()
-    );
+    let f = open_passing_through(&m, "big");
     assert_eq!(assembled(&cache).len(), 1);
     let got = read_while_daemon_stopped(m.pid, f, BIG)
         .expect("the read needed the stopped daemon: the file was not passed through");
@@ -218,8 +233,7 @@ fn overlay_changes_and_checkout_are_never_hidden_by_a_backing_file() {
     read_and_cache(&m, "big", 6);
 
     // Untouched and fully cached: passes through, even on a writable mount.
-    let r = File::open(m.path("big")).unwrap();
-    assert!(daemon_holds_assembled(m.pid), "log:\n{}", m.log_text());
+    let r = open_passing_through(&m, "big");
     // No writer while the kernel serves it from a backing file (like a running program).
     let w = OpenOptions::new().write(true).open(m.path("big"));
     assert_eq!(errno_of(&w), libc::ETXTBSY, "{w:?}");
@@ -264,11 +278,7 @@ fn overlay_changes_and_checkout_are_never_hidden_by_a_backing_file() {
         "T <t@example.com>".as_ref(),
     ]);
     horcrux_ok(&["checkout".as_ref(), base.as_ref(), m.mountpoint.as_os_str()]);
-    let r = File::open(m.path("big")).unwrap();
-    assert!(
-        daemon_holds_assembled(m.pid),
-        "base version not passed through"
-    );
+    let r = open_passing_through(&m, "big");
     r.read_exact_at(&mut got, 0).unwrap();
     assert!(got == big, "checkout of the base shows other bytes");
     drop(r);
@@ -283,11 +293,7 @@ fn overlay_changes_and_checkout_are_never_hidden_by_a_backing_file() {
     // The new version's chunk for the changed window was written by the commit, not cached
     // by reading: read the file once, then it passes through with the new bytes.
     read_and_cache(&m, "big", 7);
-    let r = File::open(m.path("big")).unwrap();
-    assert!(
-        daemon_holds_assembled(m.pid),
-        "new version not passed through"
-    );
+    let r = open_passing_through(&m, "big");
     r.read_exact_at(&mut got, 0).unwrap();
     assert!(got == changed, "checkout of main shows old bytes");
     drop(r);
@@ -312,14 +318,12 @@ fn assembled_files_are_evicted_under_the_bound_but_not_while_open() {
     );
     read_and_cache(&m, "other", 4);
     read_and_cache(&m, "second", 8);
-    let a = File::open(m.path("other")).unwrap();
-    assert!(daemon_holds_assembled(m.pid));
+    let a = open_passing_through(&m, "other");
     assert_eq!(assembled(&cache).len(), 1);
     drop(a);
     // Let the mtime order be clear, then assemble the second: the first goes.
     std::thread::sleep(Duration::from_millis(20));
-    let b = File::open(m.path("second")).unwrap();
-    assert!(daemon_holds_assembled(m.pid));
+    let b = open_passing_through(&m, "second");
     let left = assembled(&cache);
     assert_eq!(left.len(), 1, "{left:?}");
     // The open one stays, and still reads right.

@@ -897,6 +897,10 @@ impl Cache {
             progress(i as u64 + 1, total);
         }
         rep.orphan_files = self.remove_orphans()?;
+        if rep.bad_blocks > 0 {
+            // Assembled files may hold copies of the bad blocks: drop them (derived data).
+            self.remove_assembled();
+        }
         let manifests: Vec<Vec<u8>> = {
             let db = self.db.lock();
             let mut st = db
