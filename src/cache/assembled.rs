@@ -215,6 +215,44 @@ impl Cache {
         Ok(out)
     }
 
+    /// The assembled file of this layout if it exists already (no copy).
+    pub fn existing_assembled(
+        &self,
+        size: u64,
+        block_size: u32,
+        pieces: &[Piece],
+    ) -> Result<Option<AssembledFile>, CacheError> {
+        let key = layout_key(size, block_size, pieces);
+        let f = self.open_assembled(&key, &self.assembled_path(&key), size)?;
+        if f.is_some() {
+            self.assembled
+                .counters
+                .reused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(f)
+    }
+
+    /// Is every block of every piece cached, and is no copy of this layout running in this
+    /// process? (Then [`Cache::assembled_file`] would copy it now.)
+    pub fn assembly_ready(&self, size: u64, block_size: u32, pieces: &[Piece]) -> bool {
+        let key = layout_key(size, block_size, pieces);
+        if self.assembled.inflight.lock().contains_key(&key) {
+            return false;
+        }
+        pieces.iter().all(|p| {
+            let Ok(Some(e)) = self.entry(&p.chunk.id) else {
+                return false;
+            };
+            if e.block_size != block_size || e.len != p.chunk.len || p.len == 0 {
+                return false;
+            }
+            let first = (p.chunk_off / block_size as u64) as u32;
+            let last = ((p.chunk_off + p.len - 1) / block_size as u64) as u32;
+            e.present.read().all(first..last + 1)
+        })
+    }
+
     /// Open (and pin, and mark used) the assembled file at `path` if it exists.
     fn open_assembled(
         &self,
