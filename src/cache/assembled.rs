@@ -441,6 +441,20 @@ impl Cache {
         held
     }
 
+    /// Remove unpinned assembled files not used since `cutoff` (`cache prune --older-than`).
+    pub(super) fn prune_assembled(&self, cutoff: SystemTime) -> u64 {
+        let mut removed = 0;
+        for (key, path, _, used) in self.scan_assembled() {
+            if used < cutoff
+                && !self.assembled.pins.lock().contains_key(&key)
+                && fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Number and bytes of assembled files on disk (for `cache stats`).
     pub fn assembled_usage(&self) -> (u64, u64) {
         let files = self.scan_assembled();

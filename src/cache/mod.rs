@@ -209,7 +209,7 @@ impl Cache {
                 dir: dir.display().to_string(),
                 source,
             })?;
-        Ok(Arc::new(Self {
+        let cache = Arc::new(Self {
             dir,
             max_size: config.max_size,
             db: Mutex::new(conn),
@@ -224,7 +224,10 @@ impl Cache {
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             assembled: Default::default(),
-        }))
+        });
+        // Assembled files count toward the bound from the start.
+        cache.assembled_usage();
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -636,6 +639,7 @@ impl Cache {
         self.flush_touches()?;
         let mut report = PruneReport::default();
         if let Some(age) = older_than {
+            self.prune_assembled(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH));
             let cutoff = now_secs() - age.as_secs() as i64;
             let old: Vec<(ChunkId, i64)> = {
                 let db = self.db.lock();
