@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -123,6 +123,20 @@ pub struct Fetcher {
     background: Semaphore,
     inflight: Mutex<HashMap<(ChunkId, u32), Flight>>,
     metrics: FetchMetrics,
+    /// Foreground block fetches waiting on the source now; a prefetch job backs off while
+    /// there are any (see [`Fetcher::foreground_busy`]).
+    foreground_active: AtomicUsize,
+}
+
+/// What [`Fetcher::hydrate`] did for one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hydrated {
+    /// It was in the cache already: nothing was fetched.
+    Present,
+    /// This call fetched it (this many bytes, verified) and it is durable in the cache.
+    Fetched(u64),
+    /// Another fetch of it (a reader's, or a fill's) was under way; this call waited for it.
+    Shared,
 }
 
 impl Fetcher {
@@ -153,6 +167,7 @@ impl Fetcher {
             config,
             inflight: Mutex::new(HashMap::new()),
             metrics: FetchMetrics::default(),
+            foreground_active: AtomicUsize::new(0),
         }
     }
 
@@ -162,6 +177,43 @@ impl Fetcher {
 
     pub fn metrics(&self) -> &FetchMetrics {
         &self.metrics
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Is a reader waiting for a block from the source right now?
+    pub fn foreground_busy(&self) -> bool {
+        self.foreground_active.load(Ordering::Relaxed) > 0
+    }
+
+    /// Make block `idx` of chunk `info` present in the cache: nothing if it is, else fetch it
+    /// (verified, single flight with readers) and return once it is durable in the cache. The
+    /// caller bounds concurrency and bandwidth: this takes no permit of the fetcher's own, so
+    /// a hydrating job never holds the foreground budget a reader needs.
+    pub async fn hydrate(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        idx: u32,
+    ) -> Result<Hydrated, FetchError> {
+        let cache = self.cache.clone();
+        let info_c = info.clone();
+        let bs = self.block_size;
+        let present = tokio::task::spawn_blocking(move || cache.present(&info_c, bs).get(idx))
+            .await
+            .unwrap_or(false);
+        if present {
+            return Ok(Hydrated::Present);
+        }
+        let (bytes, fetched) = self
+            .block_with(info, idx, Priority::Background, true)
+            .await?;
+        Ok(if fetched {
+            Hydrated::Fetched(bytes.len() as u64)
+        } else {
+            Hydrated::Shared
+        })
     }
 
     /// Bytes `range` of chunk `info` if every block is cached. Blocking read of a local file:
@@ -254,6 +306,20 @@ impl Fetcher {
         idx: u32,
         prio: Priority,
     ) -> Result<Bytes, FetchError> {
+        self.block_with(info, idx, prio, false)
+            .await
+            .map(|(b, _)| b)
+    }
+
+    /// [`Self::block`], also saying whether this call fetched it from the source; with
+    /// `wait_persist`, a block this call fetched is durable in the cache when it returns.
+    async fn block_with(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        idx: u32,
+        prio: Priority,
+        wait_persist: bool,
+    ) -> Result<(Bytes, bool), FetchError> {
         let key = (info.id, idx);
         let (flight, leader) = {
             let mut m = self.inflight.lock();
@@ -275,14 +341,16 @@ impl Fetcher {
             .get_or_init(|| async move { this.fetch_block(&info2, idx, prio).await })
             .await
             .clone();
+        let mut fetched = false;
         if leader {
             match &result {
                 Ok(BlockData::Fetched(v)) => {
+                    fetched = true;
                     // Persist, then retire the flight so later readers find it in the cache.
                     let this = self.clone();
                     let info = info.clone();
                     let v = v.clone();
-                    tokio::task::spawn_blocking(move || {
+                    let persist = tokio::task::spawn_blocking(move || {
                         if let Err(e) =
                             this.cache
                                 .insert_blocks(&info, this.block_size, &[(idx, v)])
@@ -291,13 +359,16 @@ impl Fetcher {
                         }
                         this.inflight.lock().remove(&key);
                     });
+                    if wait_persist {
+                        let _ = persist.await;
+                    }
                 }
                 _ => {
                     self.inflight.lock().remove(&key);
                 }
             }
         }
-        result.map(|b| b.bytes().clone())
+        result.map(|b| (b.bytes().clone(), fetched))
     }
 
     async fn fetch_block(
@@ -317,6 +388,8 @@ impl Fetcher {
         {
             return Ok(BlockData::Cached(b));
         }
+        // A reader waiting on the source: prefetch jobs back off until it is served.
+        let _busy = (prio == Priority::Foreground).then(|| BusyGuard::new(&self.foreground_active));
         // Background fills already hold their permit (see `spawn_fetches`).
         let _permit = match prio {
             Priority::Foreground | Priority::Prefetch => {
@@ -401,6 +474,22 @@ impl Fetcher {
                 Err(err)
             }
         }
+    }
+}
+
+/// Counts one waiting foreground fetch for as long as it lives.
+struct BusyGuard<'a>(&'a AtomicUsize);
+
+impl<'a> BusyGuard<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

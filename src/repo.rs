@@ -96,6 +96,13 @@ impl Repository {
         Ok(Self { store })
     }
 
+    /// A repository at `store` without reading its config: for a mount that falls back to a
+    /// cached version because the source is unreachable (see `horcrux mount`). Every operation
+    /// that needs the store fails with the store's error.
+    pub fn unchecked(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
     /// Open the repository, creating its config if the store is empty.
     pub async fn open_or_init(store: Arc<dyn Store>) -> Result<Self, RepoError> {
         match Self::open(store.clone()).await {

@@ -2,6 +2,7 @@
 //! This is the only crate that assembles everything; errors become `anyhow` here.
 
 mod cmd;
+mod config;
 mod docker_api;
 mod mounts;
 mod paths;
@@ -20,6 +21,10 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     store: StoreArgs,
+    /// Configuration file to use instead of /etc/horcrux/config.toml and
+    /// ~/.config/horcrux/config.toml
+    #[arg(long, global = true, env = "HORCRUX_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// How to reach remote stores (any command that opens a repository).
@@ -157,6 +162,8 @@ pub struct CacheArgs {
 enum Command {
     /// Cut a directory into content-addressed chunks and a manifest: the first commit of a volume
     Generate(cmd::generate::GenerateArgs),
+    /// Import a volume of an original Horcrux repository (`<name>.meta` + `v1/` chunks) as a new volume
+    Import(cmd::import::ImportArgs),
     /// Show a repository's volume as a local filesystem, fetching only what is read
     Mount(cmd::mount::MountArgs),
     /// Unmount a horcrux mount
@@ -195,6 +202,8 @@ enum Command {
     Gc(cmd::gc::GcArgs),
     /// Check a repository end to end: every reachable commit, manifest and chunk by its hash
     Verify(cmd::verify::VerifyArgs),
+    /// Hydrate a mounted volume (or some paths) in the background and pin it: it then needs no source
+    Prefetch(cmd::prefetch::PrefetchArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -208,6 +217,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Serve Docker as a volume driver (`docker volume create -d horcrux ...`)
     Plugin(cmd::plugin::PluginArgs),
+    /// Show the effective configuration (files, flags, environment) and where each value comes from
+    Config(cmd::config::ConfigArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
     Completions(cmd::docs::CompletionsArgs),
     /// Print or write the manual pages
@@ -223,7 +234,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// `RUST_LOG`-style logging to stderr (or to a file for detached mounts).
 pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // RUST_LOG, else the configuration file's log_level, else info.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let level = config::get().log_level.as_ref().map(|l| l.value.as_str());
+        EnvFilter::try_new(level.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -243,8 +258,125 @@ pub fn init_logging(log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Load the configuration files and let them fill what flags and environment left unset
+/// (see `config.rs`); source names in access URL arguments are resolved here too.
+fn apply_config(cli: &mut Cli) -> anyhow::Result<config::Config> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let files = config::files_to_read(
+        cli.config.as_deref(),
+        std::env::var_os("XDG_CONFIG_HOME"),
+        home.clone().map(Into::into),
+    );
+    let mut cfg = config::Config::load(&files, home.as_deref())?;
+    let mut applied = std::collections::BTreeMap::new();
+    let env_set = |names: &[&str]| names.iter().any(|n| std::env::var_os(n).is_some());
+    let st = &mut cli.store;
+    let mut note = |key: &'static str, o: Option<config::Origin>| {
+        if let Some(o) = o {
+            applied.insert(key, o);
+        }
+    };
+    note(
+        "ssh.identity",
+        config::fill(
+            &mut st.identity,
+            cfg.ssh_identity.as_ref(),
+            "--identity",
+            None,
+            false,
+        ),
+    );
+    note(
+        "ssh.known_hosts",
+        config::fill(
+            &mut st.known_hosts,
+            cfg.ssh_known_hosts.as_ref(),
+            "--known-hosts",
+            None,
+            false,
+        ),
+    );
+    // The AWS variables rank above the file: a flag (which ranks above them) is filled from
+    // the file only when they are unset.
+    let file = cfg
+        .s3_endpoint
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]));
+    note(
+        "s3.endpoint",
+        config::fill(&mut st.s3_endpoint, file, "--s3-endpoint", None, false),
+    );
+    let file = cfg
+        .s3_region
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_REGION", "AWS_DEFAULT_REGION"]));
+    note(
+        "s3.region",
+        config::fill(&mut st.s3_region, file, "--s3-region", None, false),
+    );
+    let file = cfg
+        .s3_profile
+        .as_ref()
+        .filter(|_| !env_set(&["AWS_PROFILE"]));
+    note(
+        "s3.profile",
+        config::fill(&mut st.s3_profile, file, "--s3-profile", None, false),
+    );
+    let cache_size = cfg.cache_size.clone();
+    let mut fill_cache = |c: &mut CacheArgs| {
+        note(
+            "cache.size",
+            config::fill(
+                &mut c.cache_size,
+                cache_size.as_ref(),
+                "--cache-size",
+                None,
+                false,
+            ),
+        );
+        // cache_dir: `paths::cache_dir` falls back on the file, for every command.
+    };
+    let r = |s: &mut String| *s = cfg.resolve_access(s);
+    match &mut cli.command {
+        Command::Mount(a) => {
+            fill_cache(&mut a.cache);
+            r(&mut a.access);
+        }
+        Command::Cache { cache, .. } => fill_cache(cache),
+        Command::Generate(a) => r(&mut a.output),
+        Command::Import(a) => {
+            r(&mut a.source);
+            r(&mut a.dest);
+        }
+        Command::Copy(a) => {
+            r(&mut a.source);
+            r(&mut a.destination);
+        }
+        Command::Clone(a) => {
+            r(&mut a.source);
+            r(&mut a.destination);
+        }
+        Command::Verify(a) => r(&mut a.url),
+        Command::Gc(a) => {
+            if let Some(x) = &mut a.access {
+                r(x)
+            }
+        }
+        _ => {}
+    }
+    cfg.applied = applied;
+    Ok(cfg)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    match apply_config(&mut cli) {
+        Ok(cfg) => config::set(cfg),
+        Err(e) => {
+            eprintln!("horcrux: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let _ = STORE_FLAGS.set(cli.store.to_flags());
     let st = &cli.store;
     let s3_flags = [
@@ -273,6 +405,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Import(a) => cmd::import::run(a),
         Command::Mount(a) => cmd::mount::run(a),
         Command::Umount(a) => cmd::mount::run_umount(a),
         Command::Status(a) => cmd::changes::run_status(a),
@@ -288,12 +421,14 @@ fn main() -> ExitCode {
         Command::Push(a) => cmd::remotes::run_push(a),
         Command::Fetch(a) => cmd::fetch::run_fetch(a),
         Command::Verify(a) => cmd::verify::run_verify(a),
+        Command::Config(a) => cmd::config::run(a, &cli.store),
         Command::Completions(a) => cmd::docs::run_completions::<Cli>(a),
         Command::Man(a) => cmd::docs::run_man::<Cli>(a),
         Command::Remote(a) => cmd::fetch::run_remote(a),
         Command::Pull(a) => cmd::pull::run_pull(a),
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Prefetch(a) => cmd::prefetch::run(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -23,10 +23,17 @@ pub fn state_dir() -> PathBuf {
     home.join(".cache").join("horcrux")
 }
 
-/// The cache directory to use given an optional override.
+/// The cache directory to use given an optional override (flag or `HORCRUX_CACHE_DIR`), else
+/// the configuration file's `cache.dir`, else the default.
 pub fn cache_dir(explicit: Option<&PathBuf>) -> PathBuf {
     explicit
         .cloned()
+        .or_else(|| {
+            crate::config::get()
+                .cache_dir
+                .as_ref()
+                .map(|s| s.value.clone())
+        })
         .unwrap_or_else(|| state_dir().join("cache"))
 }
 

@@ -20,3 +20,16 @@ pub fn bar(label: &str) -> ProgressBar {
     b.set_prefix(label.to_string());
     b
 }
+
+/// A byte-counting bar with rate and time left, drawn on stderr only when it is a terminal.
+pub fn bytes_bar(label: &str) -> ProgressBar {
+    let b = bar(label);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
+}

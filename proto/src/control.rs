@@ -22,6 +22,11 @@
 //! ← {"v":1,"type":"diff","data":[{"change":{…},"old_size":…,"ranges":[[0,4096]],"meta":[…]}]}
 //! → {"v":1,"type":"discard","path":null}
 //! ← {"v":1,"type":"discarded","data":{"entries":7}}
+//! → {"v":1,"type":"prefetch","all":true,"bandwidth":104857600}
+//! ← {"v":1,"type":"prefetch","data":{"state":"planning","total_bytes":0,…}}
+//! → {"v":1,"type":"prefetch_status"}                  (also "prefetch_cancel")
+//! ← {"v":1,"type":"prefetch","data":{"state":"running","present_bytes":…,…}}
+//! ← {"v":1,"type":"no_prefetch"}                      (no job in this daemon)
 //! ← {"v":1,"type":"error","data":{"message":"…"}}     (any request can be answered so)
 //! ```
 //!
@@ -326,6 +331,24 @@ pub enum Request {
     Checkout { rev: String, discard: bool },
     /// Move the mounted branch to `rev`, throwing the changes away, and switch there.
     ResetHard { rev: String },
+    /// Hydrate the whole base version (`all`) or `paths` (recursively) in the background,
+    /// pinning it in the cache for this volume; answered with [`Response::Prefetch`] at once.
+    /// `bandwidth` in bytes per second (absent: unbounded); `concurrency` in blocks (absent:
+    /// the daemon's default).
+    Prefetch {
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        paths: Vec<WirePath>,
+        #[serde(default)]
+        bandwidth: Option<u64>,
+        #[serde(default)]
+        concurrency: Option<u32>,
+    },
+    /// How the prefetch is going: [`Response::Prefetch`], or [`Response::NoPrefetch`].
+    PrefetchStatus,
+    /// Stop the prefetch; it is not resumed by a later mount. Answered like `PrefetchStatus`.
+    PrefetchCancel,
 }
 
 /// What a daemon answers.
@@ -352,6 +375,10 @@ pub enum Response {
         branch: Option<String>,
         discarded: u64,
     },
+    /// The volume's prefetch job, as it is now.
+    Prefetch(PrefetchReport),
+    /// This daemon has run no prefetch job.
+    NoPrefetch,
     /// The request failed; `message` is for the user.
     Error {
         message: String,
@@ -374,6 +401,33 @@ pub struct MountInfo {
     pub cache_dir: String,
     pub overlay_dir: Option<String>,
     pub read_only: bool,
+}
+
+/// A prefetch job of a mount daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchReport {
+    /// `planning`, `running`, `done`, `cancelled` or `failed`.
+    pub state: String,
+    /// Why it failed (with `failed`).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// `everything`, or the paths asked for.
+    pub scope: String,
+    /// Bytes of the blocks the scope needs, and of those in the cache now.
+    pub total_bytes: u64,
+    pub present_bytes: u64,
+    pub total_blocks: u64,
+    pub present_blocks: u64,
+    /// Bytes this job fetched from the source.
+    pub fetched_bytes: u64,
+    pub failed_blocks: u64,
+    pub elapsed_ms: u64,
+    pub bandwidth: Option<u64>,
+    pub concurrency: u32,
+    /// Hex id of the commit being hydrated.
+    pub commit: String,
+    /// The owner name of the volume's pins in the cache (`horcrux cache pins`).
+    pub owner: String,
 }
 
 /// What a commit made.
@@ -1050,9 +1104,12 @@ mod tests {
                     }])
                 }
                 Request::Discard { .. } => Response::Discarded { entries: 3 },
-                Request::Describe | Request::Checkout { .. } | Request::ResetHard { .. } => {
-                    Response::error("unused")
-                }
+                Request::Describe
+                | Request::Checkout { .. }
+                | Request::ResetHard { .. }
+                | Request::Prefetch { .. }
+                | Request::PrefetchStatus
+                | Request::PrefetchCancel => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),
@@ -1065,6 +1122,24 @@ mod tests {
                 }),
             }
         }
+    }
+
+    #[test]
+    fn prefetch_messages_on_the_wire() {
+        let r: Request = decode_line(br#"{"v":1,"type":"prefetch","all":true}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Prefetch {
+                all: true,
+                paths: vec![],
+                bandwidth: None,
+                concurrency: None
+            }
+        );
+        let line = encode_line(&Request::PrefetchStatus).unwrap();
+        assert_eq!(line, b"{\"v\":1,\"type\":\"prefetch_status\"}\n");
+        let line = encode_line(&Response::NoPrefetch).unwrap();
+        assert_eq!(line, b"{\"v\":1,\"type\":\"no_prefetch\"}\n");
     }
 
     fn start(dir: &Path, ranges: usize) -> Server {

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use super::CacheError;
 
 /// Current schema version of `index.sqlite`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -17,6 +17,16 @@ const MIGRATIONS: &[&str] = &[
         bytes INTEGER NOT NULL, last_access INTEGER NOT NULL);
      CREATE INDEX chunks_by_access ON chunks (last_access);
      CREATE TABLE manifests (id BLOB PRIMARY KEY, size INTEGER NOT NULL, last_access INTEGER NOT NULL);",
+    // 1 -> 2: persistent per-volume pins (a chunk or manifest id an owner — a volume, as
+    // `<volume>@<access>` — must keep: eviction and prune skip it) and the prefetch request of
+    // each owner, so a restarted mount daemon resumes it.
+    "CREATE TABLE pins (owner TEXT NOT NULL, kind INTEGER NOT NULL, id BLOB NOT NULL,
+        PRIMARY KEY (owner, kind, id));
+     CREATE INDEX pins_by_id ON pins (id);
+     CREATE TABLE prefetch_jobs (owner TEXT PRIMARY KEY, volume TEXT NOT NULL,
+        access TEXT NOT NULL, commit_id TEXT NOT NULL, manifest BLOB NOT NULL,
+        scope TEXT NOT NULL, bandwidth INTEGER, concurrency INTEGER NOT NULL,
+        state TEXT NOT NULL, updated INTEGER NOT NULL);",
 ];
 
 pub fn open(dir: &Path) -> Result<Connection, CacheError> {

@@ -13,12 +13,14 @@
 //! - The row names the file by generation: a chunk evicted and fetched again gets a new file
 //!   name, so a process holding an old bitmap never reads blocks it has not seen written.
 //!   (A process that still has the old file open keeps reading it: its bytes stay valid.)
-//! - Eviction deletes the row first, then the file; chunks pinned by open files are skipped.
+//! - Eviction deletes the row first, then the file; chunks pinned by open files (in memory) or
+//!   by a volume (the `pins` table, see `pins.rs`) are skipped, and so are pinned manifests.
 //! - The cache only holds clean, content-addressed data; it never holds local changes.
 
 mod assembled;
 mod bitmap;
 mod index;
+mod pins;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -36,6 +38,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use assembled::{AssembledCounters, AssembledFile, Piece};
 pub use bitmap::Bitmap;
+pub use pins::{PinSummary, PrefetchRecord, volume_owner};
 
 use crate::hashtree::{self, BlockHash, Verified, block_count, block_range};
 use crate::ids::{ChunkId, ManifestId};
@@ -461,6 +464,15 @@ impl Cache {
             .map_err(|err| self.sql(err))?;
             tx.commit().map_err(|err| self.sql(err))?;
             e.present.write().merge(&present);
+            // Another thread may have replaced the open entry of this generation meanwhile
+            // (see `get_or_create`): its bitmap must learn these blocks too, or this process
+            // would take them for missing until the entry leaves the LRU.
+            if let Some(cur) = self.entries.lock().peek(&info.id)
+                && cur.generation == e.generation
+                && !Arc::ptr_eq(cur, &e)
+            {
+                cur.present.write().merge(&present);
+            }
             bytes.saturating_sub(old_bytes.max(0) as u64)
         };
         self.total.fetch_add(new_bytes, Ordering::Relaxed);
@@ -524,10 +536,19 @@ impl Cache {
             self.entries.lock().put(info.id, e.clone());
             return Ok(e);
         }
-        // Another thread or process created it first: use theirs.
+        // Another thread or process created it first: use theirs — the open entry if this
+        // process has it (its bitmap is the live one), else a fresh one from the row.
         drop(file);
         let _ = fs::remove_file(&path);
-        self.entries.lock().pop(&info.id);
+        {
+            let mut entries = self.entries.lock();
+            match entries.get(&info.id) {
+                Some(cur) if cur.generation == winner => return Ok(cur.clone()),
+                _ => {
+                    entries.pop(&info.id);
+                }
+            }
+        }
         self.entry(&info.id)?
             .ok_or_else(|| self.io(io::Error::other("chunk evicted while being created")))
     }
@@ -587,23 +608,32 @@ impl Cache {
         // hold is taken from the chunks' share of the bound.
         let assembled = self.evict_assembled_to(target.saturating_sub(total as u64));
         let target = target.saturating_sub(assembled);
-        let candidates: Vec<(ChunkId, i64)> = {
+        let candidates: Vec<(ChunkId, i64, bool)> = {
             let db = self.db.lock();
             let mut st = db
-                .prepare("SELECT id, generation FROM chunks ORDER BY last_access, id")
+                .prepare(
+                    "SELECT id, generation, EXISTS(SELECT 1 FROM pins p WHERE p.kind = 0 AND p.id = chunks.id)
+                     FROM chunks ORDER BY last_access, id",
+                )
                 .map_err(|e| self.sql(e))?;
             let rows = st
-                .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                    ))
+                })
                 .map_err(|e| self.sql(e))?;
             rows.filter_map(|r| r.ok())
-                .filter_map(|(id, g)| ChunkId::from_slice(&id).map(|id| (id, g)))
+                .filter_map(|(id, g, p)| ChunkId::from_slice(&id).map(|id| (id, g, p)))
                 .collect()
         };
-        for (id, generation) in candidates {
+        for (id, generation, pinned) in candidates {
             if self.total.load(Ordering::Relaxed) <= target {
                 break;
             }
-            if self.pins.lock().contains_key(&id) {
+            if pinned || self.pins.lock().contains_key(&id) {
                 report.skipped_pinned += 1;
                 continue;
             }
@@ -623,7 +653,7 @@ impl Cache {
             tracing::warn!(
                 target,
                 held = self.total.load(Ordering::Relaxed),
-                "cache is over its size bound: the rest is in use by open files"
+                "cache is over its size bound: the rest is in use by open files or pinned by a volume (`horcrux cache pins`)"
             );
         }
         Ok(report)
@@ -641,22 +671,29 @@ impl Cache {
         if let Some(age) = older_than {
             self.prune_assembled(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH));
             let cutoff = now_secs() - age.as_secs() as i64;
-            let old: Vec<(ChunkId, i64)> = {
+            let old: Vec<(ChunkId, i64, bool)> = {
                 let db = self.db.lock();
                 let mut st = db
-                    .prepare("SELECT id, generation FROM chunks WHERE last_access < ?1")
+                    .prepare(
+                        "SELECT id, generation, EXISTS(SELECT 1 FROM pins p WHERE p.kind = 0 AND p.id = chunks.id)
+                         FROM chunks WHERE last_access < ?1",
+                    )
                     .map_err(|e| self.sql(e))?;
                 let rows = st
                     .query_map([cutoff], |r| {
-                        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, bool>(2)?,
+                        ))
                     })
                     .map_err(|e| self.sql(e))?;
                 rows.filter_map(|r| r.ok())
-                    .filter_map(|(id, g)| ChunkId::from_slice(&id).map(|id| (id, g)))
+                    .filter_map(|(id, g, p)| ChunkId::from_slice(&id).map(|id| (id, g, p)))
                     .collect()
             };
-            for (id, generation) in old {
-                if self.pins.lock().contains_key(&id) {
+            for (id, generation, pinned) in old {
+                if pinned || self.pins.lock().contains_key(&id) {
                     report.skipped_pinned += 1;
                     continue;
                 }
@@ -677,6 +714,10 @@ impl Cache {
                 .iter()
                 .filter_map(|b| ManifestId::from_slice(b))
             {
+                // A volume that must work without its source needs its manifest.
+                if self.manifest_pinned(&id)? {
+                    continue;
+                }
                 self.db
                     .lock()
                     .execute("DELETE FROM manifests WHERE id = ?1", [&id.0[..]])

@@ -14,7 +14,10 @@
 
 mod pipeline;
 mod plan;
+mod stream;
 mod walk;
+
+pub use stream::{InputEntry, InputNode, TreeInput};
 
 #[cfg(test)]
 mod tests;
@@ -143,6 +146,9 @@ pub enum GenerateError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A [`TreeInput`] failed (its own error, e.g. a missing chunk file of an import).
+    #[error(transparent)]
+    Source(Box<dyn std::error::Error + Send + Sync>),
     /// Another stage failed first; only seen if that error was lost.
     #[error("generate stopped after an earlier error")]
     Aborted,
@@ -213,6 +219,37 @@ pub fn generate(
     format::check_volume_name(&opts.name)?;
     check_sizes(opts.chunk_size, opts.block_size)?;
     check_input(&opts.input)?;
+    run(opts, Source::Dir(&opts.input), repo, runtime, progress)
+}
+
+/// Like [`generate`], from a [`TreeInput`] instead of a directory (`opts.input` is ignored):
+/// the same layout, pipeline and first commit. Nothing is materialized on local disk besides
+/// the catalog.
+pub fn generate_from(
+    opts: &GenerateOptions,
+    input: std::sync::Arc<dyn TreeInput>,
+    repo: &Repository,
+    runtime: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+) -> Result<GenerateReport, GenerateError> {
+    format::check_volume_name(&opts.name)?;
+    check_sizes(opts.chunk_size, opts.block_size)?;
+    run(opts, Source::Stream(input), repo, runtime, progress)
+}
+
+/// What the planner walks.
+enum Source<'a> {
+    Dir(&'a Path),
+    Stream(std::sync::Arc<dyn TreeInput>),
+}
+
+fn run(
+    opts: &GenerateOptions,
+    source: Source<'_>,
+    repo: &Repository,
+    runtime: &tokio::runtime::Handle,
+    progress: &dyn Progress,
+) -> Result<GenerateReport, GenerateError> {
     let store = repo.store().clone();
     if runtime.block_on(repo.volumes())?.contains(&opts.name) {
         return Err(GenerateError::VolumeExists {
@@ -235,10 +272,10 @@ pub fn generate(
             block_size: opts.block_size,
         },
     )?;
-    let (total_bytes, total_files) = if progress.wants_totals() {
-        plan::scan_totals(&opts.input)
-    } else {
-        (0, 0)
+    let (total_bytes, total_files) = match &source {
+        Source::Dir(dir) if progress.wants_totals() => plan::scan_totals(dir),
+        Source::Dir(_) => (0, 0),
+        Source::Stream(input) => input.totals(),
     };
     progress.start(total_bytes, total_files);
 
@@ -276,15 +313,27 @@ pub fn generate(
                 .expect("spawn generate worker");
         }
         drop(uploads_tx);
-        let planner = Planner::new(
-            &mut writer,
-            opts.chunk_size,
-            opts.block_size,
-            tasks_tx,
-            pipeline.failure(),
-            progress,
-        );
-        let r = planner.run(&opts.input);
+        let r = match source {
+            Source::Dir(dir) => Planner::new(
+                &mut writer,
+                opts.chunk_size,
+                opts.block_size,
+                tasks_tx,
+                pipeline.failure(),
+                progress,
+            )
+            .run(dir),
+            Source::Stream(input) => stream::StreamPlanner::new(
+                &mut writer,
+                input,
+                opts.chunk_size,
+                opts.block_size,
+                tasks_tx,
+                pipeline.failure(),
+                progress,
+            )
+            .run(),
+        };
         if let Err(e) = &r {
             if !matches!(e, GenerateError::Aborted) {
                 // Stop the workers early; the planner's own error is the one to report.

@@ -29,6 +29,7 @@ use std::time::Duration;
 use blake3::hazmat::HasherExt;
 use bytes::Bytes;
 
+use super::stream::TreeInput;
 use super::walk::{self, Stat};
 use super::{GenerateError, Progress};
 use crate::format::chunk_key;
@@ -59,6 +60,13 @@ pub(super) enum Piece {
     /// A data region of a large file.
     Range {
         file: Arc<OpenFile>,
+        off: u64,
+        len: u64,
+    },
+    /// Bytes of a file of a [`TreeInput`] (not a local directory).
+    Input {
+        input: Arc<dyn TreeInput>,
+        file: u64,
         off: u64,
         len: u64,
     },
@@ -436,6 +444,21 @@ pub(super) fn read_task(task: &ChunkTask, buf: &mut Vec<u8>) -> Result<(), Gener
                     check_size(last.expect("checked"))?;
                 }
                 last = Some(file);
+            }
+            Piece::Input {
+                input,
+                file,
+                off,
+                len,
+            } => {
+                let before = buf.len();
+                input.read(*file, *off, *len, buf)?;
+                if (buf.len() - before) as u64 != *len {
+                    return Err(GenerateError::Internal(format!(
+                        "the input gave {} bytes instead of {len}",
+                        buf.len() - before
+                    )));
+                }
             }
         }
     }

@@ -390,3 +390,67 @@ fn open_conn(path: &Path) -> Result<Connection, ManifestError> {
     .map_err(err)?;
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ManifestWriter, Node, NodeKind};
+
+    fn node(ino: u64, kind: NodeKind) -> Node {
+        Node {
+            ino,
+            parent: 1,
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: 0,
+            mtime: 0,
+            ctime: 0,
+            nlink: 1,
+            rdev: 0,
+            target: (kind == NodeKind::Symlink).then(|| b"/etc/passwd".to_vec()),
+        }
+    }
+
+    /// A hostile catalog cannot make horcrux show an entry that escapes its directory: names
+    /// with `/`, NUL, `.`, `..` or nothing are skipped by readdir and never found by lookup.
+    /// Symlink targets are data (an absolute target is shown, never followed here).
+    #[test]
+    fn names_that_could_escape_the_tree_are_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let mut w = ManifestWriter::create(
+            &path,
+            &CatalogHeader {
+                volume: "v".into(),
+                chunk_size: 1 << 20,
+                block_size: 1 << 20,
+            },
+        )
+        .unwrap();
+        w.add_node(&node(1, NodeKind::Dir)).unwrap();
+        w.add_node(&node(2, NodeKind::File)).unwrap();
+        w.add_node(&node(3, NodeKind::Symlink)).unwrap();
+        let names: [&[u8]; 7] = [b"ok", b"..", b".", b"a/b", b"", b"x\0y", b"link"];
+        for (seq, name) in names.iter().enumerate() {
+            let ino = if *name == b"link" { 3 } else { 2 };
+            w.add_dirent(1, seq as u64, name, ino).unwrap();
+        }
+        w.finish().unwrap();
+        let m = Manifest::open(&path).unwrap();
+        let listed: Vec<Vec<u8>> = m
+            .readdir(1, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(listed, vec![b"ok".to_vec(), b"link".to_vec()]);
+        for bad in &names[1..6] {
+            assert!(m.lookup(1, bad).unwrap().is_none(), "{bad:?}");
+        }
+        let link = m.lookup(1, b"link").unwrap().unwrap();
+        assert_eq!(link.target.as_deref(), Some(&b"/etc/passwd"[..]));
+    }
+}

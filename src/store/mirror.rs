@@ -137,8 +137,12 @@ impl MirrorStore {
                 }
                 Ok(Err(e)) if e.is_not_found() => {
                     // A mirror may lag behind: not a health problem, but try the others.
+                    // A real failure elsewhere says more than "not found" (a dead origin
+                    // followed by the chunks-only remotes mirror, say): it is kept.
                     not_found += 1;
-                    last = Some(e);
+                    if last.is_none() {
+                        last = Some(e);
+                    }
                 }
                 Ok(Err(e)) => {
                     self.failed(i, &e.to_string());

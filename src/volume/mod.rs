@@ -14,6 +14,7 @@
 
 mod attr;
 mod changes;
+mod hydrate;
 mod passthrough;
 mod snapshot;
 mod write;
@@ -28,6 +29,7 @@ use tokio::runtime::Handle;
 
 pub use attr::{Attr, StatFs};
 pub use changes::{Change, ChangeKind, FileDiff, MetaChange, Status};
+pub use hydrate::BlockPlan;
 pub use passthrough::{
     BackingToken, DEFAULT_MIN_SIZE, Opened, PassthroughConfig, PassthroughStats, Register,
 };

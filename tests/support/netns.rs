@@ -94,7 +94,15 @@ impl Net {
                 "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &port,
                 "netns", &switch,
             ]);
-            ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &netns, "link", "set", "eth0", "up"]);
             ip(&["-n", &netns, "link", "set", "lo", "up"]);
             ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);

@@ -28,6 +28,18 @@ pub enum CacheCommand {
     },
     /// Re-hash every cached block and manifest; drop what fails
     Verify,
+    /// List the volumes that pin data in the cache (made by `horcrux prefetch`)
+    Pins,
+    /// Release a volume's pinned data (eviction and prune may then remove it) and forget its
+    /// prefetch request
+    Unpin {
+        /// The owner as `horcrux cache pins` lists it (`<volume>@<access>`)
+        #[arg(required_unless_present = "all")]
+        owner: Option<String>,
+        /// Every owner
+        #[arg(long, conflicts_with = "owner")]
+        all: bool,
+    },
 }
 
 /// `7d`, `12h`, `30m`, `90s` or plain seconds.
@@ -136,6 +148,15 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 s.assembled_files,
                 human_size(s.assembled_bytes)
             );
+            let pins = cache.pin_summaries()?;
+            if !pins.is_empty() {
+                println!(
+                    "pinned       {} of {} by {} volume(s) (`horcrux cache pins`)",
+                    human_size(pins.iter().map(|p| p.bytes_present).sum()),
+                    human_size(pins.iter().map(|p| p.bytes_total).sum()),
+                    pins.len()
+                );
+            }
             match s.max_size {
                 Some(m) => println!(
                     "bound        {} ({:.0}% used)",
@@ -168,6 +189,56 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 }
+            );
+        }
+        CacheCommand::Pins => {
+            let pins = cache.pin_summaries()?;
+            if pins.is_empty() {
+                println!("no volume pins data in this cache");
+            }
+            for p in &pins {
+                let state = cache
+                    .prefetch_record(&p.owner)?
+                    .map(|r| {
+                        format!(
+                            "prefetch {}, commit {}",
+                            r.state,
+                            &r.commit[..12.min(r.commit.len())]
+                        )
+                    })
+                    .unwrap_or_else(|| "no prefetch record".into());
+                println!(
+                    "{}\n    {} chunks ({} of {} cached), {} manifests; {}",
+                    p.owner,
+                    p.chunks,
+                    human_size(p.bytes_present),
+                    human_size(p.bytes_total),
+                    p.manifests,
+                    state
+                );
+            }
+        }
+        CacheCommand::Unpin { owner, all } => {
+            let owners: Vec<String> = if all {
+                cache
+                    .pin_summaries()?
+                    .into_iter()
+                    .map(|p| p.owner)
+                    .collect()
+            } else {
+                owner.into_iter().collect()
+            };
+            let mut n = 0;
+            for o in &owners {
+                let k = cache.unpin_owner(o)?;
+                if k == 0 && !all {
+                    bail!("no pins of `{o}` in this cache (see `horcrux cache pins`)");
+                }
+                n += k;
+            }
+            println!(
+                "released {n} pins of {} volume(s); eviction and `horcrux cache prune` may now remove that data",
+                owners.len()
             );
         }
         CacheCommand::Verify => {

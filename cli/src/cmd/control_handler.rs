@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use horcrux::cache::Cache;
+use horcrux::prefetch::{PrefetchConfig, Prefetcher, Progress, Scope};
 use horcrux::repo::Repository;
 use horcrux::versions::{CommitRequest, checkout_volume, commit_volume, reset_hard};
 use horcrux::volume::{self, Volume};
@@ -24,6 +25,8 @@ pub struct ControlHandler {
     pub runtime: tokio::runtime::Handle,
     /// How it was mounted (`commit` is filled in per request).
     pub info: control::MountInfo,
+    /// Background hydration of this volume (`horcrux prefetch`).
+    pub prefetcher: Arc<Prefetcher>,
 }
 
 impl ControlHandler {
@@ -174,6 +177,84 @@ fn scope(path: Option<WirePath>) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// A job's progress in its wire form.
+pub fn prefetch_report(p: Progress, owner: &str) -> control::PrefetchReport {
+    control::PrefetchReport {
+        state: p.state.name().to_string(),
+        error: match &p.state {
+            horcrux::prefetch::JobState::Failed(e) => Some(e.clone()),
+            _ => None,
+        },
+        scope: p.scope.describe(),
+        total_bytes: p.total_bytes,
+        present_bytes: p.present_bytes,
+        total_blocks: p.total_blocks,
+        present_blocks: p.present_blocks,
+        fetched_bytes: p.fetched_bytes,
+        failed_blocks: p.failed_blocks,
+        elapsed_ms: p.elapsed.as_millis() as u64,
+        bandwidth: p.config.bandwidth,
+        concurrency: p.config.concurrency as u32,
+        commit: p.commit,
+        owner: owner.to_string(),
+    }
+}
+
+impl ControlHandler {
+    fn prefetch(
+        &self,
+        all: bool,
+        paths: Vec<WirePath>,
+        bandwidth: Option<u64>,
+        concurrency: Option<u32>,
+    ) -> Response {
+        let scope = if all {
+            Scope::All
+        } else {
+            let mut v = Vec::new();
+            for p in paths {
+                if let Err(e) = p.check() {
+                    return Response::error(e);
+                }
+                v.push(p.into_bytes());
+            }
+            if v.is_empty() {
+                return Response::error("prefetch what? ask for everything or give paths");
+            }
+            Scope::Paths(v)
+        };
+        let config = PrefetchConfig {
+            bandwidth: bandwidth.filter(|b| *b > 0),
+            concurrency: concurrency
+                .map(|c| c.clamp(1, 256) as usize)
+                .unwrap_or(PrefetchConfig::default().concurrency),
+        };
+        let commit = self.commit.lock().clone();
+        match self.prefetcher.start(scope, config, &commit) {
+            Ok(p) => Response::Prefetch(prefetch_report(p, self.prefetcher.owner())),
+            Err(e) => {
+                tracing::warn!(error = %e, "prefetch not started");
+                Response::error(e.to_string())
+            }
+        }
+    }
+
+    fn prefetch_status(&self, cancel: bool) -> Response {
+        let p = if cancel {
+            match self.prefetcher.cancel() {
+                Ok(p) => p,
+                Err(e) => return Response::error(e.to_string()),
+            }
+        } else {
+            self.prefetcher.status()
+        };
+        match p {
+            Some(p) => Response::Prefetch(prefetch_report(p, self.prefetcher.owner())),
+            None => Response::NoPrefetch,
+        }
+    }
+}
+
 impl Handler for ControlHandler {
     fn handle(&self, req: Request) -> Response {
         let r = match req {
@@ -203,6 +284,14 @@ impl Handler for ControlHandler {
             }
             Request::Checkout { rev, discard } => return self.checkout(&rev, discard, false),
             Request::ResetHard { rev } => return self.checkout(&rev, true, true),
+            Request::Prefetch {
+                all,
+                paths,
+                bandwidth,
+                concurrency,
+            } => return self.prefetch(all, paths, bandwidth, concurrency),
+            Request::PrefetchStatus => return self.prefetch_status(false),
+            Request::PrefetchCancel => return self.prefetch_status(true),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod changes;
+pub mod config;
 pub mod control_handler;
 pub mod copy;
 pub mod demo;
@@ -10,8 +11,10 @@ pub mod fetch;
 pub mod gc;
 pub mod generate;
 pub mod history;
+pub mod import;
 pub mod mount;
 pub mod plugin;
+pub mod prefetch;
 pub mod pull;
 pub mod remotes;
 pub mod verify;

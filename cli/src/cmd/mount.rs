@@ -439,7 +439,10 @@ fn serve(
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
 
     let (fetch_config, mirror_config) = fetch_configs(a);
-    let (name, commit, manifest, source, overlay, branch, overlay_dir) = runtime.block_on(async {
+    let access = absolute_access(&a.access);
+    let mc = mirror_config.clone();
+    let opened = runtime.block_on(async {
+        let mirror_config = mc;
         let stores = urls
             .iter()
             .map(crate::open_store)
@@ -505,11 +508,26 @@ fn serve(
             _ => None,
         };
         anyhow::Ok((name, id, manifest, source, overlay, branch, overlay_dir))
-    })?;
+    });
+    let (opened, offline) = match opened {
+        Ok(o) => (o, false),
+        Err(e) => match offline_version(a, &cache, &access, &urls, mirror_config.clone(), runtime)?
+        {
+            Some(o) => {
+                tracing::warn!(error = %format!("{e:#}"), volume = %o.0, commit = %o.1, "the source is unreachable: mounting the cached version this volume was prefetched at (its ref may have moved since; commits are refused until the source is back)");
+                (o, true)
+            }
+            None => return Err(e),
+        },
+    };
+    let (name, commit, manifest, source, overlay, branch, overlay_dir) = opened;
 
     let block_size = manifest.header().block_size;
-    let repo = Repository::open(source.clone() as Arc<dyn Store>);
-    let repo = runtime.block_on(repo)?;
+    let repo = if offline {
+        Repository::unchecked(source.clone() as Arc<dyn Store>)
+    } else {
+        runtime.block_on(Repository::open(source.clone() as Arc<dyn Store>))?
+    };
     let fetcher = Arc::new(Fetcher::with_mirrors(
         source,
         cache.clone(),
@@ -540,6 +558,13 @@ fn serve(
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     // Until the session runs, a failure here must not leave a mount nobody serves.
     let guard = DetachOnDrop(Some(mountpoint.clone()));
+    let prefetcher = Arc::new(horcrux::prefetch::Prefetcher::new(
+        volume.clone(),
+        cache.clone(),
+        runtime.handle().clone(),
+        &name,
+        &access,
+    ));
     if let Err(e) =
         horcrux_fuse::tune_readahead(&mountpoint, a.readahead_kb.unwrap_or(READAHEAD_KB))
     {
@@ -566,7 +591,7 @@ fn serve(
             commit: parking_lot::Mutex::new(commit.to_hex()),
             info: horcrux_proto::control::MountInfo {
                 volume: name.clone(),
-                access: absolute_access(&a.access),
+                access: access.clone(),
                 branch: branch.clone(),
                 reference: a.reference.clone(),
                 commit: commit.to_hex(),
@@ -579,6 +604,7 @@ fn serve(
             repo,
             cache: cache.clone(),
             runtime: runtime.handle().clone(),
+            prefetcher: prefetcher.clone(),
         }),
     )
     .map_err(|e| tracing::warn!(error = %e, "no control socket: status/diff/discard will not work"))
@@ -598,6 +624,12 @@ fn serve(
         let _ = std::io::stdout().flush();
     }
 
+    // A prefetch requested before a restart goes on (blocks already cached are skipped).
+    match prefetcher.resume(&commit.to_hex()) {
+        Ok(Some(_)) => tracing::info!("resumed the recorded prefetch of this volume"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "the recorded prefetch was not resumed"),
+    }
     let flusher = writable.then(|| Flusher::start(volume.clone()));
     wait_for_end(runtime, signals, &mountpoint, done_rx)?;
     let result = worker
@@ -614,6 +646,104 @@ fn serve(
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
     Ok(())
+}
+
+/// What a mount opens: volume name, commit, base manifest, source, overlay, branch and overlay
+/// directory.
+type Opened = (
+    String,
+    horcrux::ids::CommitId,
+    Arc<horcrux::manifest::Manifest>,
+    Arc<MirrorStore>,
+    Option<Overlay>,
+    Option<String>,
+    Option<PathBuf>,
+);
+
+/// When the source cannot be opened: the version a prefetch recorded for this volume and
+/// access (see `horcrux prefetch`), if its manifest is in the cache — or, for a writable
+/// mount, the overlay's base when it was prefetched and its manifest is cached. Mounted so,
+/// the volume reads what the prefetch pinned; it shows that version even if the ref moved, and
+/// has no branch (nothing can be committed without the source).
+fn offline_version(
+    a: &MountArgs,
+    cache: &Arc<Cache>,
+    access: &str,
+    urls: &[horcrux::store::AccessUrl],
+    mirror_config: MirrorConfig,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Option<Opened>> {
+    let records = cache.prefetch_records_for(access)?;
+    let rec = match &a.name {
+        Some(n) => records.into_iter().find(|r| &r.volume == n),
+        None if records.len() == 1 => records.into_iter().next(),
+        None => None,
+    };
+    let Some(rec) = rec else {
+        return Ok(None);
+    };
+    let mut commit: horcrux::ids::CommitId = rec.commit.parse()?;
+    let mut mid = rec.manifest;
+    let overlay = if a.read_only {
+        None
+    } else {
+        let dir = a
+            .overlay_dir
+            .clone()
+            .unwrap_or_else(|| crate::paths::overlay_dir(&urls[0].to_string(), &rec.volume));
+        let ov = Overlay::open(&dir)?;
+        if let Some(b) = ov.base() {
+            let (c, m) = (b.commit.parse()?, b.manifest.parse()?);
+            if (c, m) != (commit, mid) {
+                if !cache.has_manifest(&m) {
+                    // The changes were made on a version that is not here: never show them on
+                    // another one.
+                    bail!(
+                        "the source is unreachable and the overlay {} holds a version ({}) whose manifest is not cached",
+                        dir.display(),
+                        b.commit
+                    );
+                }
+                (commit, mid) = (c, m);
+            }
+        }
+        Some((ov, dir))
+    };
+    if !cache.has_manifest(&mid) {
+        return Ok(None);
+    }
+    let manifest = Arc::new(horcrux::manifest::Manifest::open(
+        &cache.manifest_path(&mid),
+    )?);
+    let stores = runtime.block_on(async {
+        urls.iter()
+            .map(crate::open_store)
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    // As for a mount with its source: a remote may still serve what was pulled lazily.
+    let stores = horcrux::remotes::with_lazy_remotes(stores, crate::store_opener());
+    let source = Arc::new(MirrorStore::new(stores, mirror_config));
+    let (overlay, overlay_dir) = match overlay {
+        Some((ov, dir)) => {
+            ov.set_base(&BaseInfo {
+                volume: rec.volume.clone(),
+                commit: commit.to_hex(),
+                manifest: mid.to_hex(),
+                max_ino: manifest.max_ino()?,
+            })?;
+            (Some(ov), Some(dir))
+        }
+        None => (None, None),
+    };
+    Ok(Some((
+        rec.volume,
+        commit,
+        manifest,
+        source,
+        overlay,
+        None,
+        overlay_dir,
+    )))
 }
 
 /// The access string with relative file paths made absolute, so commands run from elsewhere
