@@ -20,14 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Config, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 use horcrux::manifest::NodeKind;
-use horcrux::volume::{Attr, Ctx, DirSink, KernelCache, SetAttr, TimeSet, Volume, VolumeError};
+use horcrux::volume::{
+    Attr, BackingToken, Ctx, DirSink, KernelCache, Opened, SetAttr, TimeSet, Volume, VolumeError,
+};
 
 pub use fuser::Session as FuseSession;
 
@@ -39,14 +41,19 @@ use crate::errno::fail;
 /// its caches) except a discard, which invalidates what it touched: nothing goes stale.
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Largest write request asked of the kernel (it needs `FUSE_MAX_PAGES`).
-const MAX_WRITE: u32 = 1 << 20;
+/// Largest write request asked of the kernel (it needs `FUSE_MAX_PAGES`): fuser's largest
+/// buffer. The kernel caps every request at `fs.fuse.max_pages_limit` pages (256 = 1 MiB by
+/// default, up to 65535 since Linux 6.13), so asking for more costs nothing and lets an
+/// administrator who raises that limit get larger requests.
+const MAX_WRITE: u32 = 16 << 20;
 
 /// Readahead asked of the kernel at `init` (it may offer less; see [`tune_readahead`]).
 const MAX_READAHEAD: u32 = 1 << 20;
 
-/// Outstanding background (readahead, async) requests the kernel may queue.
-const MAX_BACKGROUND: u16 = 64;
+/// Outstanding background (readahead, async) requests the kernel may queue before it
+/// throttles readers (the congestion threshold is 3/4 of it). The kernel default is 12;
+/// readahead of several sequential readers and a daemon with many workers use more.
+pub const MAX_BACKGROUND: u16 = 256;
 
 /// Capabilities requested when the kernel offers them. `FUSE_MAX_PAGES` lets a single
 /// request carry up to `fs.fuse.max_pages_limit` pages (256 = 1 MiB by default) instead of 32.
@@ -56,15 +63,28 @@ const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
     .union(InitFlags::FUSE_CACHE_SYMLINKS)
     .union(InitFlags::FUSE_MAX_PAGES);
 
+/// Overrides of the FUSE session parameters asked at `init` (the bench measures each).
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// [`MAX_BACKGROUND`] by default.
+    pub max_background: Option<u16>,
+    /// [`MAX_WRITE`] by default (also bounds read requests through `max_pages`).
+    pub max_write: Option<u32>,
+}
+
 /// A mounted volume as a fuser filesystem.
 #[derive(Debug)]
 pub struct HorcruxFs {
     volume: Arc<Volume>,
+    tuning: Tuning,
 }
 
 impl HorcruxFs {
     pub fn new(volume: Arc<Volume>) -> Self {
-        Self { volume }
+        Self {
+            volume,
+            tuning: Tuning::default(),
+        }
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -206,15 +226,27 @@ impl Filesystem for HorcruxFs {
         if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(nearest);
         }
-        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_max_background(self.tuning.max_background.unwrap_or(MAX_BACKGROUND));
         let offered = config.capabilities();
         // Only what is offered, so this cannot fail; missing ones are logged.
         let _ = config.add_capabilities(WANTED & offered);
-        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
+        if let Err(nearest) = config.set_max_write(self.tuning.max_write.unwrap_or(MAX_WRITE)) {
             let _ = config.set_max_write(nearest);
         }
         // Timestamps are kept to the nanosecond.
         let _ = config.set_time_granularity(Duration::from_nanos(1));
+        // Passthrough of fully cached files: the backing files sit on a plain filesystem
+        // (stack depth 0), so depth 1 suffices and leaves room to stack an overlayfs on us.
+        if self.volume.passthrough_active() {
+            if offered.contains(InitFlags::FUSE_PASSTHROUGH) {
+                let _ = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH);
+                let _ = config.set_max_stack_depth(1);
+                tracing::info!("FUSE passthrough enabled for fully cached files");
+            } else {
+                self.volume
+                    .passthrough_unavailable("the kernel does not offer it; it needs Linux 6.9");
+            }
+        }
         tracing::debug!(
             abi = %config.kernel_abi(),
             missing = ?(WANTED - offered),
@@ -252,10 +284,40 @@ impl Filesystem for HorcruxFs {
         let _s = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
-        match self.volume.open(ino.0, write, append) {
+        // A fully cached file may be served by the kernel from a backing file: the volume
+        // decides, and calls this to register the file with the kernel.
+        let mut register = |f: &std::fs::File| -> io::Result<BackingToken> {
+            Ok(Arc::new(reply.open_backing(f)?))
+        };
+        // O_DIRECT through a backing file would inherit its filesystem's alignment rules
+        // (EINVAL on unaligned buffers or offsets, which FUSE accepts): such an open starts
+        // no passthrough. It still joins one already running for the inode, because the
+        // kernel allows no other mode then (documented in SEMANTICS.md).
+        let direct = flags.0 & libc::O_DIRECT != 0;
+        let opened = self.volume.open_with(
+            ino.0,
+            write,
+            append,
+            (!direct).then_some(&mut register as _),
+        );
+        match opened {
+            Ok(Opened {
+                fh,
+                backing: Some(token),
+            }) => match token.downcast_ref::<BackingId>() {
+                // The kernel refuses (EIO) any flag outside FOPEN_PASSTHROUGH_MASK here, so no
+                // FOPEN_KEEP_CACHE: the page cache used is the backing file's anyway.
+                Some(id) => {
+                    tracing::debug!(?id, "open: passthrough");
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+                }
+                None => unreachable!("backing tokens are made by `register` above"),
+            },
             // Content changes only through this mount (the kernel sees it) or by a discard
             // (which invalidates): keep the page cache across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(Opened { fh, backing: None }) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(fail("open", ino.0, &e)),
         }
     }
@@ -698,6 +760,8 @@ pub struct MountOptions {
     pub fsname: String,
     /// FUSE worker threads [default: twice the CPUs, at least 4].
     pub threads: Option<usize>,
+    /// Session parameter overrides (defaults are right; the bench compares).
+    pub tuning: Tuning,
 }
 
 /// The mount source of a volume's mount: `horcrux:<volume>` (how `umount` recognises ours).
@@ -743,7 +807,10 @@ pub fn mount(
     config.n_threads = Some(options.threads.unwrap_or_else(default_threads).max(1));
     // One /dev/fuse descriptor per worker: no contention on a single fd's queue.
     config.clone_fd = true;
-    let fs = HorcruxFs::new(volume.clone());
+    let fs = HorcruxFs {
+        volume: volume.clone(),
+        tuning: options.tuning.clone(),
+    };
     // SAFETY: geteuid has no preconditions.
     let session = if unsafe { libc::geteuid() } == 0 {
         mount_as_root(fs, mountpoint, options, config)

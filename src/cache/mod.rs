@@ -17,6 +17,7 @@
 //!   by a volume (the `pins` table, see `pins.rs`) are skipped, and so are pinned manifests.
 //! - The cache only holds clean, content-addressed data; it never holds local changes.
 
+mod assembled;
 mod bitmap;
 mod index;
 mod pins;
@@ -35,6 +36,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use assembled::{AssembledCounters, AssembledFile, Piece};
 pub use bitmap::Bitmap;
 pub use pins::{PinSummary, PrefetchRecord, volume_owner};
 
@@ -113,6 +115,9 @@ pub struct CacheStats {
     pub misses: u64,
     pub inserted_bytes: u64,
     pub evicted_chunks: u64,
+    /// Files assembled for FUSE passthrough, on disk, and their allocated bytes.
+    pub assembled_files: u64,
+    pub assembled_bytes: u64,
 }
 
 /// What `prune` removed.
@@ -150,6 +155,8 @@ pub struct Cache {
     misses: AtomicU64,
     inserted: AtomicU64,
     evicted: AtomicU64,
+    /// Files assembled for passthrough (`assembled.rs`).
+    assembled: assembled::Assembled,
 }
 
 /// A chunk row as `verify` reads it: id, generation, length, block size, hashes, bitmap.
@@ -205,7 +212,7 @@ impl Cache {
                 dir: dir.display().to_string(),
                 source,
             })?;
-        Ok(Arc::new(Self {
+        let cache = Arc::new(Self {
             dir,
             max_size: config.max_size,
             db: Mutex::new(conn),
@@ -219,7 +226,11 @@ impl Cache {
             misses: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
-        }))
+            assembled: Default::default(),
+        });
+        // Assembled files count toward the bound from the start.
+        cache.assembled_usage();
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -467,7 +478,7 @@ impl Cache {
         self.total.fetch_add(new_bytes, Ordering::Relaxed);
         self.inserted.fetch_add(new_bytes, Ordering::Relaxed);
         if let Some(max) = self.max_size {
-            if self.total.load(Ordering::Relaxed) > max {
+            if self.total.load(Ordering::Relaxed) + self.assembled.bytes() > max {
                 self.evict_to(max)?;
             }
         }
@@ -593,6 +604,10 @@ impl Cache {
             })
             .map_err(|e| self.sql(e))?;
         self.total.store(total as u64, Ordering::Relaxed);
+        // Assembled files (derived copies of cached chunks) go first; what pinned ones still
+        // hold is taken from the chunks' share of the bound.
+        let assembled = self.evict_assembled_to(target.saturating_sub(total as u64));
+        let target = target.saturating_sub(assembled);
         let candidates: Vec<(ChunkId, i64, bool)> = {
             let db = self.db.lock();
             let mut st = db
@@ -654,6 +669,7 @@ impl Cache {
         self.flush_touches()?;
         let mut report = PruneReport::default();
         if let Some(age) = older_than {
+            self.prune_assembled(SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH));
             let cutoff = now_secs() - age.as_secs() as i64;
             let old: Vec<(ChunkId, i64, bool)> = {
                 let db = self.db.lock();
@@ -823,6 +839,7 @@ impl Cache {
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
         self.flush_touches()?;
+        let (assembled_files, assembled_bytes) = self.assembled_usage();
         let db = self.db.lock();
         let (chunks, bytes) = db
             .query_row(
@@ -854,6 +871,8 @@ impl Cache {
             misses: self.misses.load(Ordering::Relaxed),
             inserted_bytes: self.inserted.load(Ordering::Relaxed),
             evicted_chunks: self.evicted.load(Ordering::Relaxed),
+            assembled_files,
+            assembled_bytes,
         })
     }
 
@@ -931,6 +950,10 @@ impl Cache {
             progress(i as u64 + 1, total);
         }
         rep.orphan_files = self.remove_orphans()?;
+        if rep.bad_blocks > 0 {
+            // Assembled files may hold copies of the bad blocks: drop them (derived data).
+            self.remove_assembled();
+        }
         let manifests: Vec<Vec<u8>> = {
             let db = self.db.lock();
             let mut st = db

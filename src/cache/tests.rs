@@ -232,3 +232,62 @@ fn verify_removes_orphan_files_left_by_a_crash() {
     assert!(!orphan.exists());
     assert_eq!(c.read_range(&info, BS, 0..4096).unwrap(), &data[..]);
 }
+
+/// A file of two extents (the second chunk only partly) with a hole between them.
+fn layout(a: &ChunkInfo, b: &ChunkInfo) -> Vec<Piece> {
+    vec![
+        Piece {
+            file_off: 0,
+            len: a.len,
+            chunk: Arc::new(a.clone()),
+            chunk_off: 0,
+        },
+        Piece {
+            file_off: a.len + 5000,
+            len: 4096 + 10,
+            chunk: Arc::new(b.clone()),
+            chunk_off: 4096,
+        },
+    ]
+}
+
+#[test]
+fn assembled_files_hold_exactly_the_file_once_fully_cached() {
+    let d = tempfile::tempdir().unwrap();
+    let c = open(d.path(), None);
+    let (a, da) = chunk(5, 2 * 4096 + 300);
+    let (b, db) = chunk(7, 3 * 4096 + 17);
+    let pieces = layout(&a, &b);
+    let size = a.len + 5000 + 4096 + 10 + 123;
+    // Nothing cached, then part of it: no assembled file.
+    assert!(c.assembled_file(size, BS, &pieces).unwrap().is_none());
+    let all_a: Vec<_> = (0..3).map(|i| verified(&a, &da, i)).collect();
+    c.insert_blocks(&a, BS, &all_a).unwrap();
+    c.insert_blocks(&b, BS, &[verified(&b, &db, 1)]).unwrap();
+    assert!(c.assembled_file(size, BS, &pieces).unwrap().is_none());
+    // Block 2 of `b` holds the piece's last 10 bytes.
+    c.insert_blocks(&b, BS, &[verified(&b, &db, 2)]).unwrap();
+    let f = c.assembled_file(size, BS, &pieces).unwrap().unwrap();
+    let mut want = vec![0u8; size as usize];
+    want[..da.len()].copy_from_slice(&da);
+    let off = a.len as usize + 5000;
+    want[off..off + 4106].copy_from_slice(&db[4096..4096 + 4106]);
+    assert_eq!(std::fs::read(f.path()).unwrap(), want);
+    assert_eq!(f.len(), size);
+    // The same layout finds the same file; another layout (another version) another one.
+    let again = c.assembled_file(size, BS, &pieces).unwrap().unwrap();
+    assert_eq!(again.path(), f.path());
+    let mut other = pieces.clone();
+    other[1].file_off += 1;
+    let g = c.assembled_file(size, BS, &other).unwrap().unwrap();
+    assert_ne!(g.path(), f.path());
+    assert_eq!(c.assembled_usage().0, 2);
+    assert_eq!(c.assembled_counters().assembled.load(Ordering::Relaxed), 2);
+    // Open (pinned) files are not evicted; closed ones go first.
+    drop(g);
+    assert!(c.remove_assembled() == 1);
+    assert!(f.path().exists());
+    drop((f, again));
+    assert_eq!(c.remove_assembled(), 1);
+    assert_eq!(c.assembled_usage(), (0, 0));
+}

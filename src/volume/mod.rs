@@ -15,6 +15,7 @@
 mod attr;
 mod changes;
 mod hydrate;
+mod passthrough;
 mod snapshot;
 mod write;
 
@@ -29,6 +30,9 @@ use tokio::runtime::Handle;
 pub use attr::{Attr, StatFs};
 pub use changes::{Change, ChangeKind, FileDiff, MetaChange, Status};
 pub use hydrate::BlockPlan;
+pub use passthrough::{
+    BackingToken, DEFAULT_MIN_SIZE, Opened, PassthroughConfig, PassthroughStats, Register,
+};
 pub use snapshot::{ChunkSink, Frozen, SnapshotStats};
 pub use write::{Ctx, SetAttr, TimeSet};
 
@@ -65,6 +69,10 @@ pub enum VolumeError {
     NotSupported,
     #[error("device or resource busy: {0}")]
     Busy(String),
+    /// The file is open with passthrough (served by the kernel from a backing file): it
+    /// cannot be opened for writing or truncated until those handles are closed.
+    #[error("text file busy (open with passthrough)")]
+    TextBusy,
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
@@ -91,6 +99,7 @@ impl VolumeError {
             VolumeError::NameTooLong => libc::ENAMETOOLONG,
             VolumeError::NotSupported => libc::EOPNOTSUPP,
             VolumeError::Busy(_) => libc::EBUSY,
+            VolumeError::TextBusy => libc::ETXTBSY,
             VolumeError::Overlay(e) => e.errno(),
             VolumeError::Manifest(_) | VolumeError::Fetch(_) | VolumeError::Store(_) => libc::EIO,
         }
@@ -146,6 +155,8 @@ pub struct Volume {
     gate: parking_lot::RwLock<()>,
     /// Inode generation: bumped by each checkout (see [`Attr::generation`]).
     generation: AtomicU64,
+    /// Passthrough opens of fully cached files (`passthrough.rs`).
+    passthrough: passthrough::Passthrough,
 }
 
 /// Largest sequential prefetch window.
@@ -203,6 +214,7 @@ impl Volume {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             statfs: Mutex::new(None),
+            passthrough: passthrough::Passthrough::new(PassthroughConfig::default()),
         }
     }
 
@@ -402,17 +414,9 @@ impl Volume {
 
     /// Open a file. Writing needs an overlay (else `EROFS`); `append` makes every write go to
     /// the end of the file.
+    /// The handle is served by this volume's `read`; [`Volume::open_with`] may pass it through.
     pub fn open(&self, ino: u64, write: bool, append: bool) -> Result<u64, VolumeError> {
-        let n = self.node(ino)?;
-        match n.kind {
-            NodeKind::Dir => return Err(VolumeError::IsDir),
-            NodeKind::File => {}
-            _ => return Err(VolumeError::Invalid),
-        }
-        if write && self.overlay.is_none() {
-            return Err(VolumeError::ReadOnly);
-        }
-        Ok(self.new_handle(ino, append))
+        Ok(self.open_with(ino, write, append, None)?.fh)
     }
 
     fn new_handle(&self, ino: u64, append: bool) -> u64 {
@@ -440,6 +444,7 @@ impl Volume {
         let Some(of) = self.handles.lock().remove(&fh) else {
             return Ok(());
         };
+        self.passthrough_release(of.ino);
         for id in of.pinned {
             self.fetcher.cache().unpin(&id);
         }

@@ -326,6 +326,7 @@ impl Volume {
         append: bool,
     ) -> Result<(Attr, u64), VolumeError> {
         let a = self.make(ctx, parent, name, NodeKind::File, mode, 0, None)?;
+        self.count_daemon_handle(a.ino)?;
         let fh = self.new_handle(a.ino, append);
         Ok((a, fh))
     }
@@ -618,6 +619,13 @@ impl Volume {
     }
 
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr, VolumeError> {
+        // A truncation changes the content: not while the kernel serves the file from a
+        // backing file, and no passthrough open may start meanwhile (lock order: the
+        // passthrough table, then the overlay state).
+        let _no_passthrough = match set.size {
+            Some(_) => Some(self.content_change_guard(ino)?),
+            None => None,
+        };
         let ov = self.overlay_or_ro()?;
         let mut st = ov.state.write();
         let now = now_ns();

@@ -143,6 +143,11 @@ pub fn run(command: CacheCommand, args: CacheArgs) -> anyhow::Result<()> {
                 s.manifests,
                 human_size(s.manifest_bytes)
             );
+            println!(
+                "assembled    {} ({}; files copied whole for FUSE passthrough)",
+                s.assembled_files,
+                human_size(s.assembled_bytes)
+            );
             let pins = cache.pin_summaries()?;
             if !pins.is_empty() {
                 println!(

@@ -82,6 +82,23 @@ pub struct MountArgs {
     /// This node's own peer address (host:port, as in the peers file), skipped among the peers
     #[arg(long = "self", value_name = "HOST:PORT")]
     pub self_addr: Option<String>,
+    /// Serve every read through the daemon: no FUSE passthrough of fully cached files
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Smallest file passed through once fully cached (smaller ones are read through the
+    /// daemon; each passed-through file is copied once into the cache's assembled/ files)
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::parse_size)]
+    pub passthrough_min_size: u64,
+    /// Bench: FUSE max_background asked at init [default: 256]
+    #[arg(long, hide = true, value_name = "N")]
+    pub fuse_max_background: Option<u16>,
+    /// Bench: FUSE max_write asked at init, which also bounds read requests [default: 16M,
+    /// capped by the kernel's fs.fuse.max_pages_limit]
+    #[arg(long, hide = true, value_name = "SIZE", value_parser = crate::parse_size)]
+    pub fuse_max_write: Option<u64>,
+    /// Bench: kernel readahead of the mount in KiB [default: 1024]
+    #[arg(long, hide = true, value_name = "KIB")]
+    pub readahead_kb: Option<u32>,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -573,15 +590,24 @@ fn serve(
         fetch_config,
     ));
     let writable = overlay.is_some();
-    let volume = Arc::new(match overlay {
+    let mut volume = match overlay {
         Some(ov) => Volume::with_overlay(manifest, fetcher, runtime.handle().clone(), ov)?,
         None => Volume::new(manifest, fetcher, runtime.handle().clone()),
+    };
+    volume.set_passthrough(horcrux::volume::PassthroughConfig {
+        enabled: !a.no_passthrough,
+        min_size: a.passthrough_min_size,
     });
+    let volume = Arc::new(volume);
     let options = horcrux_fuse::MountOptions {
         read_only: !writable,
         allow_other: a.allow_other,
         fsname: horcrux_fuse::fsname(&name),
         threads: a.threads,
+        tuning: horcrux_fuse::Tuning {
+            max_background: a.fuse_max_background,
+            max_write: a.fuse_max_write.map(|w| w.min(u32::MAX as u64) as u32),
+        },
     };
     let session = horcrux_fuse::mount(volume.clone(), &mountpoint, &options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
@@ -594,7 +620,9 @@ fn serve(
         &name,
         &access,
     ));
-    if let Err(e) = horcrux_fuse::tune_readahead(&mountpoint, READAHEAD_KB) {
+    if let Err(e) =
+        horcrux_fuse::tune_readahead(&mountpoint, a.readahead_kb.unwrap_or(READAHEAD_KB))
+    {
         tracing::debug!(error = %e, "could not raise the kernel readahead");
     }
 
