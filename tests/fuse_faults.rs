@@ -167,7 +167,16 @@ fn kill_9_during_reads_leaves_a_clean_cache() {
                 let (files, stop, mp) = (files.clone(), stop.clone(), m.mountpoint.clone());
                 std::thread::spawn(move || -> Option<i32> {
                     let (name, data) = &files[r % files.len()];
-                    let f = open_direct(&mp.join(name));
+                    // On a loaded machine the kill may come before this open: it fails like
+                    // a read would.
+                    let f = match OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(mp.join(name))
+                    {
+                        Ok(f) => f,
+                        Err(e) => return e.raw_os_error(),
+                    };
                     let mut buf = vec![0u8; 256 << 10];
                     let mut off = (r as u64 * 777_777) % data.len() as u64;
                     while !stop.load(Ordering::Relaxed) {
