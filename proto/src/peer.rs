@@ -583,9 +583,20 @@ impl From<Status> for PeerError {
         let mut msg = format!("{:?}: {}", s.code(), s.message());
         let mut src = s.source();
         while let Some(e) = src {
-            msg.push_str(": ");
-            msg.push_str(&e.to_string());
+            // Transport errors repeat their cause in their own text: say each thing once.
+            let text = e.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
             src = e.source();
+        }
+        if msg.contains("certificate") {
+            msg.push_str(
+                " (the TLS handshake failed: both nodes need certificates of the same CA — the \
+                 ca.crt of --tls-dir — and the peer's certificate must name the address dialled; \
+                 see `horcrux tls issue --san`)",
+            );
         }
         match s.code() {
             tonic::Code::NotFound => PeerError::NotFound(s.message().to_string()),
