@@ -31,7 +31,8 @@ packages=(
     fuse3                         # fusermount3: unprivileged mount helper fuser uses
     kmod                          # modprobe fuse
     attr                          # getfattr/setfattr: xattr checks in tests and the demo
-    psmisc procps util-linux      # fuser, pgrep/ps, mountpoint
+    psmisc procps util-linux      # fuser, pgrep/ps, mountpoint, nsenter, setpriv
+    iproute2                      # ip netns: multi-host peer tests (tests/peers_netns.rs)
     openssh-server openssh-client # loopback sshd for ssh:// tests
     python3 python3-pip python3-venv ca-certificates curl git
 )
