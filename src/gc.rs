@@ -254,6 +254,21 @@ struct Mark<'a> {
 }
 
 impl<'a> Mark<'a> {
+    /// Nothing marked yet; manifests are downloaded into `tmp`.
+    fn new(repo: &'a Repository, tmp: PathBuf, concurrency: usize) -> Self {
+        Self {
+            repo,
+            tmp,
+            concurrency,
+            reachable: HashSet::new(),
+            commits_seen: HashSet::new(),
+            manifests_done: HashSet::new(),
+            commits: 0,
+            missing: BTreeSet::new(),
+            absent_parents: BTreeSet::new(),
+        }
+    }
+
     /// Mark everything `tips` reach (skipping what is marked already).
     async fn from(
         &mut self,
@@ -355,17 +370,7 @@ pub(crate) async fn reachable(
     let tmp = ScratchDir::new()?;
     progress.phase("reading refs", 0);
     let refs = read_refs(repo).await?;
-    let mut mark = Mark {
-        repo,
-        tmp: tmp.0.clone(),
-        concurrency,
-        reachable: HashSet::new(),
-        commits_seen: HashSet::new(),
-        manifests_done: HashSet::new(),
-        commits: 0,
-        missing: BTreeSet::new(),
-        absent_parents: BTreeSet::new(),
-    };
+    let mut mark = Mark::new(repo, tmp.0.clone(), concurrency);
     mark.from(refs.values().copied(), progress).await?;
     Ok(Reachable {
         refs: refs.len() as u64,
@@ -505,17 +510,7 @@ pub async fn gc(
     progress.phase("reading refs", 0);
     let mut refs = read_refs(repo).await?;
     report.refs = refs.len() as u64;
-    let mut mark = Mark {
-        repo,
-        tmp: tmp.0.clone(),
-        concurrency: options.concurrency,
-        reachable: HashSet::new(),
-        commits_seen: HashSet::new(),
-        manifests_done: HashSet::new(),
-        commits: 0,
-        missing: BTreeSet::new(),
-        absent_parents: BTreeSet::new(),
-    };
+    let mut mark = Mark::new(repo, tmp.0.clone(), options.concurrency);
     mark.from(
         refs.values().copied().chain(options.keep.iter().copied()),
         progress,
