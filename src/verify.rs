@@ -10,7 +10,6 @@
 //! damage.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -130,11 +129,9 @@ pub async fn verify(
 
     if !options.quick {
         progress.phase("reading chunks", report.chunk_bytes);
-        let hashed = AtomicU64::new(0);
         let mut results = futures_util::stream::iter(present)
             .map(|(id, key)| {
                 let store = store.clone();
-                let hashed = &hashed;
                 async move {
                     let data = match store.get(&key).await {
                         Ok(d) => d,
@@ -147,7 +144,6 @@ pub async fn verify(
                     })
                     .await
                     .expect("hash task");
-                    hashed.fetch_add(1, Ordering::Relaxed);
                     Ok((key, n, ok))
                 }
             })
@@ -157,12 +153,14 @@ pub async fn verify(
             progress.advance(n);
             if n == 0 && !ok {
                 report.missing.push(key); // removed while we ran
-            } else if !ok {
+                continue;
+            }
+            report.chunks_hashed += 1;
+            if !ok {
                 tracing::error!(%key, "chunk does not match its id");
                 report.corrupt.push(key);
             }
         }
-        report.chunks_hashed = hashed.load(Ordering::Relaxed);
         report.corrupt.sort();
     }
     Ok(report)
