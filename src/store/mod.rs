@@ -48,6 +48,49 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// The kind of failure, for error counters. Backends report refusals and time-outs in
+    /// their own words (`Other`), so those are recognised by the words they use.
+    pub fn kind(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
+        match self {
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+                std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                _ => ErrorKind::Io,
+            },
+            StoreError::CasConflict { .. } | StoreError::Unsupported(_) => ErrorKind::Other,
+            StoreError::Other { message, .. } => {
+                let m = message.to_ascii_lowercase();
+                if [
+                    "permission denied",
+                    "access denied",
+                    "accessdenied",
+                    "forbidden",
+                    "403",
+                    "unauthorized",
+                    "authentication",
+                    "certificate",
+                ]
+                .iter()
+                .any(|w| m.contains(w))
+                {
+                    ErrorKind::Permission
+                } else if m.contains("timed out")
+                    || m.contains("timeout")
+                    || m.contains("no answer within")
+                {
+                    ErrorKind::Timeout
+                } else if m.contains("verification") || m.contains("hash mismatch") {
+                    ErrorKind::Verify
+                } else {
+                    ErrorKind::Io
+                }
+            }
+        }
+    }
 }
 
 /// A place holding repository objects.
