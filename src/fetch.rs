@@ -464,7 +464,9 @@ impl Fetcher {
             }
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(chunk = %info.id, block = idx, error = %e, "hash mismatch: corrupted data refused");
+                // The mirror set names the store that sent it (warn); the reader's failure is
+                // logged where it becomes an errno or a peer's error.
+                tracing::debug!(block = idx, error = %e, "corrupted data refused");
                 *bad.lock() = Some(e);
                 false
             }
@@ -517,7 +519,9 @@ impl Fetcher {
                     source_name: self.source.describe(),
                     error: Arc::new(e),
                 };
-                tracing::error!(error = %err, block = idx, "fetch failed");
+                // Logged once, at the boundary that answers the reader (FUSE errno, prefetch,
+                // peer server), with this error as its cause.
+                tracing::debug!(error = %err, block = idx, "fetch failed");
                 Err(err)
             }
             Err(_) => {
@@ -528,7 +532,7 @@ impl Fetcher {
                     source_name: self.source.describe(),
                     timeout: self.config.request_timeout,
                 };
-                tracing::error!(error = %err, block = idx, "fetch timed out");
+                tracing::debug!(error = %err, block = idx, "fetch timed out");
                 Err(err)
             }
         }

@@ -269,7 +269,7 @@ impl NodeBackend {
         .unwrap_or_default()
     }
 
-    /// Count a request of kind `op` that `started` then, and its bytes if it succeeded.
+    /// Count a request of kind `op` (timed by `timer`), and its bytes if it succeeded.
     fn count<T>(
         &self,
         op: &'static str,
@@ -283,7 +283,17 @@ impl NodeBackend {
                     .bytes_served
                     .fetch_add(len(v), std::sync::atomic::Ordering::Relaxed);
             }
-            Err(_) => self.metrics.requests.0.error(op),
+            Err(e) => {
+                self.metrics.requests.0.error(op);
+                // The peer server is the boundary: a failure to answer is logged here, once.
+                // Keys nobody here has and bad requests are the client's business.
+                match e {
+                    BackendError::Failed(_) => {
+                        tracing::warn!(op, error = %e, "peer request failed")
+                    }
+                    _ => tracing::debug!(op, error = %e, "peer request refused"),
+                }
+            }
         }
         drop(timer);
     }

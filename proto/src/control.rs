@@ -384,7 +384,7 @@ pub enum Response {
     Prefetch(PrefetchReport),
     /// This daemon has run no prefetch job.
     NoPrefetch,
-    Stats(StatsReport),
+    Stats(Box<StatsReport>),
     /// The request failed; `message` is for the user.
     Error {
         message: String,

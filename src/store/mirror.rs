@@ -238,7 +238,12 @@ impl MirrorStore {
                     return Ok(v);
                 }
                 Ok(Ok((_, false))) => {
-                    self.failed(i, "data failed verification");
+                    // A lone store is not "marked unhealthy" in the log (`failed`): name it
+                    // here, so the source of bad bytes is always in the log, once.
+                    if self.stores.len() == 1 {
+                        tracing::warn!(store = %self.stores[i].describe(), key, "hash mismatch: data refused, never cached");
+                    }
+                    self.failed(i, "hash mismatch: data refused, never cached");
                     last = Some(StoreError::Other {
                         store: self.stores[i].describe(),
                         message: format!("`{key}`: data failed verification"),

@@ -325,7 +325,7 @@ impl Handler for ControlHandler {
             } => return self.prefetch(all, paths, bandwidth, concurrency),
             Request::PrefetchStatus => return self.prefetch_status(false),
             Request::PrefetchCancel => return self.prefetch_status(true),
-            Request::Stats => return Response::Stats(self.stats()),
+            Request::Stats => return Response::Stats(Box::new(self.stats())),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

@@ -99,9 +99,8 @@ pub struct ServeArgs {
     /// Serve plain HTTP/2 without TLS (only to measure what TLS costs; never on a network)
     #[arg(long, hide = true)]
     pub insecure_no_tls: bool,
-    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9185; port 0 picks a
-    /// free one, printed as `metrics on ADDR`). No authentication: keep it on loopback or a
-    /// private network
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9185; the address is
+    /// logged). No authentication: keep it on loopback or a private network
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     #[command(flatten)]
@@ -180,7 +179,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                     e.finish()
                 }),
             )?;
-            println!("metrics on {addr}");
+            tracing::debug!(%addr, "metrics endpoint started");
         }
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await

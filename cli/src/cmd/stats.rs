@@ -43,7 +43,7 @@ pub fn run(a: StatsArgs) -> anyhow::Result<()> {
     let mut prev: Option<StatsReport> = None;
     loop {
         let r = match mounts::request(&loc, &Request::Stats, a.daemon.timeout)? {
-            Response::Stats(r) => r,
+            Response::Stats(r) => *r,
             other => bail!(
                 "the daemon of {} answered with something else than its figures ({other:?}); \
                  it may run an older horcrux: unmount and mount again with this one",
