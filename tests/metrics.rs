@@ -328,3 +328,108 @@ fn systemd_units_verify() {
         );
     }
 }
+
+/// A corrupted chunk: the failed reads are counted by kind (verify) at every level, each
+/// failed read is one log line with its cause, and nothing is logged as an ERROR twice over.
+/// `horcrux stats --watch` keeps printing.
+#[test]
+fn verify_failures_are_counted_and_logged_once_per_failed_read() {
+    let t = tempdir();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = bytes(9, 2 * MIB as usize);
+    fs::write(src.join("f"), &data).unwrap();
+    let repo = t.path().join("repo");
+    generate("vol", &src, &repo);
+    // The chunk holding f[1M..2M]: flip a byte.
+    let second = &data[MIB as usize..];
+    let mut stack = vec![repo.join("chunks")];
+    let mut victim = None;
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if fs::read(&p).unwrap() == second {
+                victim = Some(p);
+            }
+        }
+    }
+    let victim = victim.expect("the chunk of f[1M..2M]");
+    let chunk_hex = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let mut b = fs::read(&victim).unwrap();
+    b[1000] ^= 0x01;
+    fs::write(&victim, &b).unwrap();
+
+    let m = Mount::new(
+        &repo,
+        &t.path().join("mnt"),
+        &t.path().join("cache"),
+        &["--metrics", "127.0.0.1:0", "--read-only"],
+    );
+    let addr = metrics_addr(&m.mountpoint);
+    let e = fs::read(m.path("f")).expect_err("a corrupted block is never served");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let s = prom::scrape(&addr);
+    let vl = [("volume", "vol")];
+    assert!(
+        s.value("horcrux_verify_failures_total", &vl) >= 1.0,
+        "{}",
+        s.text
+    );
+    assert!(
+        s.value(
+            "horcrux_fetch_errors_total",
+            &[("volume", "vol"), ("kind", "verify")]
+        ) >= 1.0,
+        "{}",
+        s.text
+    );
+    let src_label = format!("file://{}", repo.display());
+    assert!(
+        s.value(
+            "horcrux_source_errors_total",
+            &[("source", src_label.as_str()), ("kind", "verify")]
+        ) >= 1.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.value(
+            "horcrux_fetch_errors_total",
+            &[("volume", "vol"), ("kind", "timeout")]
+        ),
+        0.0
+    );
+    let failed_reads = s.value("horcrux_fuse_errors_total", &[("op", "read")]);
+    assert!(failed_reads >= 1.0, "{}", s.text);
+    // The log: one WARN line per failed read, naming the chunk and the cause.
+    let log = m.log_text();
+    let answered: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("I/O error answered"))
+        .collect();
+    assert_eq!(answered.len() as f64, failed_reads, "{log}");
+    for l in &answered {
+        assert!(
+            l.contains(&chunk_hex) && l.contains("hash mismatch"),
+            "the cause is on the line: {l}"
+        );
+    }
+    assert!(!log.contains(" ERROR "), "{log}");
+
+    // --watch prints report after report.
+    let mut child = Command::new(horcrux_bin())
+        .args(["stats", "--watch", "0.2"])
+        .arg(&m.mountpoint)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches("volume    vol @").count() >= 2, "{text}");
+    assert!(text.contains("verify failures"), "{text}");
+    m.unmount();
+}

@@ -1339,6 +1339,41 @@ mod tests {
     }
 
     #[test]
+    fn stats_reports_round_trip() {
+        let mut r = StatsReport {
+            volume: "AMCC".into(),
+            metrics_addr: Some("127.0.0.1:9184".into()),
+            ..Default::default()
+        };
+        r.fetch.errors.insert("verify".into(), 2);
+        r.sources.push(SourceFigures {
+            source: "file:///r".into(),
+            requests: 3,
+            latency: HistogramFigures {
+                bounds_us: vec![100],
+                buckets: vec![1, 2],
+                sum_us: 900,
+                count: 3,
+            },
+            ..Default::default()
+        });
+        let line = encode_line(&Response::Stats(Box::new(r.clone()))).unwrap();
+        assert_eq!(
+            decode_line::<Response>(&line).unwrap(),
+            Response::Stats(Box::new(r))
+        );
+        assert_eq!(
+            encode_line(&Request::Stats).unwrap(),
+            b"{\"v\":1,\"type\":\"stats\"}\n"
+        );
+        // An older daemon's report without `metrics_addr` still reads.
+        let mut v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        v["data"].as_object_mut().unwrap().remove("metrics_addr");
+        let back: Response = decode_line(v.to_string().as_bytes()).unwrap();
+        assert!(matches!(back, Response::Stats(r) if r.metrics_addr.is_none()));
+    }
+
+    #[test]
     fn lines_have_the_documented_shape() {
         let s = |m: &dyn erased::Ser| String::from_utf8(m.line()).unwrap();
         assert_eq!(s(&Request::Ping), "{\"v\":1,\"type\":\"ping\"}\n");

@@ -248,3 +248,47 @@ pub fn open_store_with(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ErrorKind;
+
+    #[test]
+    fn errors_have_kinds() {
+        let other = |m: &str| StoreError::Other {
+            store: "s".into(),
+            message: m.into(),
+        };
+        let io = |k| StoreError::Io {
+            store: "s".into(),
+            key: "k".into(),
+            source: std::io::Error::from(k),
+        };
+        assert_eq!(
+            StoreError::NotFound {
+                store: "s".into(),
+                key: "k".into()
+            }
+            .kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            io(std::io::ErrorKind::PermissionDenied).kind(),
+            ErrorKind::Permission
+        );
+        assert_eq!(io(std::io::ErrorKind::TimedOut).kind(), ErrorKind::Timeout);
+        assert_eq!(
+            io(std::io::ErrorKind::ConnectionReset).kind(),
+            ErrorKind::Io
+        );
+        assert_eq!(other("HTTP 403 Forbidden").kind(), ErrorKind::Permission);
+        assert_eq!(other("`k`: no answer within 2s").kind(), ErrorKind::Timeout);
+        assert_eq!(
+            other("`k`: data failed verification").kind(),
+            ErrorKind::Verify
+        );
+        assert_eq!(other("connection reset").kind(), ErrorKind::Io);
+        assert_eq!(StoreError::Unsupported("x".into()).kind(), ErrorKind::Other);
+    }
+}
