@@ -229,8 +229,11 @@ fn time_set(t: TimeOrNow) -> TimeSet {
 
 impl HorcruxFs {
     /// Log the failure of `op` (once, see [`errno`]), count it, and return the errno.
+    /// Routine answers (no such name, no such attribute) are not counted as errors.
     fn fail(&self, op: &'static str, ino: u64, e: &VolumeError) -> Errno {
-        self.ops.error(op);
+        if !matches!(e, VolumeError::NotFound | VolumeError::NoXattr) {
+            self.ops.error(op);
+        }
         fail(op, ino, e)
     }
 

@@ -214,7 +214,7 @@ pub fn render(r: &StatsReport, prev: Option<&StatsReport>) -> String {
     ));
     match &r.overlay {
         Some(ov) => line(format!(
-            "overlay   {} in {} files",
+            "overlay   {} in {} file(s) of their own",
             human_size(ov.bytes),
             ov.files
         )),
