@@ -557,7 +557,7 @@ impl Drop for BusyGuard<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
 
     use super::*;
     use crate::cache::CacheConfig;
@@ -787,6 +787,50 @@ mod tests {
         let f = Arc::new(Fetcher::with_mirrors(mirrors, f.cache.clone(), BS, cfg));
         assert_eq!(&f.read(&info, 0..200).await.unwrap()[..], &data[..200]);
         assert_eq!(f.metrics().verify_failures.load(Ordering::Relaxed), 1);
+        // Per source: the bad mirror's attempt is a verify error, the good one's bytes count.
+        let src = f.source().source_metrics();
+        let errs = |i: usize, k: crate::metrics::ErrorKind| {
+            src[i].errors.iter().find(|(kind, _)| *kind == k).unwrap().1
+        };
+        assert_eq!((src[0].requests, src[0].bytes), (1, 0));
+        assert_eq!(errs(0, crate::metrics::ErrorKind::Verify), 1);
+        assert_eq!((src[1].requests, src[1].bytes), (1, BS as u64));
+        assert_eq!(src[1].latency.count, 1);
+        // The reader got its block: no fetch error, one fetch timed.
+        assert!(f.metrics().errors.snapshot().iter().all(|(_, n)| *n == 0));
+        assert_eq!(f.metrics().fetch_latency.snapshot().count, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hits_and_misses_count_blocks_and_the_bytes_read() {
+        let (_d, _store, f, info, data) = setup(Duration::ZERO, 3 * 4096).await;
+        let m = f.metrics();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Cold: a read over blocks 0 and 1 misses both, for the bytes it asked.
+        assert!(f.read_cached(&info, 100..5000).is_none());
+        assert_eq!(
+            &f.read(&info, 100..5000).await.unwrap()[..],
+            &data[100..5000]
+        );
+        assert_eq!((load(&m.miss_blocks), load(&m.miss_bytes)), (2, 4900));
+        assert_eq!((load(&m.hit_blocks), load(&m.hit_bytes)), (0, 0));
+        assert_eq!(load(&m.bytes_fetched), 2 * 4096);
+        // Warm once persisted: the same range hits both blocks.
+        for _ in 0..500 {
+            if f.read_cached(&info, 0..8192).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (hb, hbytes) = (load(&m.hit_blocks), load(&m.hit_bytes));
+        assert_eq!(
+            &f.read_cached(&info, 100..5000).unwrap()[..],
+            &data[100..5000]
+        );
+        assert_eq!(load(&m.hit_blocks) - hb, 2);
+        assert_eq!(load(&m.hit_bytes) - hbytes, 4900);
+        assert_eq!(load(&m.miss_blocks), 2, "no new miss");
+        assert_eq!(f.inflight(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
