@@ -241,9 +241,12 @@ impl MirrorStore {
                     // A lone store is not "marked unhealthy" in the log (`failed`): name it
                     // here, so the source of bad bytes is always in the log, once.
                     if self.stores.len() == 1 {
-                        tracing::warn!(store = %self.stores[i].describe(), key, "hash mismatch: data refused, never cached");
+                        tracing::warn!(store = %self.stores[i].describe(), key, "data failed verification (hash mismatch): refused, never cached");
                     }
-                    self.failed(i, "hash mismatch: data refused, never cached");
+                    self.failed(
+                        i,
+                        "data failed verification (hash mismatch): refused, never cached",
+                    );
                     last = Some(StoreError::Other {
                         store: self.stores[i].describe(),
                         message: format!("`{key}`: data failed verification"),
