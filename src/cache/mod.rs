@@ -115,6 +115,8 @@ pub struct CacheStats {
     pub misses: u64,
     pub inserted_bytes: u64,
     pub evicted_chunks: u64,
+    /// Bytes of the chunks this process evicted to keep the bound.
+    pub evicted_bytes: u64,
     /// Files assembled for FUSE passthrough, on disk, and their allocated bytes.
     pub assembled_files: u64,
     pub assembled_bytes: u64,
@@ -155,6 +157,7 @@ pub struct Cache {
     misses: AtomicU64,
     inserted: AtomicU64,
     evicted: AtomicU64,
+    evicted_bytes: AtomicU64,
     /// Files assembled for passthrough (`assembled.rs`).
     assembled: assembled::Assembled,
 }
@@ -226,6 +229,7 @@ impl Cache {
             misses: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             assembled: Default::default(),
         });
         // Assembled files count toward the bound from the start.
@@ -641,6 +645,7 @@ impl Cache {
             report.chunks += 1;
             report.bytes += b;
             self.evicted.fetch_add(1, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(b, Ordering::Relaxed);
         }
         if report.chunks > 0 {
             tracing::debug!(
@@ -871,6 +876,7 @@ impl Cache {
             misses: self.misses.load(Ordering::Relaxed),
             inserted_bytes: self.inserted.load(Ordering::Relaxed),
             evicted_chunks: self.evicted.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             assembled_files,
             assembled_bytes,
         })
