@@ -21,6 +21,7 @@ pub mod import;
 pub mod manifest;
 pub mod overlay;
 pub mod prefetch;
+pub mod profile;
 pub mod remotes;
 pub mod repo;
 pub mod serve;
