@@ -95,7 +95,7 @@ pub struct CliMounter {
 }
 
 /// `mount ACCESS MOUNTPOINT --name N --ref R --cache-dir C --overlay-dir O [--read-only]
-/// [--cache-size S]`.
+/// [--cache-size S] [--record-profile SECS] [--no-replay] [--no-profile]`.
 pub fn mount_args(spec: &MountSpec) -> Vec<OsString> {
     let o: &VolumeOptions = &spec.options;
     let mut args: Vec<OsString> = vec![
@@ -119,6 +119,16 @@ pub fn mount_args(spec: &MountSpec) -> Vec<OsString> {
     }
     if let Some(s) = o.cache_size {
         args.extend(["--cache-size".into(), s.to_string().into()]);
+    }
+    // Start-up profiles: recorded and replayed by default, like any mount.
+    if let Some(w) = &o.record_profile {
+        args.extend(["--record-profile".into(), w.into()]);
+    }
+    if o.no_replay {
+        args.push("--no-replay".into());
+    }
+    if o.no_profile {
+        args.push("--no-profile".into());
     }
     args
 }
