@@ -196,6 +196,28 @@ fn a_recorded_start_up_is_replayed_in_order_on_another_host() {
         log.contains(&format!("fetched={}", want.len())),
         "every block fetched by the replay: {log}"
     );
+    // `prefetch --status` shows the replay (this mount has no other prefetch job).
+    let out = access.ok(&[
+        os("prefetch"),
+        os("--status"),
+        os("--json"),
+        m.mountpoint.as_os_str(),
+    ]);
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &st["replay"];
+    assert_eq!(r["replay"], "done", "{out}");
+    assert_eq!(r["blocks"].as_u64(), Some(want.len() as u64), "{out}");
+    assert_eq!(r["present"], r["blocks"], "{out}");
+    assert_eq!(r["generations"], 0, "{out}");
+    assert!(
+        r["recording"].as_str().unwrap().contains("has a profile"),
+        "{out}"
+    );
+    let out = access.ok(&[os("prefetch"), os("--status"), m.mountpoint.as_os_str()]);
+    assert!(
+        out.contains("start-up profile: recording") && out.contains("replay done"),
+        "{out}"
+    );
     // The source goes away: the start-up pattern reads from the cache alone...
     drop(s);
     start_up(&m, &files);

@@ -27,6 +27,8 @@
 //! → {"v":1,"type":"prefetch_status"}                  (also "prefetch_cancel")
 //! ← {"v":1,"type":"prefetch","data":{"state":"running","present_bytes":…,…}}
 //! ← {"v":1,"type":"no_prefetch"}                      (no job in this daemon)
+//! → {"v":1,"type":"replay_status"}
+//! ← {"v":1,"type":"replay","data":{"recording":"recording","replay":"running","blocks":96,…}}
 //! ← {"v":1,"type":"error","data":{"message":"…"}}     (any request can be answered so)
 //! ```
 //!
@@ -349,6 +351,8 @@ pub enum Request {
     PrefetchStatus,
     /// Stop the prefetch; it is not resumed by a later mount. Answered like `PrefetchStatus`.
     PrefetchCancel,
+    /// The start-up profile of the mount (recording and replay): [`Response::Replay`].
+    ReplayStatus,
 }
 
 /// What a daemon answers.
@@ -379,6 +383,8 @@ pub enum Response {
     Prefetch(PrefetchReport),
     /// This daemon has run no prefetch job.
     NoPrefetch,
+    /// The mount's start-up profile: what it records and what it replays.
+    Replay(ReplayReport),
     /// The request failed; `message` is for the user.
     Error {
         message: String,
@@ -428,6 +434,38 @@ pub struct PrefetchReport {
     pub commit: String,
     /// The owner name of the volume's pins in the cache (`horcrux cache pins`).
     pub owner: String,
+}
+
+/// A mount's start-up profile (record-and-replay prefetch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// The recording: `recording`, `off`, `not recording (...)`, `stored in ...`...
+    pub recording: String,
+    /// The replay: `off`, `looking for a profile`, `no profile`, `refused: ...`, `running`,
+    /// `done`.
+    pub replay: String,
+    /// Short id of the profile replayed, and how many generations before the mounted version
+    /// it was recorded (0 = this version).
+    #[serde(default)]
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub generations: u32,
+    /// Entries of the profile; blocks of them this version holds; blocks done (present),
+    /// fetched by the replay (and their bytes), shared with a reader, failed.
+    #[serde(default)]
+    pub entries: u64,
+    #[serde(default)]
+    pub blocks: u64,
+    #[serde(default)]
+    pub present: u64,
+    #[serde(default)]
+    pub fetched: u64,
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub shared: u64,
+    #[serde(default)]
+    pub failed: u64,
 }
 
 /// What a commit made.
@@ -1109,7 +1147,8 @@ mod tests {
                 | Request::ResetHard { .. }
                 | Request::Prefetch { .. }
                 | Request::PrefetchStatus
-                | Request::PrefetchCancel => Response::error("unused"),
+                | Request::PrefetchCancel
+                | Request::ReplayStatus => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),

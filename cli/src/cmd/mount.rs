@@ -678,6 +678,7 @@ fn serve(
         .context("starting the FUSE session")?;
     guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
+    let startup_state = Arc::new(crate::cmd::control_handler::StartupState::default());
     // The control socket answers before `horcrux mount` returns.
     let control = horcrux_proto::control::serve(
         &crate::mounts::runtime_file(&mountpoint, "sock"),
@@ -701,6 +702,7 @@ fn serve(
             cache: cache.clone(),
             runtime: runtime.handle().clone(),
             prefetcher: prefetcher.clone(),
+            startup: startup_state.clone(),
         }),
     )
     .map_err(|e| tracing::warn!(error = %e, "no control socket: status/diff/discard will not work"))
@@ -736,6 +738,7 @@ fn serve(
         &name,
         commit,
         offline,
+        startup_state,
     );
     let flusher = writable.then(|| Flusher::start(volume.clone()));
     wait_for_end(runtime, signals, &mountpoint, done_rx)?;
@@ -778,9 +781,25 @@ impl StartupProfile {
         name: &str,
         commit: horcrux::ids::CommitId,
         offline: bool,
+        state: Arc<crate::cmd::control_handler::StartupState>,
     ) -> Self {
         let replayer = Arc::new(parking_lot::Mutex::new(None));
         let replay = !offline && !a.no_profile && !a.no_replay;
+        let why_off = if offline {
+            "off (the source is unreachable)"
+        } else {
+            "off"
+        };
+        state.set_recording(if recorder.is_some() {
+            "recording"
+        } else {
+            why_off
+        });
+        state.set_replay(if replay {
+            "looking for a profile"
+        } else {
+            why_off
+        });
         if recorder.is_none() && !replay {
             return Self {
                 stop: None,
@@ -823,15 +842,30 @@ impl StartupProfile {
                 Ok(Some(f)) => {
                     if f.generations == 0 && !replace && let Some(r) = recorder.take() {
                         r.finish();
+                        state.set_recording("not recording (this version has a profile)");
                         tracing::info!("this version has a start-up profile: not recording another (--replace-profile to)");
                     }
                     if replay {
                         tracing::info!(profile = %f.id.short(), place = f.place, recorded_on = %f.manifest, generations_back = f.generations, entries = f.profile.entries.len(), "replaying the start-up profile");
-                        *rp.lock() = Some(horcrux::profile::Replayer::start(volume.clone(), f.profile, config));
+                        let r = horcrux::profile::Replayer::start(volume.clone(), f.profile, config);
+                        *state.progress.lock() =
+                            Some((f.id.short(), f.generations as u32, r.progress.clone()));
+                        state.set_replay("running");
+                        *rp.lock() = Some(r);
                     }
                 }
-                Ok(None) => tracing::info!("no start-up profile for this version or its recent ancestors"),
-                Err(e) => tracing::warn!(error = %e, "start-up profile refused; nothing replayed"),
+                Ok(None) => {
+                    tracing::info!("no start-up profile for this version or its recent ancestors");
+                    if replay {
+                        state.set_replay("no profile for this version or its recent ancestors");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "start-up profile refused; nothing replayed");
+                    if replay {
+                        state.set_replay(format!("refused: {e}"));
+                    }
+                }
             }
             let Some(rec) = recorder else { return };
             // Until the window ends or the volume is unmounted.
@@ -843,6 +877,7 @@ impl StartupProfile {
             let Some(entries) = rec.finish() else { return };
             if entries.is_empty() {
                 tracing::info!("start-up profile: no read reached the daemon during the window; nothing stored");
+                state.set_recording("ended: no read reached the daemon, nothing stored");
                 return;
             }
             let profile = horcrux::profile::Profile {
@@ -865,9 +900,22 @@ impl StartupProfile {
             };
             let n = profile.entries.len();
             match store.save(&profile, replace).await {
-                Ok(horcrux::profile::Stored::KeptExisting) => tracing::info!(blocks = n, "start-up profile recorded, but this version has one already: kept that one"),
-                Ok(w) => tracing::info!(blocks = n, place = ?w, key = %horcrux::format::profile_ref_key(&name, &mid), "start-up profile stored"),
-                Err(e) => tracing::warn!(error = %e, blocks = n, "start-up profile not stored"),
+                Ok(horcrux::profile::Stored::KeptExisting) => {
+                    tracing::info!(blocks = n, "start-up profile recorded, but this version has one already: kept that one");
+                    state.set_recording(format!("ended: {n} blocks recorded, the version's existing profile kept"));
+                }
+                Ok(w) => {
+                    tracing::info!(blocks = n, place = ?w, key = %horcrux::format::profile_ref_key(&name, &mid), "start-up profile stored");
+                    let place = match w {
+                        horcrux::profile::Stored::Local => "the local cache",
+                        _ => "the repository",
+                    };
+                    state.set_recording(format!("stored in {place}: {n} blocks"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, blocks = n, "start-up profile not stored");
+                    state.set_recording(format!("not stored: {e}"));
+                }
             }
         });
         Self {
@@ -887,9 +935,9 @@ impl StartupProfile {
         }
         if let Some(t) = self.task.take() {
             let r =
-                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(15), t).await });
+                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), t).await });
             if r.is_err() {
-                tracing::warn!("start-up profile: storing it took over 15 s; given up");
+                tracing::warn!("start-up profile: storing it took over 5 s; given up");
             }
         }
     }
