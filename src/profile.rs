@@ -368,8 +368,10 @@ impl ProfileStore {
         manifest: ManifestId,
         block_size: u32,
     ) -> Result<Option<Found>, ProfileError> {
-        let mut commit = Some(commit);
+        let mut commit = commit;
         let mut manifest = Some(manifest);
+        // The object of `commit`, once read.
+        let mut current: Option<crate::commit::Commit> = None;
         for generations in 0..=ANCESTORS {
             if let Some(m) = manifest {
                 for (store, place) in [(&self.repo, "repository"), (&self.local, "local cache")] {
@@ -385,15 +387,22 @@ impl ProfileStore {
                 }
             }
             // One generation up, by the first parent (a shallow history just ends).
-            let Some(c) = commit else { break };
-            let Ok(obj) = repo.commit(c).await else { break };
-            let parent = obj.parents.first().and_then(|p| p.parse::<CommitId>().ok());
-            let Some(p) = parent else { break };
-            let Ok(pobj) = repo.commit(p).await else {
+            let obj = match current.take() {
+                Some(o) => o,
+                None => match repo.commit(commit).await {
+                    Ok(o) => o,
+                    Err(_) => break,
+                },
+            };
+            let Some(p) = obj.parents.first().and_then(|p| p.parse::<CommitId>().ok()) else {
                 break;
             };
-            commit = Some(p);
-            manifest = pobj.manifest_id();
+            let Ok(parent) = repo.commit(p).await else {
+                break;
+            };
+            commit = p;
+            manifest = parent.manifest_id();
+            current = Some(parent);
         }
         Ok(None)
     }
