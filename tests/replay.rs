@@ -4,7 +4,8 @@
 //! exactly those blocks in that order before anything reads them (the SSH server is then
 //! stopped and the pattern still reads, while a block outside the profile does not); a later
 //! version replays what it still shares; corrupt and foreign profiles are refused with a log
-//! line and nothing breaks; `--no-profile`, `--record-profile 0` and `--no-replay` work.
+//! line and nothing breaks; `--no-profile`, `--record-profile 0` and `--no-replay` work; a
+//! repository the SSH server can only read keeps the profile in the local cache.
 //!
 //! Build the binary first: `cargo build --workspace`. Needs sshd (tests/setup.sh).
 
@@ -412,4 +413,74 @@ fn cached_chunks(access: &Access, dir: &Path) -> String {
         .unwrap_or_else(|| panic!("no chunks line in {out}"))
         .trim()
         .to_string()
+}
+
+/// A read-only bind mount of a directory; unmounted on drop.
+struct ReadOnlyBind(std::path::PathBuf);
+
+impl ReadOnlyBind {
+    fn new(src: &Path, dst: &Path) -> ReadOnlyBind {
+        std::fs::create_dir_all(dst).unwrap();
+        let run = |args: &[&OsStr]| {
+            let st = std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount {args:?}");
+        };
+        run(&[os("--bind"), src.as_os_str(), dst.as_os_str()]);
+        let b = ReadOnlyBind(dst.to_path_buf());
+        run(&[os("-o"), os("remount,bind,ro"), dst.as_os_str()]);
+        b
+    }
+}
+
+impl Drop for ReadOnlyBind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_read_only_repository_keeps_the_profile_in_the_local_cache() {
+    let t = tempdir();
+    let s = start_sshd();
+    let mut access = Access::ssh(&s);
+    access
+        .env
+        .push(("RUST_LOG".into(), "info,horcrux::profile=debug".into()));
+    let src = t.path().join("src");
+    let files = tree(&src);
+    let repo = s.dir().join("repo");
+    access.generate("v", &src, &s.url(&repo));
+    // The SSH server sees the repository through a read-only mount: writes fail with EROFS,
+    // as with read-only credentials.
+    let ro = ReadOnlyBind::new(&repo, &s.dir().join("repo-ro"));
+    let url = s.url(&ro.0);
+    let cache = t.path().join("cache");
+    let m = access.mount(&url, &t.path().join("m1"), &cache, &["--read-only"]);
+    start_up(&m, &files);
+    m.unmount();
+    assert!(
+        stored_profile(&repo, "v").is_none(),
+        "written through a read-only mount?"
+    );
+    let local = cache.join("profiles");
+    let (_, p) = stored_profile(&local, "v").expect("kept in the local cache");
+    assert!(!p.entries.is_empty());
+    // The same host (same cache directory, emptied of chunks) replays it from there.
+    access.ok(&[
+        os("cache"),
+        os("prune"),
+        os("--max-size"),
+        os("0"),
+        os("--cache-dir"),
+        cache.as_os_str(),
+    ]);
+    let m = access.mount(&url, &t.path().join("m2"), &cache, &["--read-only"]);
+    let log = wait_for_log(&m, "replay done");
+    assert!(log.contains("place=\"local cache\""), "{log}");
+    assert_eq!(replayed(&log).len(), p.entries.len(), "{log}");
+    m.unmount();
+    drop(ro);
 }
