@@ -649,7 +649,9 @@ impl Volume {
             }
             parts.push((s, t, info, coff..cend));
         }
-        if let Some(rec) = self.recorder.get() {
+        if let Some(rec) = self.recorder.get()
+            && rec.active()
+        {
             let bs = self.manifest().header().block_size as u64;
             for (_, _, info, r) in &parts {
                 if !r.is_empty() {
