@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ChunkId, CommitId, ManifestId};
+use crate::ids::{ChunkId, CommitId, ManifestId, ProfileId};
 
 /// The repository format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -130,6 +130,17 @@ pub fn tag_key(volume: &str, tag: &str) -> String {
 /// last `fetch` or `pull`.
 pub fn remote_ref_key(volume: &str, remote: &str, branch: &str) -> String {
     format!("volumes/{volume}/refs/remotes/{remote}/{branch}")
+}
+
+/// Store key of a start-up read profile (content-addressed, see `profile`).
+pub fn profile_key(id: &ProfileId) -> String {
+    format!("profiles/{}", id.to_hex())
+}
+
+/// Store key of the pointer to the profile recorded for a volume's version (by manifest id):
+/// its content is `"<profile id>\n"`.
+pub fn profile_ref_key(volume: &str, manifest: &ManifestId) -> String {
+    format!("volumes/{volume}/profiles/{}", manifest.to_hex())
 }
 
 /// Store key of a registered remote (its access URL, as text).

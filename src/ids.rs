@@ -77,6 +77,10 @@ hash_id!(
     /// A commit object: the blake3 hash of its canonical JSON.
     CommitId
 );
+hash_id!(
+    /// A start-up read profile (record-and-replay prefetch): the blake3 hash of its bytes.
+    ProfileId
+);
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod overlay;
 pub mod prefetch;
+pub mod profile;
 pub mod remotes;
 pub mod repo;
 pub mod serve;

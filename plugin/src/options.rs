@@ -10,7 +10,16 @@ use horcrux::format::{check_ref_name, check_volume_name, parse_size};
 use horcrux::store::{AccessUrl, parse_access};
 
 /// The option keys a volume accepts, in the order help texts list them.
-pub const KNOWN_KEYS: &[&str] = &["access", "name", "ref", "read-only", "cache-size"];
+pub const KNOWN_KEYS: &[&str] = &[
+    "access",
+    "name",
+    "ref",
+    "read-only",
+    "cache-size",
+    "record-profile",
+    "no-replay",
+    "no-profile",
+];
 
 /// What is wrong with the options, precisely enough for the user to fix the command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +54,13 @@ pub struct VolumeOptions {
     pub read_only: bool,
     /// Cache size bound in bytes; `None` = the driver's default.
     pub cache_size: Option<u64>,
+    /// Start-up profile window in seconds, as given (`horcrux mount --record-profile`);
+    /// `None` = the mount's default.
+    pub record_profile: Option<String>,
+    /// `horcrux mount --no-replay`.
+    pub no_replay: bool,
+    /// `horcrux mount --no-profile`.
+    pub no_profile: bool,
 }
 
 /// `--access` and `access` are the same key; keys are case-insensitive.
@@ -129,6 +145,20 @@ impl VolumeOptions {
                 )
             })?),
         };
+        let record_profile = match seen.get("record-profile").map(|s| s.trim()) {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if x.is_finite() && (0.0..=86_400.0).contains(&x) => Some(v.to_string()),
+                _ => {
+                    return Err(bad(
+                        "record-profile",
+                        v,
+                        "expected seconds from 0 (off) to 86400, e.g. 30".into(),
+                    ));
+                }
+            },
+        };
+        let flag = |k: &str| seen.get(k).map_or(Ok(false), |v| parse_bool(k, v));
         Ok(Self {
             access,
             access_spec,
@@ -136,6 +166,9 @@ impl VolumeOptions {
             reference,
             read_only,
             cache_size,
+            record_profile,
+            no_replay: flag("no-replay")?,
+            no_profile: flag("no-profile")?,
         })
     }
 }
@@ -184,8 +217,14 @@ mod tests {
             ("ref", "v2"),
             ("--read-only", ""),
             ("cache-size", "10G"),
+            ("record-profile", "60"),
+            ("--no-replay", ""),
+            ("no-profile", "false"),
         ])))
         .unwrap();
+        assert_eq!(o.record_profile.as_deref(), Some("60"));
+        assert!(o.no_replay);
+        assert!(!o.no_profile);
         assert_eq!(o.access.len(), 2);
         assert_eq!(o.access_spec, "file:///a, file:///b");
         assert_eq!(o.name, None);
@@ -230,6 +269,8 @@ mod tests {
             ("ref", "../x"),
             ("read-only", "maybe"),
             ("cache-size", "lots"),
+            ("record-profile", "-1"),
+            ("no-replay", "perhaps"),
         ] {
             let mut o = opts(&[(k, v)]);
             if k != "access" {

@@ -29,6 +29,8 @@
 //! ← {"v":1,"type":"no_prefetch"}                      (no job in this daemon)
 //! → {"v":1,"type":"stats"}
 //! ← {"v":1,"type":"stats","data":{"volume":"AMCC","cache":{…},"reads":{…},"fetch":{…},…}}
+//! → {"v":1,"type":"replay_status"}
+//! ← {"v":1,"type":"replay","data":{"recording":"recording","replay":"running","blocks":96,…}}
 //! ← {"v":1,"type":"error","data":{"message":"…"}}     (any request can be answered so)
 //! ```
 //!
@@ -354,6 +356,8 @@ pub enum Request {
     /// The daemon's counters (`horcrux stats`, the plugin's `/metrics`); answered with
     /// [`Response::Stats`].
     Stats,
+    /// The start-up profile of the mount (recording and replay): [`Response::Replay`].
+    ReplayStatus,
 }
 
 /// What a daemon answers.
@@ -385,6 +389,8 @@ pub enum Response {
     /// This daemon has run no prefetch job.
     NoPrefetch,
     Stats(Box<StatsReport>),
+    /// The mount's start-up profile: what it records and what it replays.
+    Replay(ReplayReport),
     /// The request failed; `message` is for the user.
     Error {
         message: String,
@@ -535,6 +541,38 @@ pub struct HistogramFigures {
     pub buckets: Vec<u64>,
     pub sum_us: u64,
     pub count: u64,
+}
+
+/// A mount's start-up profile (record-and-replay prefetch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// The recording: `recording`, `off`, `not recording (...)`, `stored in ...`...
+    pub recording: String,
+    /// The replay: `off`, `looking for a profile`, `no profile`, `refused: ...`, `running`,
+    /// `done`.
+    pub replay: String,
+    /// Short id of the profile replayed, and how many generations before the mounted version
+    /// it was recorded (0 = this version).
+    #[serde(default)]
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub generations: u32,
+    /// Entries of the profile; blocks of them this version holds; blocks done (present),
+    /// fetched by the replay (and their bytes), shared with a reader, failed.
+    #[serde(default)]
+    pub entries: u64,
+    #[serde(default)]
+    pub blocks: u64,
+    #[serde(default)]
+    pub present: u64,
+    #[serde(default)]
+    pub fetched: u64,
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub shared: u64,
+    #[serde(default)]
+    pub failed: u64,
 }
 
 /// What a commit made.
@@ -1218,6 +1256,7 @@ mod tests {
                 | Request::PrefetchStatus
                 | Request::PrefetchCancel
                 | Request::Stats => Response::error("unused"),
+                | Request::ReplayStatus => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),

@@ -303,6 +303,28 @@ impl Manifest {
         })
     }
 
+    /// Index and id of every chunk (without block hashes: small enough to hold for a map of
+    /// ids to indexes, where the chunk table has no index on ids).
+    pub fn chunk_ids(&self) -> Result<Vec<(u64, ChunkId)>, ManifestError> {
+        let rows = self.with(|c| {
+            let mut st = c.prepare("SELECT idx, id FROM chunks ORDER BY idx")?;
+            let it = st.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            it.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter()
+            .map(|(i, id)| {
+                ChunkId::from_slice(&id)
+                    .map(|id| (i, id))
+                    .ok_or_else(|| ManifestError::Invalid {
+                        path: self.path.display().to_string(),
+                        what: format!("chunk {i}: bad id"),
+                    })
+            })
+            .collect()
+    }
+
     /// Every chunk of the catalog, in index order.
     pub fn chunks(&self) -> Result<Vec<ChunkInfo>, ManifestError> {
         let rows = self.with(|c| {

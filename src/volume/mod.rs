@@ -157,6 +157,8 @@ pub struct Volume {
     generation: AtomicU64,
     /// Passthrough opens of fully cached files (`passthrough.rs`).
     passthrough: passthrough::Passthrough,
+    /// Start-up profile recording (`profile.rs`), set once at mount.
+    recorder: std::sync::OnceLock<Arc<crate::profile::Recorder>>,
 }
 
 /// Largest sequential prefetch window.
@@ -215,6 +217,7 @@ impl Volume {
             next_fh: AtomicU64::new(1),
             statfs: Mutex::new(None),
             passthrough: passthrough::Passthrough::new(PassthroughConfig::default()),
+            recorder: std::sync::OnceLock::new(),
         }
     }
 
@@ -239,6 +242,17 @@ impl Volume {
     /// Is this volume writable (has an overlay)?
     pub fn writable(&self) -> bool {
         self.overlay.is_some()
+    }
+
+    /// Record the base blocks reads touch into `r` (a start-up profile). Set once, before the
+    /// mount serves reads; a second call is ignored.
+    pub fn set_recorder(&self, r: Arc<crate::profile::Recorder>) {
+        let _ = self.recorder.set(r);
+    }
+
+    /// Chunk `idx` of the base manifest, its block list checked against its id.
+    pub fn chunk_info_by_idx(&self, idx: u64) -> Result<Arc<ChunkInfo>, VolumeError> {
+        self.chunk_info(idx)
     }
 
     /// Register where the kernel caches this volume (the FUSE adapter does at mount).
@@ -634,6 +648,19 @@ impl Volume {
                 }));
             }
             parts.push((s, t, info, coff..cend));
+        }
+        if let Some(rec) = self.recorder.get()
+            && rec.active()
+        {
+            let bs = self.manifest().header().block_size as u64;
+            for (_, _, info, r) in &parts {
+                if !r.is_empty() {
+                    rec.touch(
+                        &info.id,
+                        (r.start / bs) as u32..((r.end - 1) / bs) as u32 + 1,
+                    );
+                }
+            }
         }
         // Warm path: every piece in the cache, read on this (FUSE worker) thread.
         let mut pieces = Vec::with_capacity(parts.len());

@@ -32,6 +32,8 @@ pub struct ControlHandler {
     pub started: std::time::Instant,
     /// The bound address of `--metrics`, once it listens.
     pub metrics_addr: Mutex<Option<String>>,
+    /// The mount's start-up profile (recording and replay).
+    pub startup: Arc<StartupState>,
 }
 
 impl ControlHandler {
@@ -59,6 +61,58 @@ impl ControlHandler {
                 .status()
                 .map(|p| prefetch_report(p, self.prefetcher.owner())),
         }
+    }
+}
+
+/// What a mount's start-up profile is doing, for `replay_status` (set by the mount's profile
+/// task, read by the control socket).
+#[derive(Debug, Default)]
+pub struct StartupState {
+    pub recording: Mutex<String>,
+    pub replay: Mutex<String>,
+    /// Short profile id, generations back, counters of the running (or finished) replay.
+    pub progress: Mutex<Option<(String, u32, Arc<horcrux::profile::ReplayProgress>)>>,
+}
+
+impl StartupState {
+    pub fn set_recording(&self, s: impl Into<String>) {
+        *self.recording.lock() = s.into();
+    }
+
+    pub fn set_replay(&self, s: impl Into<String>) {
+        *self.replay.lock() = s.into();
+    }
+
+    pub fn report(&self) -> control::ReplayReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut r = control::ReplayReport {
+            recording: self.recording.lock().clone(),
+            replay: self.replay.lock().clone(),
+            profile: None,
+            generations: 0,
+            entries: 0,
+            blocks: 0,
+            present: 0,
+            fetched: 0,
+            fetched_bytes: 0,
+            shared: 0,
+            failed: 0,
+        };
+        if let Some((id, generations, p)) = &*self.progress.lock() {
+            r.profile = Some(id.clone());
+            r.generations = *generations;
+            r.entries = p.entries.load(Relaxed);
+            r.blocks = p.mapped.load(Relaxed);
+            r.present = p.present.load(Relaxed);
+            r.fetched = p.fetched.load(Relaxed);
+            r.fetched_bytes = p.fetched_bytes.load(Relaxed);
+            r.shared = p.shared.load(Relaxed);
+            r.failed = p.failed.load(Relaxed);
+            if p.done.load(Relaxed) && r.replay == "running" {
+                r.replay = "done".into();
+            }
+        }
+        r
     }
 }
 
@@ -326,6 +380,7 @@ impl Handler for ControlHandler {
             Request::PrefetchStatus => return self.prefetch_status(false),
             Request::PrefetchCancel => return self.prefetch_status(true),
             Request::Stats => return Response::Stats(Box::new(self.stats())),
+            Request::ReplayStatus => return Response::Replay(self.startup.report()),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

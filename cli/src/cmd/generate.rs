@@ -186,7 +186,7 @@ pub fn author() -> String {
     format!("{user}@{}", hostname())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -89,6 +89,25 @@ pub struct MountArgs {
     /// daemon; each passed-through file is copied once into the cache's assembled/ files)
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = crate::parse_size)]
     pub passthrough_min_size: u64,
+    /// Record which blocks reads reach the daemon for during the first SECS seconds after the
+    /// mount (a container's start) and store that start-up profile with the volume, for the
+    /// next mount of this version (on any host) to prefetch first; 0 = do not record. A
+    /// version that has a profile keeps it (see --replace-profile)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_window)]
+    pub record_profile: Duration,
+    /// Record even if this version has a start-up profile, and replace it
+    #[arg(long)]
+    pub replace_profile: bool,
+    /// Do not prefetch the start-up profile of this version (or of its nearest ancestor)
+    #[arg(long)]
+    pub no_replay: bool,
+    /// Neither record nor replay a start-up profile
+    #[arg(long)]
+    pub no_profile: bool,
+    /// Blocks the start-up profile's replay fetches at once (below the readers' priority)
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub replay_concurrency: usize,
     /// Bench: FUSE max_background asked at init [default: 256]
     #[arg(long, hide = true, value_name = "N")]
     pub fuse_max_background: Option<u16>,
@@ -126,6 +145,16 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!(
             "`{s}` is not a timeout: give a number of seconds greater than 0 (at most 86400)"
+        )),
+    }
+}
+
+/// A recording window in seconds: `0` (off) up to a day, fractions allowed.
+fn parse_window(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "`{s}` is not a recording window: give a number of seconds from 0 (off) to 86400"
         )),
     }
 }
@@ -590,6 +619,7 @@ fn serve(
     } else {
         runtime.block_on(Repository::open(source.clone() as Arc<dyn Store>))?
     };
+    let profile_store = repo.store().clone();
     let fetcher = Arc::new(Fetcher::with_mirrors(
         source,
         cache.clone(),
@@ -607,6 +637,17 @@ fn serve(
     });
     let volume = Arc::new(volume);
     let ops = horcrux_fuse::op_metrics();
+    // Record from the first read on; the recording is dropped later if this version turns out
+    // to have a profile already (that check needs the store: not before the mount is live).
+    let record = !offline && !a.no_profile && !a.record_profile.is_zero();
+    let recorder = record.then(|| {
+        let r = Arc::new(horcrux::profile::Recorder::new(
+            a.record_profile,
+            horcrux::profile::MAX_ENTRIES,
+        ));
+        volume.set_recorder(r.clone());
+        r
+    });
     let options = horcrux_fuse::MountOptions {
         read_only: !writable,
         allow_other: a.allow_other,
@@ -646,6 +687,7 @@ fn serve(
         .context("starting the FUSE session")?;
     guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
+    let startup_state = Arc::new(crate::cmd::control_handler::StartupState::default());
     // The control socket answers before `horcrux mount` returns.
     let handler = Arc::new(crate::cmd::control_handler::ControlHandler {
         volume: volume.clone(),
@@ -663,10 +705,11 @@ fn serve(
             read_only: !writable,
         },
         branch: parking_lot::Mutex::new(branch),
-        repo,
+        repo: repo.clone(),
         cache: cache.clone(),
         runtime: runtime.handle().clone(),
         prefetcher: prefetcher.clone(),
+        startup: startup_state.clone(),
         ops,
         started: std::time::Instant::now(),
         metrics_addr: parking_lot::Mutex::new(None),
@@ -715,8 +758,22 @@ fn serve(
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "the recorded prefetch was not resumed"),
     }
+    let startup = StartupProfile::start(
+        a,
+        runtime,
+        &volume,
+        recorder,
+        &cache_dir,
+        profile_store,
+        &name,
+        commit,
+        offline,
+        startup_state,
+    );
     let flusher = writable.then(|| Flusher::start(volume.clone()));
     wait_for_end(runtime, signals, &mountpoint, done_rx)?;
+    // A recording still open is stored now (the window had not ended).
+    startup.finish(runtime);
     let result = worker
         .join()
         .map_err(|_| anyhow!("the FUSE session thread panicked"))?;
@@ -731,6 +788,189 @@ fn serve(
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     drop(cache);
     Ok(())
+}
+
+/// The start-up profile of a mount (see `horcrux::profile`): after the mount is live, find the
+/// profile of this version (or its nearest ancestor) and replay it; store the recording when
+/// its window ends, or at unmount if that comes first.
+struct StartupProfile {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    replayer: Arc<parking_lot::Mutex<Option<horcrux::profile::Replayer>>>,
+}
+
+impl StartupProfile {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        a: &MountArgs,
+        runtime: &tokio::runtime::Runtime,
+        volume: &Arc<Volume>,
+        recorder: Option<Arc<horcrux::profile::Recorder>>,
+        cache_dir: &Path,
+        repo_store: Arc<dyn Store>,
+        name: &str,
+        commit: horcrux::ids::CommitId,
+        offline: bool,
+        state: Arc<crate::cmd::control_handler::StartupState>,
+    ) -> Self {
+        let replayer = Arc::new(parking_lot::Mutex::new(None));
+        let replay = !offline && !a.no_profile && !a.no_replay;
+        let why_off = if offline {
+            "off (the source is unreachable)"
+        } else {
+            "off"
+        };
+        state.set_recording(if recorder.is_some() {
+            "recording"
+        } else {
+            why_off
+        });
+        state.set_replay(if replay {
+            "looking for a profile"
+        } else {
+            why_off
+        });
+        if recorder.is_none() && !replay {
+            return Self {
+                stop: None,
+                task: None,
+                replayer,
+            };
+        }
+        let manifest = volume.manifest();
+        let mid: Option<horcrux::ids::ManifestId> = manifest
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok());
+        let Some(mid) = mid else {
+            tracing::warn!(
+                "start-up profile: the base manifest is not a cache file named by its id; no profile recorded or replayed"
+            );
+            return Self {
+                stop: None,
+                task: None,
+                replayer,
+            };
+        };
+        let store = horcrux::profile::ProfileStore {
+            repo: repo_store.clone(),
+            // Same keys as the repository, for profiles it refused (read-only credentials).
+            local: Arc::new(horcrux::store::FileStore::new(cache_dir.join("profiles"))),
+        };
+        let block_size = manifest.header().block_size;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let replace = a.replace_profile;
+        let config = horcrux::profile::ReplayConfig {
+            concurrency: a.replay_concurrency,
+        };
+        let (volume, name, rp) = (volume.clone(), name.to_string(), replayer.clone());
+        let task = runtime.spawn(async move {
+            let repo = horcrux::repo::Repository::unchecked(repo_store);
+            let mut recorder = recorder;
+            match store.find(&repo, &name, commit, mid, block_size).await {
+                Ok(Some(f)) => {
+                    if f.generations == 0 && !replace && let Some(r) = recorder.take() {
+                        r.finish();
+                        state.set_recording("not recording (this version has a profile)");
+                        tracing::info!("this version has a start-up profile: not recording another (--replace-profile to)");
+                    }
+                    if replay {
+                        tracing::info!(profile = %f.id.short(), place = f.place, recorded_on = %f.manifest, generations_back = f.generations, entries = f.profile.entries.len(), "replaying the start-up profile");
+                        let r = horcrux::profile::Replayer::start(volume.clone(), f.profile, config);
+                        *state.progress.lock() =
+                            Some((f.id.short(), f.generations as u32, r.progress.clone()));
+                        state.set_replay("running");
+                        *rp.lock() = Some(r);
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!("no start-up profile for this version or its recent ancestors");
+                    if replay {
+                        state.set_replay("no profile for this version or its recent ancestors");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "start-up profile refused; nothing replayed");
+                    if replay {
+                        state.set_replay(format!("refused: {e}"));
+                    }
+                }
+            }
+            let Some(rec) = recorder else { return };
+            // Until the window ends or the volume is unmounted.
+            let window = rec.window().saturating_sub(rec.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(window) => {}
+                _ = stop_rx => {}
+            }
+            let Some(entries) = rec.finish() else { return };
+            if entries.is_empty() {
+                tracing::info!("start-up profile: no read reached the daemon during the window; nothing stored");
+                state.set_recording("ended: no read reached the daemon, nothing stored");
+                return;
+            }
+            let profile = horcrux::profile::Profile {
+                header: horcrux::profile::ProfileHeader {
+                    format: "horcrux-profile".into(),
+                    version: 1,
+                    volume: name.clone(),
+                    commit: commit.to_hex(),
+                    manifest: mid.to_hex(),
+                    block_size,
+                    window_ms: rec.window().as_millis() as u64,
+                    recorded: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0),
+                    host: crate::cmd::generate::hostname(),
+                    entries: entries.len() as u32,
+                },
+                entries,
+            };
+            let n = profile.entries.len();
+            match store.save(&profile, replace).await {
+                Ok(horcrux::profile::Stored::KeptExisting) => {
+                    tracing::info!(blocks = n, "start-up profile recorded, but this version has one already: kept that one");
+                    state.set_recording(format!("ended: {n} blocks recorded, the version's existing profile kept"));
+                }
+                Ok(w) => {
+                    tracing::info!(blocks = n, place = ?w, key = %horcrux::format::profile_ref_key(&name, &mid), "start-up profile stored");
+                    let place = match w {
+                        horcrux::profile::Stored::Local => "the local cache",
+                        _ => "the repository",
+                    };
+                    state.set_recording(format!("stored in {place}: {n} blocks"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, blocks = n, "start-up profile not stored");
+                    state.set_recording(format!("not stored: {e}"));
+                }
+            }
+        });
+        Self {
+            stop: Some(stop_tx),
+            task: Some(task),
+            replayer,
+        }
+    }
+
+    /// Stop the replay and store a recording that is still open (bounded wait).
+    fn finish(mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(r) = self.replayer.lock().take() {
+            r.cancel();
+        }
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let r =
+                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), t).await });
+            if r.is_err() {
+                tracing::warn!("start-up profile: storing it took over 5 s; given up");
+            }
+        }
+    }
 }
 
 /// What a mount opens: volume name, commit, base manifest, source, overlay, branch and overlay

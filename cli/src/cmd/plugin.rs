@@ -158,7 +158,7 @@ pub struct CliMounter {
 }
 
 /// `mount ACCESS MOUNTPOINT --name N --ref R --cache-dir C --overlay-dir O [--read-only]
-/// [--cache-size S]`.
+/// [--cache-size S] [--record-profile SECS] [--no-replay] [--no-profile]`.
 pub fn mount_args(spec: &MountSpec) -> Vec<OsString> {
     let o: &VolumeOptions = &spec.options;
     let mut args: Vec<OsString> = vec![
@@ -182,6 +182,16 @@ pub fn mount_args(spec: &MountSpec) -> Vec<OsString> {
     }
     if let Some(s) = o.cache_size {
         args.extend(["--cache-size".into(), s.to_string().into()]);
+    }
+    // Start-up profiles: recorded and replayed by default, like any mount.
+    if let Some(w) = &o.record_profile {
+        args.extend(["--record-profile".into(), w.into()]);
+    }
+    if o.no_replay {
+        args.push("--no-replay".into());
+    }
+    if o.no_profile {
+        args.push("--no-profile".into());
     }
     args
 }
@@ -395,4 +405,47 @@ pub fn set_volume_ref(name: &str, rev: &str) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn spec(opts: &[(&str, &str)]) -> MountSpec {
+        let o: BTreeMap<String, String> = opts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        MountSpec {
+            volume: "v1".into(),
+            options: VolumeOptions::parse(Some(&o)).unwrap(),
+            mountpoint: "/m".into(),
+            overlay_dir: "/o".into(),
+            cache_dir: "/c".into(),
+        }
+    }
+
+    fn has(args: &[OsString], seq: &[&str]) -> bool {
+        args.windows(seq.len())
+            .any(|w| w.iter().zip(seq).all(|(a, b)| a == b))
+    }
+
+    #[test]
+    fn start_up_profile_options_reach_the_mount_daemon() {
+        let a = mount_args(&spec(&[("access", "file:///r")]));
+        for f in ["--record-profile", "--no-replay", "--no-profile"] {
+            assert!(!has(&a, &[f]), "{f} by default: {a:?}");
+        }
+        let a = mount_args(&spec(&[
+            ("access", "file:///r"),
+            ("record-profile", "90"),
+            ("no-replay", ""),
+        ]));
+        assert!(has(&a, &["--record-profile", "90"]), "{a:?}");
+        assert!(has(&a, &["--no-replay"]), "{a:?}");
+        let a = mount_args(&spec(&[("access", "file:///r"), ("--no-profile", "true")]));
+        assert!(has(&a, &["--no-profile"]), "{a:?}");
+    }
 }

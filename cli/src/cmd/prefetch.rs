@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use clap::Args;
 use horcrux::util::human_size;
-use horcrux_proto::control::{PrefetchReport, Request, Response, WirePath};
+use horcrux_proto::control::{PrefetchReport, ReplayReport, Request, Response, WirePath};
 
 use crate::cmd::changes::DaemonArgs;
 use crate::mounts::{self, Located, Target};
@@ -78,21 +78,45 @@ pub fn run(a: PrefetchArgs) -> anyhow::Result<()> {
         } else {
             Request::PrefetchStatus
         };
-        return match mounts::request(&loc, &req, timeout)? {
+        let answer = mounts::request(&loc, &req, timeout)?;
+        // The start-up profile's replay is a prefetch too: shown with --status (a daemon that
+        // does not know the request answers an error, and nothing is shown).
+        let replay = match (
+            a.cancel,
+            mounts::request(&loc, &Request::ReplayStatus, timeout),
+        ) {
+            (false, Ok(Response::Replay(r))) => Some(r),
+            _ => None,
+        };
+        return match answer {
             Response::Prefetch(r) => {
-                print_report(&r, a.json)?;
+                print_report(&r, replay.as_ref(), a.json)?;
                 Ok(())
             }
             Response::NoPrefetch if a.cancel => {
                 println!("no prefetch is running on {}", loc.mountpoint.display());
                 Ok(())
             }
-            Response::NoPrefetch => bail!(
-                "no prefetch has run on {} since it was mounted; start one with `horcrux \
-                 prefetch {} --all`",
-                loc.mountpoint.display(),
-                loc.mountpoint.display()
-            ),
+            Response::NoPrefetch => match replay {
+                // A replayed profile is this mount's prefetch.
+                Some(r) if r.profile.is_some() => {
+                    let mut out = std::io::stdout().lock();
+                    if a.json {
+                        writeln!(out, "{}", serde_json::json!({ "replay": r }))?;
+                    } else {
+                        writeln!(out, "{}", format_replay(&r))?;
+                    }
+                    Ok(())
+                }
+                r => bail!(
+                    "no prefetch has run on {} since it was mounted; start one with `horcrux \
+                     prefetch {} --all`{}",
+                    loc.mountpoint.display(),
+                    loc.mountpoint.display(),
+                    r.map(|r| format!("\n{}", format_replay(&r)))
+                        .unwrap_or_default()
+                ),
+            },
             other => bail!("unexpected answer from the daemon: {other:?}"),
         };
     }
@@ -115,7 +139,7 @@ pub fn run(a: PrefetchArgs) -> anyhow::Result<()> {
     };
     if a.detach {
         if a.json {
-            print_report(&started, true)?;
+            print_report(&started, None, true)?;
         } else {
             println!(
                 "prefetching {} of {} in the background; `horcrux prefetch --status {}` shows how it goes",
@@ -176,7 +200,7 @@ fn watch(loc: &Located, timeout: Duration) -> anyhow::Result<()> {
             "planning" | "running" => std::thread::sleep(Duration::from_millis(200)),
             _ => {
                 bar.finish_and_clear();
-                print_report(&r, false)?;
+                print_report(&r, None, false)?;
                 return match r.state.as_str() {
                     "done" => Ok(()),
                     "cancelled" => Err(anyhow!("the prefetch was cancelled")),
@@ -190,15 +214,51 @@ fn watch(loc: &Located, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-fn print_report(r: &PrefetchReport, json: bool) -> anyhow::Result<()> {
+fn print_report(
+    r: &PrefetchReport,
+    replay: Option<&ReplayReport>,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, r)?;
+        let mut v = serde_json::to_value(r)?;
+        if let (Some(o), Some(rp)) = (v.as_object_mut(), replay) {
+            o.insert("replay".into(), serde_json::to_value(rp)?);
+        }
+        serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
         return Ok(());
     }
     writeln!(out, "{}", format_report(r))?;
+    if let Some(rp) = replay {
+        writeln!(out, "{}", format_replay(rp))?;
+    }
     Ok(())
+}
+
+/// The start-up profile of a mount, for people.
+pub fn format_replay(r: &ReplayReport) -> String {
+    let mut s = format!(
+        "start-up profile: recording {}; replay {}",
+        r.recording, r.replay
+    );
+    if let Some(id) = &r.profile {
+        s.push_str(&format!(
+            " (profile {id}, recorded {}): {} of {} blocks present, {} fetched ({}), {} shared with readers, {} failed",
+            match r.generations {
+                0 => "on this version".to_string(),
+                1 => "1 version back".to_string(),
+                n => format!("{n} versions back"),
+            },
+            r.present,
+            r.blocks,
+            r.fetched,
+            human_size(r.fetched_bytes),
+            r.shared,
+            r.failed
+        ));
+    }
+    s
 }
 
 /// One paragraph for people.
