@@ -168,6 +168,12 @@ pub struct StoreOptions {
     pub ssh_insecure_ignore_host_key: bool,
     /// Parallel SSH sessions per host.
     pub ssh_sessions: Option<usize>,
+    /// Bound on each blocking SSH call [default: `ssh::DEFAULT_IO_TIMEOUT`], and on the TCP
+    /// connect when shorter than `ssh::DEFAULT_CONNECT_TIMEOUT`. A mount sets it to its
+    /// mirror attempt timeout: a call the fetcher has given up on then also ends, so the
+    /// session it holds is dropped and its slot freed for a fresh connection, instead of
+    /// staying stuck on a dead link for the default bound.
+    pub ssh_io_timeout: Option<std::time::Duration>,
     /// Local user, home directory and agent for SSH (`None` = read from the process).
     pub ssh_env: Option<SshEnv>,
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)

@@ -229,8 +229,10 @@ impl SshStore {
                 auth,
                 known_hosts,
                 warned_insecure: AtomicBool::new(false),
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                io_timeout: DEFAULT_IO_TIMEOUT,
+                connect_timeout: options
+                    .ssh_io_timeout
+                    .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.min(DEFAULT_CONNECT_TIMEOUT)),
+                io_timeout: options.ssh_io_timeout.unwrap_or(DEFAULT_IO_TIMEOUT),
                 permits: Arc::new(Semaphore::new(sessions)),
                 sessions,
                 idle: Mutex::new(Vec::new()),
