@@ -106,6 +106,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         )))
     }
 
+    /// The store's own clock: the time it stamps on an object written now, or `None` if a
+    /// client cannot read one. `gc` measures its grace period by it, so hosts whose clocks
+    /// disagree (or are simply wrong) agree on how long an object has been unreachable.
+    async fn now(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        Ok(None)
+    }
+
     /// Remove `key` only if its current content is `expected` (a ref that nobody moved
     /// meanwhile): [`StoreError::CasConflict`] otherwise, [`StoreError::NotFound`] if it is
     /// gone. Stores with a ref lock (file, ssh) do it under that lock, atomically with respect

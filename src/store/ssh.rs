@@ -1534,6 +1534,18 @@ fn is_dir(st: &FileStat) -> bool {
 
 #[async_trait::async_trait]
 impl Store for SshStore {
+    /// The mtime the server gives a new (empty, removed at once) file.
+    async fn now(&self) -> Result<Option<SystemTime>, StoreError> {
+        let path = self.inner.path("horcrux.json");
+        self.run("horcrux.json", move |inner, c| {
+            let tmp = c.write_temp(inner, &path, b"")?;
+            let stat = c.sftp.stat(p(&tmp));
+            let _ = c.sftp.unlink(p(&tmp));
+            Ok(stat?.mtime.map(|t| UNIX_EPOCH + Duration::from_secs(t)))
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe.clone()
     }
