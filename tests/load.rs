@@ -221,10 +221,12 @@ fn sixteen_writers_and_a_commit_every_second_lose_and_tear_nothing() {
                     .unwrap();
                 let (mut n, mut appended) = (0u64, 0u64);
                 while !stop.load(Ordering::SeqCst) {
-                    // Mostly appends; every third write replaces an earlier record with a
-                    // newer version (positions cross the 1 MiB chunk windows as files grow).
+                    // Mostly appends; every third write replaces one of the last 64 records
+                    // with a newer version (positions cross the 1 MiB chunk windows as files
+                    // grow). Near the end, so each commit rewrites a window or two per file,
+                    // not every window: a minute of this stays within a few GiB of chunks.
                     let pos = if n % 3 == 2 {
-                        (n * 7919) % appended
+                        appended - 1 - (n * 7919) % appended.min(64)
                     } else {
                         appended += 1;
                         appended - 1
@@ -296,6 +298,11 @@ fn sixteen_writers_and_a_commit_every_second_lose_and_tear_nothing() {
 
     // The whole repository checks out: every commit, manifest and chunk by its hash.
     horcrux_ok(&[os("verify"), os(&url(&repo))]);
+    let repo_bytes: u64 = remote::files_under(&repo)
+        .iter()
+        .map(|f| fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    eprintln!("repository: {} MiB", repo_bytes >> 20);
 
     for (i, c) in made.iter().enumerate() {
         let mp = t.join(format!("c{i}"));
