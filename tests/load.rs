@@ -247,6 +247,14 @@ fn sixteen_writers_and_a_commit_every_second_lose_and_tear_nothing() {
         })
         .collect();
 
+    // Commits start once every writer has a record acknowledged (a commit of no change is
+    // refused with "nothing to commit").
+    assert!(
+        wait_until(Duration::from_secs(30), || logs
+            .iter()
+            .all(|l| !l.lock().unwrap().is_empty())),
+        "the writers wrote nothing in 30 s"
+    );
     let mut made: Vec<Made> = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
