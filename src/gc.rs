@@ -54,8 +54,13 @@
 //! never leaves a commit without its manifest or chunks, so the invariant that a present commit
 //! is complete (`docs/FORMAT.md` §2) holds at every moment.
 //!
-//! Clocks: the record times are those of the host running `gc`. Several hosts collecting one
-//! repository should have clocks that agree to well within the grace period.
+//! **Clocks.** The record times are the *store's* clock, read at the start of each run
+//! (`Store::now`: the mtime a new file gets on a `file://` or SSH repository, the
+//! `Last-Modified` of a probe object on S3), so several hosts collecting one repository agree
+//! on how long an object has been unreachable even when their own clocks are hours apart; only
+//! a store without a readable clock (a peer) falls back to the local one. A record time ahead
+//! of the current run's is taken as now. Writers' clocks are never consulted: no object's own
+//! time is read, so a writer whose clock is a day behind or ahead loses nothing it uploads.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -488,7 +493,20 @@ pub async fn gc(
     progress: &dyn GcProgress,
 ) -> Result<GcReport, GcError> {
     let store = repo.store().clone();
-    let now = options.now.unwrap_or_else(unix_now);
+    // The grace period is measured by the store's clock where it has one (file mtimes, the
+    // SSH server's, S3's Last-Modified): every host collecting the repository then uses the
+    // same clock, whatever its own says. Writers' clocks never matter (no object's time is
+    // read), so a writer with a wrong clock loses nothing.
+    let now = match options.now {
+        Some(n) => n,
+        None => match store.now().await? {
+            Some(t) => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            None => unix_now(),
+        },
+    };
     let mut report = GcReport {
         dry_run: options.dry_run,
         ..Default::default()

@@ -53,6 +53,17 @@ fn is_conflict(r: Result<(), StoreError>) -> bool {
 /// `conditional_writes`: whether the server honours If-None-Match/If-Match on PUT (Garage
 /// 2.5 does not; refs cannot be updated safely there and horcrux refuses with a clear error).
 async fn conformance(s: &dyn Store, conditional_writes: bool) {
+    // The store's own clock (gc's grace period is measured by it): this machine's, the
+    // server being here; its probe leaves nothing behind.
+    let clock = s.now().await.unwrap().expect("the store tells its time");
+    let off = clock
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_secs(60),
+        "the store's clock is {off:?} off"
+    );
+    assert!(s.list("tmp/").await.unwrap().is_empty());
     s.put("chunks/ab/x", b("hello world")).await.unwrap();
     assert_eq!(s.get_range("chunks/ab/x", 6..11).await.unwrap(), "world");
     assert_eq!(

@@ -32,8 +32,9 @@ packages=(
     kmod                          # modprobe fuse
     attr                          # getfattr/setfattr: xattr checks in tests and the demo
     psmisc procps util-linux      # fuser, pgrep/ps, mountpoint, nsenter, setpriv
-    iproute2                      # ip netns: multi-host peer tests (tests/peers_netns.rs)
+    iproute2                      # ip netns, tc: multi-host tests (peers_netns.rs, source_cut.rs)
     systemd                       # systemd-analyze verify of the units (tests/metrics.rs)
+    faketime                      # libfaketime: a skewed wall clock (tests/clock_skew.rs)
     openssh-server openssh-client # loopback sshd for ssh:// tests
     python3 python3-pip python3-venv ca-certificates curl git
 )

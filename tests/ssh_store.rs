@@ -55,6 +55,17 @@ fn files_under(dir: &Path) -> Vec<String> {
 /// The behaviour every store shares (see `src/store/file.rs`). `root` is where the store keeps
 /// its objects on this machine, to check that nothing half-written is left behind.
 async fn conformance(s: &dyn Store, root: &Path) {
+    // The store's own clock (gc's grace period is measured by it): this machine's, the
+    // server being here; its probe leaves nothing behind.
+    let clock = s.now().await.unwrap().expect("the store tells its time");
+    let off = clock
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < Duration::from_secs(60),
+        "the store's clock is {off:?} off"
+    );
+    assert!(s.list("tmp/").await.unwrap().is_empty());
     s.put("chunks/ab/x", Bytes::from_static(b"hello world"))
         .await
         .unwrap();

@@ -136,9 +136,22 @@ pub fn tls_files() -> anyhow::Result<Option<horcrux_proto::tls::TlsFiles>> {
 static STORE_OPTIONS: std::sync::OnceLock<horcrux::store::StoreOptions> =
     std::sync::OnceLock::new();
 
+/// The bound a mount daemon puts on each blocking SSH call (its mirror attempt timeout).
+static SSH_IO_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Bound every blocking SSH call of the stores this process opens from now on by `t` (see
+/// `StoreOptions::ssh_io_timeout`). Called once by the mount daemon, before it opens stores.
+pub fn set_ssh_io_timeout(t: std::time::Duration) {
+    let _ = SSH_IO_TIMEOUT.set(t);
+}
+
 /// Store options from the command line, for every command that opens a store.
 pub fn store_options() -> horcrux::store::StoreOptions {
-    STORE_OPTIONS.get().cloned().unwrap_or_default()
+    let mut o = STORE_OPTIONS.get().cloned().unwrap_or_default();
+    if let Some(t) = SSH_IO_TIMEOUT.get() {
+        o.ssh_io_timeout = Some(*t);
+    }
+    o
 }
 
 /// Open the store an access URL names, with the command line's store options.
@@ -448,6 +461,7 @@ fn main() -> ExitCode {
         ssh_known_hosts: cli.store.known_hosts.clone(),
         ssh_insecure_ignore_host_key: cli.store.insecure_ignore_host_key,
         ssh_sessions: cli.store.ssh_sessions,
+        ssh_io_timeout: None,
         ssh_env: Some(horcrux::store::SshEnv::from_process()),
         s3: horcrux::store::S3Options {
             env: Some(horcrux::store::S3Env::from_process()),

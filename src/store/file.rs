@@ -85,6 +85,15 @@ fn read_range(path: &Path, range: Range<u64>) -> io::Result<Vec<u8>> {
 
 #[async_trait::async_trait]
 impl Store for FileStore {
+    /// The mtime the filesystem gives a new file (an NFS server's clock, for one).
+    async fn now(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        self.blocking("horcrux.json", |s| {
+            let c = FsClock::read(&s.root.join(".clock"))?;
+            Ok(Some(c.now()))
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }
@@ -259,14 +268,19 @@ impl DirLock {
     fn acquire(path: &Path) -> io::Result<Self> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut wait = std::time::Duration::from_millis(5);
+        let mut clock: Option<FsClock> = None;
         loop {
             match fs::create_dir(path) {
                 Ok(()) => return Ok(Self(path.to_path_buf())),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let clock = match &clock {
+                        Some(c) => c,
+                        None => clock.insert(FsClock::read(path)?),
+                    };
                     let age = fs::metadata(path)
                         .and_then(|m| m.modified())
                         .ok()
-                        .and_then(|t| t.elapsed().ok());
+                        .and_then(|t| clock.now().duration_since(t).ok());
                     if age.is_some_and(|a| a > STALE_LOCK) {
                         tracing::warn!(lock = %path.display(), "breaking a stale ref lock");
                         let _ = fs::remove_dir(path);
@@ -287,6 +301,40 @@ impl DirLock {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The time of the filesystem a lock lives on, by which the lock's age is judged: its mtime
+/// was set by that filesystem (by the NFS server, for one), and this host's clock may be
+/// skewed from it — by hours, on a host whose clock is wrong. Judged by the local clock, a
+/// host ahead would break every live lock as stale, and two writers would both move a ref.
+#[derive(Debug)]
+struct FsClock {
+    /// The mtime the filesystem gave a file made just now...
+    stamped: std::time::SystemTime,
+    /// ...at this moment of the local monotonic clock.
+    at: std::time::Instant,
+}
+
+impl FsClock {
+    /// Create (and remove) an empty probe file beside `lock` and read its mtime.
+    fn read(lock: &Path) -> io::Result<Self> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = lock.with_extension(format!("clock.{}.{n}", std::process::id()));
+        let at = std::time::Instant::now();
+        let f = fs::File::create(&probe)?;
+        let stamped = f.metadata().and_then(|m| m.modified());
+        drop(f);
+        let _ = fs::remove_file(&probe);
+        Ok(Self {
+            stamped: stamped?,
+            at,
+        })
+    }
+
+    fn now(&self) -> std::time::SystemTime {
+        self.stamped + self.at.elapsed()
     }
 }
 

@@ -389,6 +389,11 @@ impl Store for MirrorStore {
         self.stores[0].compare_and_swap(key, expected, new).await
     }
 
+    /// The clock of the store writes go to (the first).
+    async fn now(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        self.stores[0].now().await
+    }
+
     async fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         self.each(prefix, |s| async move {
             s.list_sizes(prefix).await.map(|v| (v, true))

@@ -149,6 +149,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         )))
     }
 
+    /// The store's own clock: the time it stamps on an object written now, or `None` if a
+    /// client cannot read one. `gc` measures its grace period by it, so hosts whose clocks
+    /// disagree (or are simply wrong) agree on how long an object has been unreachable.
+    async fn now(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        Ok(None)
+    }
+
     /// Remove `key` only if its current content is `expected` (a ref that nobody moved
     /// meanwhile): [`StoreError::CasConflict`] otherwise, [`StoreError::NotFound`] if it is
     /// gone. Stores with a ref lock (file, ssh) do it under that lock, atomically with respect
@@ -211,6 +218,12 @@ pub struct StoreOptions {
     pub ssh_insecure_ignore_host_key: bool,
     /// Parallel SSH sessions per host.
     pub ssh_sessions: Option<usize>,
+    /// Bound on each blocking SSH call [default: `ssh::DEFAULT_IO_TIMEOUT`], and on the TCP
+    /// connect when shorter than `ssh::DEFAULT_CONNECT_TIMEOUT`. A mount sets it to its
+    /// mirror attempt timeout: a call the fetcher has given up on then also ends, so the
+    /// session it holds is dropped and its slot freed for a fresh connection, instead of
+    /// staying stuck on a dead link for the default bound.
+    pub ssh_io_timeout: Option<std::time::Duration>,
     /// Local user, home directory and agent for SSH (`None` = read from the process).
     pub ssh_env: Option<SshEnv>,
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)

@@ -1116,6 +1116,18 @@ impl Store for S3Store {
             .collect())
     }
 
+    /// The `Last-Modified` the server gives a probe object (removed at once), to the second.
+    async fn now(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("tmp/clock-{}-{n}", std::process::id());
+        self.put(&key, Bytes::new()).await?;
+        let p = self.path(&key)?;
+        let head = self.bounded(&key, 0, self.client.head(&p)).await;
+        let _ = self.delete(&key).await;
+        Ok(Some(head?.last_modified.into()))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let p = self.path(key)?;
         let request = async {

@@ -157,6 +157,34 @@ impl Host {
         ip(&["-n", &self.switch, "link", "set", &self.port, "down"]);
     }
 
+    /// Limit what this host sends to `rate` (tc's spelling: `40mbit`), so a transfer lasts
+    /// long enough to be cut in the middle. A token bucket on its `eth0`; replaced by a
+    /// second call, gone with the namespace.
+    pub fn limit_rate(&self, rate: &str) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+            ])
+            .args([
+                "root", "tbf", "rate", rate, "burst", "64kb", "latency", "500ms",
+            ])
+            .output()
+            .expect("run tc (install iproute2)");
+        assert!(
+            out.status.success(),
+            "tc tbf on {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Reconnect it.
     pub fn reconnect(&self) {
         ip(&["-n", &self.switch, "link", "set", &self.port, "up"]);

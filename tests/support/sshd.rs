@@ -2,10 +2,15 @@
 //! generated host key, a generated client key in its `authorized_keys`, and a `known_hosts` file
 //! that names it. Killed (with every process it forked) on drop.
 //!
+//! [`Sshd::start_with`] starts one on another address — a host of `support/netns.rs`, through
+//! its `wrap()` command — and can log every SFTP request the server answers
+//! ([`Sshd::sftp_reads`]), so a test can count what a client fetched at the source.
+//!
 //! Include it with `#[path = "support/sshd.rs"] mod sshd;`.
 
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -29,6 +34,31 @@ pub struct Sshd {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The address it listens on.
+    pub addr: String,
+    /// Command prefix it runs under (a network namespace), empty on the test's own network.
+    wrap: Vec<OsString>,
+    /// The SFTP server's request log, when asked for.
+    sftp_log: Option<PathBuf>,
+}
+
+/// Where and how [`Sshd::start_with`] runs the server.
+#[derive(Debug, Clone, Default)]
+pub struct SshdOptions {
+    /// Listen address (default 127.0.0.1).
+    pub addr: Option<String>,
+    /// Run under this command prefix, e.g. `netns::Host::wrap()`.
+    pub wrap: Vec<OsString>,
+    /// Log each SFTP request (`sftp-server -l DEBUG1`), for [`Sshd::sftp_reads`].
+    pub sftp_log: bool,
+}
+
+/// One SFTP read request the server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftpRead {
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// Whether the OpenSSH server is installed.
@@ -94,8 +124,29 @@ impl Sshd {
         panic!("could not start sshd: {last}");
     }
 
+    /// Start with `opts` (another address or network namespace, an SFTP request log). In a
+    /// namespace of its own every port is free, so it listens on 2222.
+    pub fn start_with(opts: SshdOptions) -> Sshd {
+        if opts.wrap.is_empty() {
+            let mut last = String::new();
+            for _ in 0..5 {
+                match Self::try_start_with(free_port(), &opts) {
+                    Ok(s) => return s,
+                    Err(e) => last = e,
+                }
+            }
+            panic!("could not start sshd: {last}");
+        }
+        Self::try_start_with(2222, &opts).unwrap_or_else(|e| panic!("could not start sshd: {e}"))
+    }
+
     /// Start on `port`; an error if sshd is missing or cannot listen there.
     pub fn try_start_on(port: u16) -> Result<Sshd, String> {
+        Self::try_start_with(port, &SshdOptions::default())
+    }
+
+    fn try_start_with(port: u16, opts: &SshdOptions) -> Result<Sshd, String> {
+        let addr = opts.addr.clone().unwrap_or_else(|| "127.0.0.1".into());
         if !available() {
             return Err(format!(
                 "{SSHD} not found: install Debian's openssh-server (apt-get install -y openssh-server)"
@@ -110,17 +161,27 @@ impl Sshd {
         let host_pub = public_key(&host_key);
         let known_hosts = d.join("known_hosts");
         let name = if port == 22 {
-            "127.0.0.1".to_string()
+            addr.clone()
         } else {
-            format!("[127.0.0.1]:{port}")
+            format!("[{addr}]:{port}")
         };
         fs::write(&known_hosts, format!("{name} {host_pub}\n")).unwrap();
         let config = d.join("sshd_config");
+        let sftp_log = opts.sftp_log.then(|| d.join("sftp.log"));
+        // sshd runs a subsystem's command through the user's shell, so the external
+        // sftp-server's stderr (its log) can be sent to a file.
+        let subsystem = match &sftp_log {
+            Some(l) => format!(
+                "/usr/lib/openssh/sftp-server -e -l DEBUG1 2>>{}",
+                l.display()
+            ),
+            None => "internal-sftp".into(),
+        };
         fs::write(
             &config,
             format!(
                 "Port {port}\n\
-                 ListenAddress 127.0.0.1\n\
+                 ListenAddress {addr}\n\
                  HostKey {hk}\n\
                  PidFile {pid}\n\
                  AuthorizedKeysFile {auth}\n\
@@ -132,7 +193,7 @@ impl Sshd {
                  UseDNS no\n\
                  MaxStartups 100\n\
                  MaxSessions 50\n\
-                 Subsystem sftp internal-sftp\n",
+                 Subsystem sftp {subsystem}\n",
                 hk = host_key.display(),
                 pid = d.join("sshd.pid").display(),
                 auth = authorized.display(),
@@ -151,6 +212,9 @@ impl Sshd {
             config,
             dir,
             child: None,
+            addr,
+            wrap: opts.wrap.clone(),
+            sftp_log,
         };
         s.spawn()?;
         Ok(s)
@@ -162,7 +226,16 @@ impl Sshd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = Command::new(SSHD)
+        let listening_before = self.log_text().matches("Server listening on").count();
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(SSHD);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let mut child = cmd
             .args(["-D", "-e", "-f"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -175,7 +248,13 @@ impl Sshd {
             if let Some(st) = child.try_wait().unwrap() {
                 return Err(format!("sshd exited ({st}): {}", self.log_text()));
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            // In another network namespace the test cannot connect: sshd says when it listens.
+            let ready = if self.wrap.is_empty() {
+                TcpStream::connect((self.addr.as_str(), self.port)).is_ok()
+            } else {
+                self.log_text().matches("Server listening on").count() > listening_before
+            };
+            if ready {
                 break;
             }
             if Instant::now() > deadline {
@@ -213,14 +292,40 @@ impl Sshd {
         self.dir.path()
     }
 
-    /// `ssh://user@127.0.0.1:PORT/<path>`.
+    /// `ssh://user@ADDR:PORT/<path>`.
     pub fn url(&self, path: &Path) -> String {
         format!(
-            "ssh://{}@127.0.0.1:{}{}",
+            "ssh://{}@{}:{}{}",
             self.user,
+            self.addr,
             self.port,
             path.display()
         )
+    }
+
+    /// Every SFTP read request answered so far (needs `SshdOptions::sftp_log`). A request
+    /// asks for `len` bytes; fewer come back only at the end of a file.
+    pub fn sftp_reads(&self) -> Vec<SftpRead> {
+        let log = self
+            .sftp_log
+            .as_ref()
+            .expect("sftp_reads needs SshdOptions::sftp_log");
+        // debug1: request 7: read "/path" (handle 0) off 261120 len 261120
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split_once(": read \"")?.1;
+                let (path, rest) = rest.split_once('"')?;
+                let off = rest.split(" off ").nth(1)?.split_whitespace().next()?;
+                let len = rest.split(" len ").nth(1)?.split_whitespace().next()?;
+                Some(SftpRead {
+                    path: path.to_string(),
+                    offset: off.parse().ok()?,
+                    len: len.parse().ok()?,
+                })
+            })
+            .collect()
     }
 
     /// The listener's pid and every process it forked (per-connection servers call setsid(),

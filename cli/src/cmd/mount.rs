@@ -416,6 +416,10 @@ impl Ready {
 }
 
 fn daemon(a: MountArgs) -> anyhow::Result<()> {
+    // An SSH call the fetcher gave up on must not hold its session (and one of the store's
+    // few slots) for the store's default 30 s: after a cut link, reads would still fail for
+    // that long once the link is back.
+    crate::set_ssh_io_timeout(mirror_attempt_timeout(a.timeout));
     let mut ready = Ready(None);
     if let Some(fd) = a.ready_fd {
         // SAFETY: F_GETFD only inspects the descriptor.

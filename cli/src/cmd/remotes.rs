@@ -216,9 +216,21 @@ pub fn run_push(a: PushArgs) -> anyhow::Result<()> {
         };
         let bar = crate::progress::bar("pushing");
         let t = Instant::now();
-        let r = copy(&src, remote, &opts, &Bar(bar.clone()))
-            .await
-            .with_context(|| format!("pushing {volume}/{branch} to {remote_url}"))?;
+        let r = match copy(&src, remote, &opts, &Bar(bar.clone())).await {
+            Ok(r) => r,
+            // An interrupted push moved no ref, and a second one skips what arrived.
+            Err(e @ horcrux::transfer::CopyError::Store(_)) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "pushing {volume}/{branch} to {remote_url} (the branch there has not \
+                     moved; run the same push again once the remote answers: it sends only \
+                     what did not arrive)"
+                )));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("pushing {volume}/{branch} to {remote_url}")));
+            }
+        };
         bar.finish_and_clear();
         // A registered remote's tracking ref now knows where its branch is.
         let registered = horcrux::remotes::list(first.as_ref()).await?;
