@@ -71,6 +71,23 @@ pub struct Tuning {
     pub max_background: Option<u16>,
     /// [`MAX_WRITE`] by default (also bounds read requests through `max_pages`).
     pub max_write: Option<u32>,
+    /// When the kernel lists directories with attributes: `auto` by default.
+    pub readdirplus: Option<ReaddirPlus>,
+}
+
+/// When the kernel asks for a directory listing with every entry's attributes (`READDIRPLUS`)
+/// instead of names only. With attributes, a listing followed by a `stat` of each entry (`ls -l`,
+/// `find -printf`) needs no `LOOKUP` per entry; without, a walk that only needs names (`find`)
+/// does not make the kernel build an inode for every entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaddirPlus {
+    /// The kernel decides: with attributes for a directory's first listing and for one whose
+    /// entries were looked up (`FUSE_READDIRPLUS_AUTO`).
+    Auto,
+    /// Always with attributes.
+    Always,
+    /// Names only.
+    Never,
 }
 
 /// A mounted volume as a fuser filesystem.
@@ -295,7 +312,14 @@ impl Filesystem for HorcruxFs {
         let _ = config.set_max_background(self.tuning.max_background.unwrap_or(MAX_BACKGROUND));
         let offered = config.capabilities();
         // Only what is offered, so this cannot fail; missing ones are logged.
-        let _ = config.add_capabilities(WANTED & offered);
+        let wanted = match self.tuning.readdirplus.unwrap_or(ReaddirPlus::Auto) {
+            ReaddirPlus::Auto => WANTED,
+            ReaddirPlus::Always => WANTED - InitFlags::FUSE_READDIRPLUS_AUTO,
+            ReaddirPlus::Never => {
+                WANTED - InitFlags::FUSE_READDIRPLUS_AUTO - InitFlags::FUSE_DO_READDIRPLUS
+            }
+        };
+        let _ = config.add_capabilities(wanted & offered);
         if let Err(nearest) = config.set_max_write(self.tuning.max_write.unwrap_or(MAX_WRITE)) {
             let _ = config.set_max_write(nearest);
         }

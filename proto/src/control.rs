@@ -1256,7 +1256,7 @@ mod tests {
                 | Request::PrefetchStatus
                 | Request::PrefetchCancel
                 | Request::Stats => Response::error("unused"),
-                | Request::ReplayStatus => Response::error("unused"),
+                Request::ReplayStatus => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),

@@ -411,10 +411,8 @@ fn open_conn(path: &Path) -> Result<Connection, ManifestError> {
     // them (a stat walk of a 1,000,000-file volume peaked at 100 MiB with 256 MiB windows, 26 MiB
     // without), while reads through SQLite's own bounded page cache, from a catalog the kernel
     // has read ahead, are as fast.
-    conn.execute_batch(
-        "PRAGMA query_only = 1; PRAGMA cache_size = -8192; PRAGMA mmap_size = 0;",
-    )
-    .map_err(err)?;
+    conn.execute_batch("PRAGMA query_only = 1; PRAGMA cache_size = -8192; PRAGMA mmap_size = 0;")
+        .map_err(err)?;
     Ok(conn)
 }
 

@@ -115,6 +115,10 @@ pub struct MountArgs {
     /// capped by the kernel's fs.fuse.max_pages_limit]
     #[arg(long, hide = true, value_name = "SIZE", value_parser = crate::parse_size)]
     pub fuse_max_write: Option<u64>,
+    /// Bench: when the kernel lists directories with attributes: auto, always or never
+    /// [default: auto]
+    #[arg(long, hide = true, value_name = "WHEN", value_parser = parse_readdirplus)]
+    pub fuse_readdirplus: Option<horcrux_fuse::ReaddirPlus>,
     /// Bench: kernel readahead of the mount in KiB [default: 1024]
     #[arg(long, hide = true, value_name = "KIB")]
     pub readahead_kb: Option<u32>,
@@ -660,6 +664,7 @@ fn serve(
         tuning: horcrux_fuse::Tuning {
             max_background: a.fuse_max_background,
             max_write: a.fuse_max_write.map(|w| w.min(u32::MAX as u64) as u32),
+            readdirplus: a.fuse_readdirplus,
         },
         ops: Some(ops.clone()),
     };
@@ -1425,5 +1430,14 @@ mod tests {
             .to_string();
         assert!(e.contains("already a mount point"), "{e}");
         std::fs::remove_dir_all(&t).unwrap();
+    }
+}
+
+fn parse_readdirplus(s: &str) -> Result<horcrux_fuse::ReaddirPlus, String> {
+    match s {
+        "auto" => Ok(horcrux_fuse::ReaddirPlus::Auto),
+        "always" => Ok(horcrux_fuse::ReaddirPlus::Always),
+        "never" => Ok(horcrux_fuse::ReaddirPlus::Never),
+        _ => Err(format!("`{s}`: expected auto, always or never")),
     }
 }
