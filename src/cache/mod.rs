@@ -21,6 +21,7 @@ mod assembled;
 mod bitmap;
 mod index;
 mod pins;
+mod rebuild;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +40,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub use assembled::{AssembledCounters, AssembledFile, Piece};
 pub use bitmap::Bitmap;
 pub use pins::{PinSummary, PrefetchRecord, volume_owner};
+pub use rebuild::RebuildReport;
 
 use crate::hashtree::{self, BlockHash, Verified, block_count, block_range};
 use crate::ids::{ChunkId, ManifestId};
@@ -62,6 +64,10 @@ pub enum CacheError {
         found: i64,
         supported: i64,
     },
+    #[error(
+        "cache index {dir}/index.sqlite is damaged ({what}); it is rebuilt by a scan when the cache is next opened"
+    )]
+    Damaged { dir: String, what: String },
     #[error("no cached chunk matches `{0}`")]
     NoMatch(String),
     #[error("`{0}` matches several cached chunks: give more digits")]
@@ -203,7 +209,8 @@ impl Cache {
         }
         // The cache may hold data its users may not read elsewhere: keep it private.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
-        let conn = index::open(&dir)?;
+        // Rebuilt by a scan first if it is lost or damaged (rebuild.rs).
+        let conn = rebuild::open_index(&dir)?;
         let total: i64 = conn
             .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
                 r.get(0)
