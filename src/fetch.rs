@@ -353,6 +353,8 @@ impl Fetcher {
                         if let Err(e) =
                             this.cache
                                 .insert_blocks(&info, this.block_size, &[(idx, v)])
+                            // A full disk is logged by the cache, rate-limited.
+                            && !e.is_disk_full()
                         {
                             tracing::warn!(chunk = %info.id, block = idx, error = %e, "could not cache block (served anyway)");
                         }

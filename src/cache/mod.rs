@@ -76,6 +76,26 @@ pub enum CacheError {
     BadManifest(ManifestId),
 }
 
+impl CacheError {
+    /// Whether the failure is the cache's filesystem being full (`ENOSPC`, `EDQUOT`, or
+    /// SQLite's `SQLITE_FULL`): the cache cannot store, but nothing it holds is damaged.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            CacheError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            CacheError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => e.code == rusqlite::ErrorCode::DiskFull,
+            _ => false,
+        }
+    }
+}
+
+/// How often a full cache disk is logged again while it stays full.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// Where the cache lives and how big it may grow.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -163,6 +183,10 @@ pub struct Cache {
     evicted: AtomicU64,
     /// Files assembled for passthrough (`assembled.rs`).
     assembled: assembled::Assembled,
+    /// Set while inserts fail because the cache's disk is full, with when that was last
+    /// logged: the condition is logged once per [`FULL_LOG_EVERY`], and its end once.
+    full: Mutex<Option<Instant>>,
+    insert_failures: AtomicU64,
 }
 
 /// A chunk row as `verify` reads it: id, generation, length, block size, hashes, bitmap.
@@ -234,6 +258,8 @@ impl Cache {
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             assembled: Default::default(),
+            full: Mutex::new(None),
+            insert_failures: AtomicU64::new(0),
         });
         // Assembled files count toward the bound from the start.
         cache.assembled_usage();
@@ -423,7 +449,45 @@ impl Cache {
     }
 
     /// Store verified blocks of chunk `info`: data first (fsync), then the index row.
+    ///
+    /// A failure leaves the cache consistent: a block whose write or `fdatasync` failed
+    /// (e.g. `ENOSPC`) never gets its bit, so it is never served from here. A full disk is
+    /// logged here (rate-limited, naming the directory and what to do); the caller serves
+    /// the verified bytes it has anyway.
     pub fn insert_blocks(
+        &self,
+        info: &ChunkInfo,
+        block_size: u32,
+        blocks: &[(u32, Verified<Bytes>)],
+    ) -> Result<(), CacheError> {
+        let r = self.insert_blocks_inner(info, block_size, blocks);
+        match &r {
+            Err(e) if e.is_disk_full() => {
+                self.insert_failures.fetch_add(1, Ordering::Relaxed);
+                let mut full = self.full.lock();
+                if full.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
+                    *full = Some(Instant::now());
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        error = %e,
+                        failures = self.insert_failures.load(Ordering::Relaxed),
+                        "cache directory {} is full: blocks are served from the source without \
+                         being cached until space is freed; free space on its filesystem, bound \
+                         the cache (--cache-size, `horcrux cache prune --max-size`), or use \
+                         another --cache-dir",
+                        self.dir.display()
+                    );
+                }
+            }
+            Ok(()) if self.full.lock().take().is_some() => {
+                tracing::info!(dir = %self.dir.display(), "cache directory has space again: caching resumed");
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn insert_blocks_inner(
         &self,
         info: &ChunkInfo,
         block_size: u32,

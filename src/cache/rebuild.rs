@@ -137,12 +137,9 @@ fn damage(e: &CacheError) -> Option<String> {
         CacheError::Sqlite {
             source: rusqlite::Error::SqliteFailure(f, msg),
             ..
-        } if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
-            Some(format!(
-                "damaged ({})",
-                msg.clone().unwrap_or_else(|| f.to_string())
-            ))
-        }
+        } if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Some(
+            format!("damaged ({})", msg.clone().unwrap_or_else(|| f.to_string())),
+        ),
         CacheError::Damaged { what, .. } => Some(format!("damaged ({what})")),
         _ => None,
     }

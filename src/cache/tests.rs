@@ -372,8 +372,12 @@ fn a_lost_or_damaged_index_is_rebuilt_from_verified_files() {
             .unwrap();
         let all_b: Vec<_> = (0..4).map(|i| verified(&b, &db, i)).collect();
         c.insert_blocks(&b, BS, &all_b).unwrap();
-        c.insert_blocks(&whole, BS, &[verified(&whole, &dw, 0), verified(&whole, &dw, 1)])
-            .unwrap();
+        c.insert_blocks(
+            &whole,
+            BS,
+            &[verified(&whole, &dw, 0), verified(&whole, &dw, 1)],
+        )
+        .unwrap();
         c.insert_blocks(&partial, BS, &[verified(&partial, &dp, 1)])
             .unwrap();
         for (f, fd) in &filler {
@@ -396,15 +400,26 @@ fn a_lost_or_damaged_index_is_rebuilt_from_verified_files() {
 
         let c = open(d.path(), None);
         // What verified is served, exactly; the corrupted block and the unverifiable file not.
-        assert_eq!(c.read_range(&a, BS, 0..4096).unwrap(), &da[..4096], "{how:?}");
+        assert_eq!(
+            c.read_range(&a, BS, 0..4096).unwrap(),
+            &da[..4096],
+            "{how:?}"
+        );
         assert_eq!(
             c.read_range(&a, BS, 8192..12288).unwrap(),
             &da[8192..12288],
             "{how:?}"
         );
         assert!(c.read_range(&a, BS, 4096..8192).is_none(), "{how:?}");
-        assert!(c.read_range(&b, BS, 4096..8192).is_none(), "{how:?}: bad block served");
-        assert_eq!(c.read_range(&b, BS, 8192..12293).unwrap(), &db[8192..], "{how:?}");
+        assert!(
+            c.read_range(&b, BS, 4096..8192).is_none(),
+            "{how:?}: bad block served"
+        );
+        assert_eq!(
+            c.read_range(&b, BS, 8192..12293).unwrap(),
+            &db[8192..],
+            "{how:?}"
+        );
         assert!(!pp.exists(), "{how:?}: unverifiable partial chunk kept");
         assert!(c.find(&partial.id.to_hex()).is_err(), "{how:?}");
         // A complete chunk nobody describes is kept at the default block size.
