@@ -6,6 +6,8 @@
 //! - `chunks/ab/<chunk-id>.<generation>`: a sparse file of the chunk's length; present blocks are at
 //!   their own offsets.
 //! - `manifests/<manifest-id>`: catalog files, verified when inserted.
+//! - `index.lock`: held (`flock`) while a process opens the index; a lost or damaged index is
+//!   rebuilt from the files above by a verifying scan then (`rebuild.rs`).
 //!
 //! Invariants:
 //! - A block is marked present only after its verified bytes are durable in the file
