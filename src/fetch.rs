@@ -274,6 +274,12 @@ impl Fetcher {
     }
 
     fn spawn_fetches(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>, prio: Priority) {
+        // Fills and prefetches exist to land blocks in the cache: while its disk is full they
+        // would only spend the source's bandwidth. Readers' own fetches go on (and their
+        // inserts notice when space is back).
+        if self.cache.is_full() {
+            return;
+        }
         let present = self.cache.present(info, self.block_size);
         let n = block_count(info.len, self.block_size);
         for b in blocks.start..blocks.end.min(n) {

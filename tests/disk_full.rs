@@ -108,6 +108,40 @@ fn cache_disk_full_serves_from_the_source_and_recovers_without_remount() {
     fs::rename(repo.join("chunks.away"), repo.join("chunks")).unwrap();
     m.unmount();
     cache_verify_clean(&cache);
+
+    // Mounting another volume needs its manifest in the cache: with no space at all, the
+    // mount fails naming the cache directory (not the repository) and what to do.
+    let src2 = t.path().join("src2");
+    fs::create_dir_all(&src2).unwrap();
+    for i in 0..200 {
+        fs::write(src2.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    let repo2 = t.path().join("repo2");
+    generate("other", &src2, &repo2);
+    lfs.fill_all();
+    let mnt2 = t.path().join("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+    let out = horcrux(&[
+        "mount".as_ref(),
+        url(&repo2).as_ref(),
+        mnt2.as_os_str(),
+        "--cache-dir".as_ref(),
+        cache.as_os_str(),
+        "--read-only".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted with a full cache disk");
+    assert!(
+        err.contains(&format!("cache directory {} is full", cache.display()))
+            && err.contains("horcrux cache prune"),
+        "unclear error for a full cache disk at mount:\n{err}"
+    );
+    assert!(!is_mounted(&mnt2));
+    lfs.unfill();
+    let m2 = Mount::new(&repo2, &mnt2, &cache, &["--read-only"]);
+    assert_eq!(fs::read_to_string(m2.path("f7")).unwrap(), "file 7\n");
+    m2.unmount();
+    cache_verify_clean(&cache);
 }
 
 #[test]

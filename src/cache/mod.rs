@@ -70,6 +70,14 @@ pub enum CacheError {
         "cache index {dir}/index.sqlite is damaged ({what}); it is rebuilt by a scan when the cache is next opened"
     )]
     Damaged { dir: String, what: String },
+    #[error(
+        "cache directory {dir} is full ({source}) while storing {what}: free space on its filesystem, prune the cache (`horcrux cache prune --max-size SIZE`), or use another --cache-dir"
+    )]
+    Full {
+        dir: String,
+        what: String,
+        source: io::Error,
+    },
     #[error("no cached chunk matches `{0}`")]
     NoMatch(String),
     #[error("`{0}` matches several cached chunks: give more digits")]
@@ -90,6 +98,7 @@ impl CacheError {
                 source: rusqlite::Error::SqliteFailure(e, _),
                 ..
             } => e.code == rusqlite::ErrorCode::DiskFull,
+            CacheError::Full { .. } => true,
             _ => false,
         }
     }
@@ -204,6 +213,22 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether the filesystem holding `dir` has (almost) no space left for this process.
+fn fs_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statvfs is a valid out-parameter; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // `f_bavail`, not `f_bfree`: ext4 counts blocks it keeps for its own metadata as free.
+    // (Root may have a reserve beyond it; this only words an error that already happened.)
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < 1 << 20
+}
+
 /// Bytes held by the present blocks of a chunk.
 fn present_bytes(b: &Bitmap, len: u64, block_size: u32) -> u64 {
     (0..b.len())
@@ -236,7 +261,20 @@ impl Cache {
         // The cache may hold data its users may not read elsewhere: keep it private.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
         // Rebuilt by a scan first if it is lost or damaged (rebuild.rs).
-        let conn = rebuild::open_index(&dir)?;
+        let conn = rebuild::open_index(&dir).map_err(|e| {
+            // SQLite reports a full disk while it sets up its shared memory as a plain I/O
+            // error: say what it is and what to do.
+            let storage = matches!(e, CacheError::Sqlite { .. } | CacheError::Io { .. });
+            if storage && (e.is_disk_full() || fs_full(&dir)) {
+                CacheError::Full {
+                    dir: dir.display().to_string(),
+                    what: format!("its index ({e})"),
+                    source: io::Error::from_raw_os_error(libc::ENOSPC),
+                }
+            } else {
+                e
+            }
+        })?;
         let total: i64 = conn
             .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
                 r.get(0)
@@ -487,6 +525,11 @@ impl Cache {
             _ => {}
         }
         r
+    }
+
+    /// Whether the last insert failed because the cache's disk is full (until one succeeds).
+    pub fn is_full(&self) -> bool {
+        self.full.lock().is_some()
     }
 
     fn insert_blocks_inner(

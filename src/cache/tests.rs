@@ -467,3 +467,23 @@ fn an_empty_cache_without_index_is_simply_created() {
     let c = open(d.path(), None);
     assert_eq!(c.stats().unwrap().chunks, 0);
 }
+
+#[test]
+fn full_disk_errors_are_recognised() {
+    let io = |code| CacheError::Io {
+        dir: "/c".into(),
+        source: std::io::Error::from_raw_os_error(code),
+    };
+    assert!(io(libc::ENOSPC).is_disk_full());
+    assert!(io(libc::EDQUOT).is_disk_full());
+    assert!(!io(libc::EIO).is_disk_full());
+    let full = CacheError::Sqlite {
+        dir: "/c".into(),
+        source: rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ),
+    };
+    assert!(full.is_disk_full());
+    assert!(!CacheError::NoMatch("x".into()).is_disk_full());
+}

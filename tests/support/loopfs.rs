@@ -9,6 +9,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What `fill_all` leaves to plain writes after its fallocate.
+const MIB_LEFT: u64 = 1 << 20;
+
 #[derive(Debug)]
 pub struct LoopFs {
     /// Where the filesystem is mounted.
@@ -76,6 +79,23 @@ impl LoopFs {
         }
         f.sync_all().unwrap();
         p
+    }
+
+    /// Fill the filesystem completely: the filler grows until a write fails with ENOSPC.
+    pub fn fill_all(&self) {
+        self.fill_leaving(MIB_LEFT);
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(self.root.join("filler"))
+            .unwrap();
+        let page = vec![0x5au8; 4096];
+        loop {
+            match std::io::Write::write_all(&mut f, &page).and_then(|()| f.sync_data()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.root.display()),
+            }
+        }
     }
 
     /// Remove the filler file: space is free again.
