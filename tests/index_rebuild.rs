@@ -213,7 +213,10 @@ fn deleted_garbage_or_truncated_index_is_rebuilt_by_a_scan() {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
         .count();
-    assert!(aside >= 1, "the damaged index was not kept aside");
+    assert_eq!(
+        aside, 1,
+        "the latest damaged index is kept aside, older ones removed"
+    );
 }
 
 #[test]

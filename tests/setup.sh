@@ -33,6 +33,7 @@ packages=(
     attr                          # getfattr/setfattr: xattr checks in tests and the demo
     psmisc procps util-linux      # fuser, pgrep/ps, mountpoint, nsenter, setpriv
     iproute2                      # ip netns: multi-host peer tests (tests/peers_netns.rs)
+    e2fsprogs                     # mkfs.ext4: loop-mounted full disks (tests/disk_full.rs)
     openssh-server openssh-client # loopback sshd for ssh:// tests
     python3 python3-pip python3-venv ca-certificates curl git
 )

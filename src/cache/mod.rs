@@ -42,7 +42,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub use assembled::{AssembledCounters, AssembledFile, Piece};
 pub use bitmap::Bitmap;
 pub use pins::{PinSummary, PrefetchRecord, volume_owner};
-pub use rebuild::RebuildReport;
 
 use crate::hashtree::{self, BlockHash, Verified, block_count, block_range};
 use crate::ids::{ChunkId, ManifestId};

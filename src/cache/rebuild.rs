@@ -7,7 +7,8 @@
 //! cache rebuilds it by a scan instead of failing or silently forgetting the data:
 //!
 //! 1. The damaged file is moved aside (`index.sqlite.damaged-<unix time>`) for diagnosis; its
-//!    `-wal`/`-shm` files are removed (a WAL never applies to another database file).
+//!    `-wal`/`-shm` files are removed (a WAL never applies to another database file). An
+//!    older damaged file is deleted: the latest is enough to diagnose.
 //! 2. Every cached manifest is re-hashed against its name; good ones get their row back and
 //!    lend their chunks' block hashes and block size to step 3; others are deleted.
 //! 3. Every chunk file is checked block by block against those hashes: only blocks that
@@ -53,7 +54,7 @@ const YOUNG: Duration = Duration::from_secs(60);
 
 /// What a rebuild kept and dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RebuildReport {
+pub(super) struct RebuildReport {
     /// Chunk files kept, and their blocks that verified.
     pub chunks: u64,
     pub blocks: u64,
@@ -226,6 +227,13 @@ pub(super) fn rebuild(dir: &Path, reason: &str) -> Result<RebuildReport, CacheEr
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
+        // Keep only the latest damaged index: one is enough to diagnose.
+        for e in read_dir(dir).map_err(io_err)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{INDEX_FILE}.damaged-")) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         let aside = dir.join(format!("{INDEX_FILE}.damaged-{now}"));
         fs::rename(&path, &aside).map_err(io_err)?;
         tracing::warn!(index = %path.display(), moved_to = %aside.display(), "cache index {reason}; moved aside");
