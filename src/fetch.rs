@@ -71,14 +71,28 @@ impl Default for FetchConfig {
 }
 
 /// Counters a user can read (`horcrux stats`, metrics).
+///
+/// Hits and misses are counted per block a *reader* touched (foreground reads only: fills
+/// and prefetches are not reads): a hit was served from the cache, a miss waited for the
+/// source (its own fetch, or one already in flight). Their bytes are the bytes of the read
+/// that fell in those blocks, so hit + miss bytes add up to what was read through the fetcher.
 #[derive(Debug, Default)]
 pub struct FetchMetrics {
+    /// Blocks fetched from the source and verified (by any priority).
     pub blocks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub background_blocks: AtomicU64,
     pub verify_failures: AtomicU64,
     pub source_errors: AtomicU64,
     pub shared_waits: AtomicU64,
+    pub hit_blocks: AtomicU64,
+    pub hit_bytes: AtomicU64,
+    pub miss_blocks: AtomicU64,
+    pub miss_bytes: AtomicU64,
+    /// Time to get one block from the source(s), fall-overs and retries included (failures too).
+    pub fetch_latency: crate::metrics::Histogram,
+    /// Block fetches that failed, by kind (what a reader gets as EIO).
+    pub errors: crate::metrics::ErrorCounts,
 }
 
 /// A block as a flight delivers it: found in the cache, or fetched and verified (to be cached).
@@ -182,6 +196,16 @@ impl Fetcher {
         self.block_size
     }
 
+    /// The mirror set this fetcher reads from (per-source metrics).
+    pub fn source(&self) -> &Arc<MirrorStore> {
+        &self.source
+    }
+
+    /// Block fetches in flight now (each counted once however many readers wait on it).
+    pub fn inflight(&self) -> usize {
+        self.inflight.lock().len()
+    }
+
     /// Is a reader waiting for a block from the source right now?
     pub fn foreground_busy(&self) -> bool {
         self.foreground_active.load(Ordering::Relaxed) > 0
@@ -205,7 +229,7 @@ impl Fetcher {
         if present {
             return Ok(Hydrated::Present);
         }
-        let (bytes, fetched) = self
+        let (bytes, fetched, _) = self
             .block_with(info, idx, Priority::Background, true)
             .await?;
         Ok(if fetched {
@@ -218,7 +242,18 @@ impl Fetcher {
     /// Bytes `range` of chunk `info` if every block is cached. Blocking read of a local file:
     /// call it from a FUSE worker or the blocking pool, not from an async task.
     pub fn read_cached(&self, info: &ChunkInfo, range: Range<u64>) -> Option<Bytes> {
-        self.cache.read_range(info, self.block_size, range)
+        let b = self
+            .cache
+            .read_range(info, self.block_size, range.clone())?;
+        if !range.is_empty() {
+            let bs = self.block_size as u64;
+            let blocks = (range.end - 1) / bs - range.start / bs + 1;
+            let m = &self.metrics;
+            m.hit_blocks.fetch_add(blocks, Ordering::Relaxed);
+            m.hit_bytes
+                .fetch_add(range.end - range.start, Ordering::Relaxed);
+        }
+        Some(b)
     }
 
     /// Bytes `range` of chunk `info`, fetching missing blocks from the source.
@@ -238,12 +273,24 @@ impl Fetcher {
             let this = self.clone();
             let info = info.clone();
             tasks.push(tokio::spawn(async move {
-                this.block(&info, b, Priority::Foreground).await
+                this.block_with(&info, b, Priority::Foreground, false).await
             }));
         }
         let mut blocks = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            blocks.push(t.await.expect("block task panicked")?);
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (bytes, _, cached) = t.await.expect("block task panicked")?;
+            // The part of the read that fell in this block.
+            let bstart = (first as u64 + i as u64) * bs;
+            let part = range.end.min(bstart + bs) - range.start.max(bstart);
+            let m = &self.metrics;
+            let (nb, nbytes) = if cached {
+                (&m.hit_blocks, &m.hit_bytes)
+            } else {
+                (&m.miss_blocks, &m.miss_bytes)
+            };
+            nb.fetch_add(1, Ordering::Relaxed);
+            nbytes.fetch_add(part, Ordering::Relaxed);
+            blocks.push(bytes);
         }
         if self.config.fill_chunks {
             self.spawn_fetches(
@@ -313,18 +360,19 @@ impl Fetcher {
     ) -> Result<Bytes, FetchError> {
         self.block_with(info, idx, prio, false)
             .await
-            .map(|(b, _)| b)
+            .map(|(b, _, _)| b)
     }
 
-    /// [`Self::block`], also saying whether this call fetched it from the source; with
-    /// `wait_persist`, a block this call fetched is durable in the cache when it returns.
+    /// [`Self::block`], also saying whether this call fetched it from the source and whether it
+    /// came from the cache; with `wait_persist`, a block this call fetched is durable in the
+    /// cache when it returns.
     async fn block_with(
         self: &Arc<Self>,
         info: &Arc<ChunkInfo>,
         idx: u32,
         prio: Priority,
         wait_persist: bool,
-    ) -> Result<(Bytes, bool), FetchError> {
+    ) -> Result<(Bytes, bool, bool), FetchError> {
         let key = (info.id, idx);
         let (flight, leader) = {
             let mut m = self.inflight.lock();
@@ -375,7 +423,10 @@ impl Fetcher {
                 }
             }
         }
-        result.map(|b| (b.bytes().clone(), fetched))
+        result.map(|b| {
+            let cached = matches!(b, BlockData::Cached(_));
+            (b.bytes().clone(), fetched, cached)
+        })
     }
 
     async fn fetch_block(
@@ -421,7 +472,9 @@ impl Fetcher {
             }
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(chunk = %info.id, block = idx, error = %e, "hash mismatch: corrupted data refused");
+                // The mirror set names the store that sent it (warn); the reader's failure is
+                // logged where it becomes an errno or a peer's error.
+                tracing::debug!(block = idx, error = %e, "corrupted data refused");
                 *bad.lock() = Some(e);
                 false
             }
@@ -450,7 +503,10 @@ impl Fetcher {
                 }
             }
         };
-        match tokio::time::timeout(self.config.request_timeout, fut).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.config.request_timeout, fut).await;
+        self.metrics.fetch_latency.observe(started.elapsed());
+        match outcome {
             Ok(Ok(_)) => {
                 let v = verified.lock().take().expect("checked data was kept");
                 self.metrics.blocks_fetched.fetch_add(1, Ordering::Relaxed);
@@ -462,24 +518,29 @@ impl Fetcher {
             Ok(Err(e)) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(v) = bad.lock().take() {
+                    self.metrics.errors.add(crate::metrics::ErrorKind::Verify);
                     return Err(FetchError::Corrupt(Arc::new(v)));
                 }
+                self.metrics.errors.add(e.kind());
                 let err = FetchError::Source {
                     chunk: info.id,
                     source_name: self.source.describe(),
                     error: Arc::new(e),
                 };
-                tracing::error!(error = %err, block = idx, "fetch failed");
+                // Logged once, at the boundary that answers the reader (FUSE errno, prefetch,
+                // peer server), with this error as its cause.
+                tracing::debug!(error = %err, block = idx, "fetch failed");
                 Err(err)
             }
             Err(_) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.add(crate::metrics::ErrorKind::Timeout);
                 let err = FetchError::Timeout {
                     chunk: info.id,
                     source_name: self.source.describe(),
                     timeout: self.config.request_timeout,
                 };
-                tracing::error!(error = %err, block = idx, "fetch timed out");
+                tracing::debug!(error = %err, block = idx, "fetch timed out");
                 Err(err)
             }
         }
@@ -504,7 +565,7 @@ impl Drop for BusyGuard<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
 
     use super::*;
     use crate::cache::CacheConfig;
@@ -734,6 +795,50 @@ mod tests {
         let f = Arc::new(Fetcher::with_mirrors(mirrors, f.cache.clone(), BS, cfg));
         assert_eq!(&f.read(&info, 0..200).await.unwrap()[..], &data[..200]);
         assert_eq!(f.metrics().verify_failures.load(Ordering::Relaxed), 1);
+        // Per source: the bad mirror's attempt is a verify error, the good one's bytes count.
+        let src = f.source().source_metrics();
+        let errs = |i: usize, k: crate::metrics::ErrorKind| {
+            src[i].errors.iter().find(|(kind, _)| *kind == k).unwrap().1
+        };
+        assert_eq!((src[0].requests, src[0].bytes), (1, 0));
+        assert_eq!(errs(0, crate::metrics::ErrorKind::Verify), 1);
+        assert_eq!((src[1].requests, src[1].bytes), (1, BS as u64));
+        assert_eq!(src[1].latency.count, 1);
+        // The reader got its block: no fetch error, one fetch timed.
+        assert!(f.metrics().errors.snapshot().iter().all(|(_, n)| *n == 0));
+        assert_eq!(f.metrics().fetch_latency.snapshot().count, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hits_and_misses_count_blocks_and_the_bytes_read() {
+        let (_d, _store, f, info, data) = setup(Duration::ZERO, 3 * 4096).await;
+        let m = f.metrics();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Cold: a read over blocks 0 and 1 misses both, for the bytes it asked.
+        assert!(f.read_cached(&info, 100..5000).is_none());
+        assert_eq!(
+            &f.read(&info, 100..5000).await.unwrap()[..],
+            &data[100..5000]
+        );
+        assert_eq!((load(&m.miss_blocks), load(&m.miss_bytes)), (2, 4900));
+        assert_eq!((load(&m.hit_blocks), load(&m.hit_bytes)), (0, 0));
+        assert_eq!(load(&m.bytes_fetched), 2 * 4096);
+        // Warm once persisted: the same range hits both blocks.
+        for _ in 0..500 {
+            if f.read_cached(&info, 0..8192).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (hb, hbytes) = (load(&m.hit_blocks), load(&m.hit_bytes));
+        assert_eq!(
+            &f.read_cached(&info, 100..5000).unwrap()[..],
+            &data[100..5000]
+        );
+        assert_eq!(load(&m.hit_blocks) - hb, 2);
+        assert_eq!(load(&m.hit_bytes) - hbytes, 4900);
+        assert_eq!(load(&m.miss_blocks), 2, "no new miss");
+        assert_eq!(f.inflight(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

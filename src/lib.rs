@@ -19,6 +19,7 @@ pub mod history;
 pub mod ids;
 pub mod import;
 pub mod manifest;
+pub mod metrics;
 pub mod overlay;
 pub mod prefetch;
 pub mod remotes;

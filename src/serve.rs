@@ -25,6 +25,7 @@ use crate::format::chunk_key;
 use crate::hashtree::root_of;
 use crate::ids::ChunkId;
 use crate::manifest::ChunkInfo;
+use crate::metrics::ServeMetrics;
 use crate::store::{Store, StoreError};
 
 /// One repository a node serves.
@@ -46,6 +47,7 @@ pub struct NodeBackend {
     /// One fetcher per (repository, block size), made on first use; sharing it is what makes
     /// concurrent peers of one cold block cause one origin read.
     fetchers: Mutex<HashMap<(String, u32), Arc<Fetcher>>>,
+    metrics: ServeMetrics,
 }
 
 /// Why a served repository list is not valid.
@@ -78,6 +80,7 @@ impl NodeBackend {
             cache,
             fetch_config,
             fetchers: Mutex::new(HashMap::new()),
+            metrics: ServeMetrics::default(),
         })
     }
 
@@ -165,9 +168,8 @@ fn fetch_err(e: FetchError) -> BackendError {
     }
 }
 
-#[async_trait::async_trait]
-impl PeerBackend for NodeBackend {
-    async fn get_range(
+impl NodeBackend {
+    async fn serve_range(
         &self,
         repo: &str,
         key: &str,
@@ -198,6 +200,9 @@ impl PeerBackend for NodeBackend {
                 .await
                 .map_err(|e| BackendError::Failed(format!("cache read task: {e}")))?;
             if let Some(b) = hit {
+                self.metrics
+                    .cache_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(b);
             }
         }
@@ -210,18 +215,22 @@ impl PeerBackend for NodeBackend {
         served.store.get_range(key, range).await.map_err(store_err)
     }
 
-    async fn get(&self, repo: &str, key: &str) -> Result<Bytes, BackendError> {
+    async fn serve_get(&self, repo: &str, key: &str) -> Result<Bytes, BackendError> {
         self.repo(repo)?.store.get(key).await.map_err(store_err)
     }
 
-    async fn exists(&self, repo: &str, keys: &[String]) -> Result<Vec<bool>, BackendError> {
+    async fn serve_exists(&self, repo: &str, keys: &[String]) -> Result<Vec<bool>, BackendError> {
         match self.repos.get(repo) {
             Some(r) => r.store.exists(keys).await.map_err(store_err),
             None => Ok(vec![false; keys.len()]),
         }
     }
 
-    async fn list(&self, repo: &str, prefix: &str) -> Result<Vec<(String, u64)>, BackendError> {
+    async fn serve_list(
+        &self,
+        repo: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, u64)>, BackendError> {
         self.repo(repo)?
             .store
             .list_sizes(prefix)
@@ -229,7 +238,7 @@ impl PeerBackend for NodeBackend {
             .map_err(store_err)
     }
 
-    async fn chunks_present(&self, ids: &[[u8; 32]]) -> Vec<ChunkPresence> {
+    async fn serve_chunks_present(&self, ids: &[[u8; 32]]) -> Vec<ChunkPresence> {
         let Some(cache) = self.cache.clone() else {
             return ids
                 .iter()
@@ -258,6 +267,86 @@ impl PeerBackend for NodeBackend {
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// Count a request of kind `op` (timed by `timer`), and its bytes if it succeeded.
+    fn count<T>(
+        &self,
+        op: &'static str,
+        timer: crate::metrics::OpTimer<'_>,
+        r: &Result<T, BackendError>,
+        len: impl Fn(&T) -> u64,
+    ) {
+        match r {
+            Ok(v) => {
+                self.metrics
+                    .bytes_served
+                    .fetch_add(len(v), std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics.requests.0.error(op);
+                // The peer server is the boundary: a failure to answer is logged here, once.
+                // Keys nobody here has and bad requests are the client's business.
+                match e {
+                    BackendError::Failed(_) => {
+                        tracing::warn!(op, error = %e, "peer request failed")
+                    }
+                    _ => tracing::debug!(op, error = %e, "peer request refused"),
+                }
+            }
+        }
+        drop(timer);
+    }
+
+    /// Requests served, bytes, cache hits (`--metrics`).
+    pub fn metrics(&self) -> &ServeMetrics {
+        &self.metrics
+    }
+}
+
+/// Every request is counted by kind, with its latency and bytes; the work is in the
+/// `serve_*` methods above.
+#[async_trait::async_trait]
+impl PeerBackend for NodeBackend {
+    async fn get_range(
+        &self,
+        repo: &str,
+        key: &str,
+        range: Range<u64>,
+        hint: Option<&ChunkHint>,
+    ) -> Result<Bytes, BackendError> {
+        let t = self.metrics.requests.0.start("get_range");
+        let r = self.serve_range(repo, key, range, hint).await;
+        self.count("get_range", t, &r, |b| b.len() as u64);
+        r
+    }
+
+    async fn get(&self, repo: &str, key: &str) -> Result<Bytes, BackendError> {
+        let t = self.metrics.requests.0.start("get");
+        let r = self.serve_get(repo, key).await;
+        self.count("get", t, &r, |b| b.len() as u64);
+        r
+    }
+
+    async fn exists(&self, repo: &str, keys: &[String]) -> Result<Vec<bool>, BackendError> {
+        let t = self.metrics.requests.0.start("exists");
+        let r = self.serve_exists(repo, keys).await;
+        self.count("exists", t, &r, |_| 0);
+        r
+    }
+
+    async fn list(&self, repo: &str, prefix: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        let t = self.metrics.requests.0.start("list");
+        let r = self.serve_list(repo, prefix).await;
+        self.count("list", t, &r, |_| 0);
+        r
+    }
+
+    async fn chunks_present(&self, ids: &[[u8; 32]]) -> Vec<ChunkPresence> {
+        let t = self.metrics.requests.0.start("chunks_present");
+        let r = self.serve_chunks_present(ids).await;
+        drop(t);
+        r
     }
 }
 

@@ -9,6 +9,8 @@
 mod common;
 #[path = "support/peer.rs"]
 mod peer;
+#[path = "support/prom.rs"]
+mod prom;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -173,6 +175,60 @@ fn foreign_ca_client_and_misnamed_server_are_refused() {
         !out.status.success() && err.contains("certificate"),
         "{err}"
     );
+}
+
+/// `horcrux serve --metrics`: after a mount read a file through the peer, the scrape (valid
+/// Prometheus text) counts the range requests and at least the file's bytes served.
+#[test]
+fn serve_metrics_count_peer_reads() {
+    let t = tempdir();
+    let (origin, data) = repo_with(t.path(), "amcc", 3, "1M", 4);
+    let tls = t.path().join("tls");
+    pki(&tls);
+    // A free port: bound, read and released (serve binds it a moment later).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let serve = Serve::start(
+        &tls,
+        &t.path().join("serve-cache"),
+        &t.path().join("serve.log"),
+        &["--repo", &url(&origin), "--metrics", &addr],
+    );
+    let before = prom::scrape(&addr);
+    assert_eq!(before.value("horcrux_peer_served_bytes_total", &[]), 0.0);
+    let m = PeerMount::new(
+        &tls,
+        &serve.url("amcc"),
+        &t.path().join("mnt"),
+        &t.path().join("cache"),
+        &[],
+    );
+    assert_eq!(fs::read(m.path("big")).unwrap(), data);
+    let s = prom::scrape(&addr);
+    let ranges = s.value("horcrux_peer_requests_total", &[("kind", "get_range")]);
+    assert!(ranges >= 3.0, "three chunks of `big`\n{}", s.text);
+    assert_eq!(
+        s.value(
+            "horcrux_peer_request_duration_seconds_count",
+            &[("kind", "get_range")]
+        ),
+        ranges
+    );
+    assert!(
+        s.value("horcrux_peer_served_bytes_total", &[]) >= data.len() as f64,
+        "{}",
+        s.text
+    );
+    assert_eq!(
+        s.value("horcrux_peer_errors_total", &[("kind", "get_range")]),
+        0.0
+    );
+    assert!(s.value("horcrux_peer_requests_total", &[("kind", "get")]) >= 1.0);
+    drop(m);
+    drop(serve);
 }
 
 #[test]

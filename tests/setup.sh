@@ -34,6 +34,7 @@ packages=(
     psmisc procps util-linux      # fuser, pgrep/ps, mountpoint, nsenter, setpriv
     iproute2                      # ip netns: multi-host peer tests (tests/peers_netns.rs)
     e2fsprogs                     # mkfs.ext4: loop-mounted full disks (tests/disk_full.rs)
+    systemd                       # systemd-analyze verify of the units (tests/metrics.rs)
     openssh-server openssh-client # loopback sshd for ssh:// tests
     python3 python3-pip python3-venv ca-certificates curl git
 )

@@ -4,6 +4,7 @@
 mod cmd;
 mod config;
 mod docker_api;
+mod metrics;
 mod mounts;
 mod paths;
 mod progress;
@@ -233,6 +234,8 @@ enum Command {
     Verify(cmd::verify::VerifyArgs),
     /// Hydrate a mounted volume (or some paths) in the background and pin it: it then needs no source
     Prefetch(cmd::prefetch::PrefetchArgs),
+    /// A mount's counters: cache hits and misses, fetches per source, latencies, errors, ops
+    Stats(cmd::stats::StatsArgs),
     /// Inspect and bound the local cache
     Cache {
         #[command(subcommand)]
@@ -482,6 +485,7 @@ fn main() -> ExitCode {
         Command::Clone(a) => cmd::remotes::run_clone(a),
         Command::Gc(a) => cmd::gc::run(a),
         Command::Prefetch(a) => cmd::prefetch::run(a),
+        Command::Stats(a) => cmd::stats::run(a),
         Command::Cache { command, cache } => cmd::cache::run(command, cache),
         Command::Copy(a) => cmd::copy::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -27,6 +27,7 @@ use fuser::{
     SessionACL, TimeOrNow, WriteFlags,
 };
 use horcrux::manifest::NodeKind;
+use horcrux::metrics::OpMetrics;
 use horcrux::volume::{
     Attr, BackingToken, Ctx, DirSink, KernelCache, Opened, SetAttr, TimeSet, Volume, VolumeError,
 };
@@ -77,6 +78,47 @@ pub struct Tuning {
 pub struct HorcruxFs {
     volume: Arc<Volume>,
     tuning: Tuning,
+    /// Calls, failures and latency per operation (`horcrux stats`, `--metrics`).
+    ops: Arc<OpMetrics>,
+}
+
+/// The operations [`HorcruxFs`] counts, by the names of their callbacks.
+pub const OPS: &[&str] = &[
+    "mknod",
+    "mkdir",
+    "symlink",
+    "create",
+    "lookup",
+    "getattr",
+    "readlink",
+    "open",
+    "read",
+    "release",
+    "flush",
+    "fsync",
+    "fsyncdir",
+    "write",
+    "setattr",
+    "link",
+    "unlink",
+    "rmdir",
+    "rename",
+    "fallocate",
+    "setxattr",
+    "removexattr",
+    "opendir",
+    "readdir",
+    "readdirplus",
+    "releasedir",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "access",
+];
+
+/// Counters for the operations of one mount.
+pub fn op_metrics() -> Arc<OpMetrics> {
+    Arc::new(OpMetrics::new(OPS))
 }
 
 impl HorcruxFs {
@@ -84,6 +126,7 @@ impl HorcruxFs {
         Self {
             volume,
             tuning: Tuning::default(),
+            ops: op_metrics(),
         }
     }
 
@@ -184,17 +227,40 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
-fn reply_empty(op: &'static str, ino: u64, r: Result<(), VolumeError>, reply: ReplyEmpty) {
-    match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(fail(op, ino, &e)),
+impl HorcruxFs {
+    /// Log the failure of `op` (once, see [`errno`]), count it, and return the errno.
+    /// Routine answers (no such name, no such attribute) are not counted as errors.
+    fn fail(&self, op: &'static str, ino: u64, e: &VolumeError) -> Errno {
+        if !matches!(e, VolumeError::NotFound | VolumeError::NoXattr) {
+            self.ops.error(op);
+        }
+        fail(op, ino, e)
     }
-}
 
-fn reply_entry(op: &'static str, ino: u64, r: Result<Attr, VolumeError>, reply: ReplyEntry) {
-    match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
-        Err(e) => reply.error(fail(op, ino, &e)),
+    fn reply_empty(
+        &self,
+        op: &'static str,
+        ino: u64,
+        r: Result<(), VolumeError>,
+        reply: ReplyEmpty,
+    ) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(op, ino, &e)),
+        }
+    }
+
+    fn reply_entry(
+        &self,
+        op: &'static str,
+        ino: u64,
+        r: Result<Attr, VolumeError>,
+        reply: ReplyEntry,
+    ) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+            Err(e) => reply.error(self.fail(op, ino, &e)),
+        }
     }
 }
 
@@ -256,31 +322,35 @@ impl Filesystem for HorcruxFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _m = self.ops.start("lookup");
         let _s = tracing::debug_span!("lookup", parent = parent.0, ?name).entered();
         match self.volume.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
             Err(VolumeError::NotFound) => reply_negative(reply),
-            Err(e) => reply.error(fail("lookup", parent.0, &e)),
+            Err(e) => reply.error(self.fail("lookup", parent.0, &e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _m = self.ops.start("getattr");
         let _s = tracing::debug_span!("getattr", ino = ino.0).entered();
         match self.volume.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(fail("getattr", ino.0, &e)),
+            Err(e) => reply.error(self.fail("getattr", ino.0, &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _m = self.ops.start("readlink");
         let _s = tracing::debug_span!("readlink", ino = ino.0).entered();
         match self.volume.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(fail("readlink", ino.0, &e)),
+            Err(e) => reply.error(self.fail("readlink", ino.0, &e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _m = self.ops.start("open");
         let _s = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
@@ -318,7 +388,7 @@ impl Filesystem for HorcruxFs {
             Ok(Opened { fh, backing: None }) => {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
             }
-            Err(e) => reply.error(fail("open", ino.0, &e)),
+            Err(e) => reply.error(self.fail("open", ino.0, &e)),
         }
     }
 
@@ -333,10 +403,11 @@ impl Filesystem for HorcruxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _m = self.ops.start("read");
         let _s = tracing::debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
         match self.volume.read(ino.0, fh.0, offset, size) {
             Ok(b) => reply.data(&b),
-            Err(e) => reply.error(fail("read", ino.0, &e)),
+            Err(e) => reply.error(self.fail("read", ino.0, &e)),
         }
     }
 
@@ -350,8 +421,9 @@ impl Filesystem for HorcruxFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("release");
         let _s = tracing::debug_span!("release", ino = ino.0, fh = fh.0).entered();
-        reply_empty("release", ino.0, self.volume.release(fh.0), reply);
+        self.reply_empty("release", ino.0, self.volume.release(fh.0), reply);
     }
 
     /// Sent on every close(2): the file's pending changes are journaled (not yet synced).
@@ -363,8 +435,9 @@ impl Filesystem for HorcruxFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("flush");
         let _s = tracing::debug_span!("flush", ino = ino.0).entered();
-        reply_empty("flush", ino.0, self.volume.flush(ino.0), reply);
+        self.reply_empty("flush", ino.0, self.volume.flush(ino.0), reply);
     }
 
     fn fsync(
@@ -375,8 +448,9 @@ impl Filesystem for HorcruxFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("fsync");
         let _s = tracing::debug_span!("fsync", ino = ino.0, datasync).entered();
-        reply_empty("fsync", ino.0, self.volume.fsync(ino.0, datasync), reply);
+        self.reply_empty("fsync", ino.0, self.volume.fsync(ino.0, datasync), reply);
     }
 
     fn fsyncdir(
@@ -387,8 +461,9 @@ impl Filesystem for HorcruxFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("fsyncdir");
         let _s = tracing::debug_span!("fsyncdir", ino = ino.0).entered();
-        reply_empty("fsyncdir", ino.0, self.volume.sync_all(), reply);
+        self.reply_empty("fsyncdir", ino.0, self.volume.sync_all(), reply);
     }
 
     fn write(
@@ -403,10 +478,11 @@ impl Filesystem for HorcruxFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _m = self.ops.start("write");
         let _s = tracing::debug_span!("write", ino = ino.0, offset, len = data.len()).entered();
         match self.volume.write(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(fail("write", ino.0, &e)),
+            Err(e) => reply.error(self.fail("write", ino.0, &e)),
         }
     }
 
@@ -428,6 +504,7 @@ impl Filesystem for HorcruxFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _m = self.ops.start("setattr");
         let _s = tracing::debug_span!("setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size).entered();
         let set = SetAttr {
             mode,
@@ -439,7 +516,7 @@ impl Filesystem for HorcruxFs {
         };
         match self.volume.setattr(ino.0, &set) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(fail("setattr", ino.0, &e)),
+            Err(e) => reply.error(self.fail("setattr", ino.0, &e)),
         }
     }
 
@@ -453,6 +530,7 @@ impl Filesystem for HorcruxFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _m = self.ops.start("mknod");
         let _s = tracing::debug_span!("mknod", parent = parent.0, ?name, mode).entered();
         let r = if mode & libc::S_IFMT == libc::S_IFREG {
             self.volume
@@ -462,7 +540,7 @@ impl Filesystem for HorcruxFs {
             self.volume
                 .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev as u64)
         };
-        reply_entry("mknod", parent.0, r, reply);
+        self.reply_entry("mknod", parent.0, r, reply);
     }
 
     fn mkdir(
@@ -474,9 +552,10 @@ impl Filesystem for HorcruxFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _m = self.ops.start("mkdir");
         let _s = tracing::debug_span!("mkdir", parent = parent.0, ?name, mode).entered();
         let r = self.volume.mkdir(ctx(req), parent.0, name.as_bytes(), mode);
-        reply_entry("mkdir", parent.0, r, reply);
+        self.reply_entry("mkdir", parent.0, r, reply);
     }
 
     fn symlink(
@@ -487,6 +566,7 @@ impl Filesystem for HorcruxFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _m = self.ops.start("symlink");
         let _s = tracing::debug_span!("symlink", parent = parent.0, ?link_name).entered();
         let r = self.volume.symlink(
             ctx(req),
@@ -494,7 +574,7 @@ impl Filesystem for HorcruxFs {
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         );
-        reply_entry("symlink", parent.0, r, reply);
+        self.reply_entry("symlink", parent.0, r, reply);
     }
 
     fn link(
@@ -505,15 +585,17 @@ impl Filesystem for HorcruxFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _m = self.ops.start("link");
         let _s =
             tracing::debug_span!("link", ino = ino.0, newparent = newparent.0, ?newname).entered();
         let r = self.volume.link(ino.0, newparent.0, newname.as_bytes());
-        reply_entry("link", ino.0, r, reply);
+        self.reply_entry("link", ino.0, r, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = self.ops.start("unlink");
         let _s = tracing::debug_span!("unlink", parent = parent.0, ?name).entered();
-        reply_empty(
+        self.reply_empty(
             "unlink",
             parent.0,
             self.volume.unlink(parent.0, name.as_bytes()),
@@ -522,8 +604,9 @@ impl Filesystem for HorcruxFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = self.ops.start("rmdir");
         let _s = tracing::debug_span!("rmdir", parent = parent.0, ?name).entered();
-        reply_empty(
+        self.reply_empty(
             "rmdir",
             parent.0,
             self.volume.rmdir(parent.0, name.as_bytes()),
@@ -541,6 +624,7 @@ impl Filesystem for HorcruxFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("rename");
         let _s = tracing::debug_span!(
             "rename",
             parent = parent.0,
@@ -549,7 +633,7 @@ impl Filesystem for HorcruxFs {
             ?newname
         )
         .entered();
-        reply_empty(
+        self.reply_empty(
             "rename",
             parent.0,
             self.volume.rename(
@@ -573,6 +657,7 @@ impl Filesystem for HorcruxFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _m = self.ops.start("create");
         let _s = tracing::debug_span!("create", parent = parent.0, ?name, mode, flags).entered();
         let append = flags & libc::O_APPEND != 0;
         match self
@@ -586,7 +671,7 @@ impl Filesystem for HorcruxFs {
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Err(e) => reply.error(fail("create", parent.0, &e)),
+            Err(e) => reply.error(self.fail("create", parent.0, &e)),
         }
     }
 
@@ -600,8 +685,9 @@ impl Filesystem for HorcruxFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("fallocate");
         let _s = tracing::debug_span!("fallocate", ino = ino.0, offset, length, mode).entered();
-        reply_empty(
+        self.reply_empty(
             "fallocate",
             ino.0,
             self.volume.fallocate(ino.0, offset, length, mode),
@@ -619,8 +705,9 @@ impl Filesystem for HorcruxFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("setxattr");
         let _s = tracing::debug_span!("setxattr", ino = ino.0, ?name).entered();
-        reply_empty(
+        self.reply_empty(
             "setxattr",
             ino.0,
             self.volume.setxattr(ino.0, name.as_bytes(), value, flags),
@@ -629,8 +716,9 @@ impl Filesystem for HorcruxFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _m = self.ops.start("removexattr");
         let _s = tracing::debug_span!("removexattr", ino = ino.0, ?name).entered();
-        reply_empty(
+        self.reply_empty(
             "removexattr",
             ino.0,
             self.volume.removexattr(ino.0, name.as_bytes()),
@@ -639,6 +727,7 @@ impl Filesystem for HorcruxFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _m = self.ops.start("opendir");
         let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
         // A version's listings never change: let the kernel cache them across opens. A
         // writable mount's listings are always asked for.
@@ -649,8 +738,8 @@ impl Filesystem for HorcruxFs {
         };
         match self.volume.getattr(ino.0) {
             Ok(a) if a.kind == NodeKind::Dir => reply.opened(FileHandle(0), flags),
-            Ok(_) => reply.error(fail("opendir", ino.0, &VolumeError::NotDir)),
-            Err(e) => reply.error(fail("opendir", ino.0, &e)),
+            Ok(_) => reply.error(self.fail("opendir", ino.0, &VolumeError::NotDir)),
+            Err(e) => reply.error(self.fail("opendir", ino.0, &e)),
         }
     }
 
@@ -662,13 +751,14 @@ impl Filesystem for HorcruxFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _m = self.ops.start("readdir");
         let _s = tracing::debug_span!("readdir", ino = ino.0, offset).entered();
         match self
             .volume
             .readdir(ino.0, offset, &mut PlainSink(&mut reply))
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("readdir", ino.0, &e)),
+            Err(e) => reply.error(self.fail("readdir", ino.0, &e)),
         }
     }
 
@@ -680,13 +770,14 @@ impl Filesystem for HorcruxFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _m = self.ops.start("readdirplus");
         let _s = tracing::debug_span!("readdirplus", ino = ino.0, offset).entered();
         match self
             .volume
             .readdir(ino.0, offset, &mut PlusSink(&mut reply))
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("readdirplus", ino.0, &e)),
+            Err(e) => reply.error(self.fail("readdirplus", ino.0, &e)),
         }
     }
 
@@ -698,28 +789,32 @@ impl Filesystem for HorcruxFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _m = self.ops.start("releasedir");
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _m = self.ops.start("statfs");
         let _s = tracing::debug_span!("statfs").entered();
         match self.volume.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
-            Err(e) => reply.error(fail("statfs", ino.0, &e)),
+            Err(e) => reply.error(self.fail("statfs", ino.0, &e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _m = self.ops.start("getxattr");
         let _s = tracing::debug_span!("getxattr", ino = ino.0, ?name, size).entered();
         match self.volume.getxattr(ino.0, name.as_bytes()) {
             Ok(v) => reply_xattr(reply, size, &v),
-            Err(e) => reply.error(fail("getxattr", ino.0, &e)),
+            Err(e) => reply.error(self.fail("getxattr", ino.0, &e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _m = self.ops.start("listxattr");
         let _s = tracing::debug_span!("listxattr", ino = ino.0, size).entered();
         match self.volume.listxattr(ino.0) {
             Ok(names) => {
@@ -731,20 +826,21 @@ impl Filesystem for HorcruxFs {
                 }
                 reply_xattr(reply, size, &list);
             }
-            Err(e) => reply.error(fail("listxattr", ino.0, &e)),
+            Err(e) => reply.error(self.fail("listxattr", ino.0, &e)),
         }
     }
 
     /// Only reached without `default_permissions` (the kernel checks modes itself with it):
     /// the node must exist, and a read-only volume has nothing writable.
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _m = self.ops.start("access");
         let _s = tracing::debug_span!("access", ino = ino.0, mask = mask.bits()).entered();
         match self.volume.getattr(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) && !self.volume.writable() => {
-                reply.error(fail("access", ino.0, &VolumeError::ReadOnly))
+                reply.error(self.fail("access", ino.0, &VolumeError::ReadOnly))
             }
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(fail("access", ino.0, &e)),
+            Err(e) => reply.error(self.fail("access", ino.0, &e)),
         }
     }
 }
@@ -762,6 +858,8 @@ pub struct MountOptions {
     pub threads: Option<usize>,
     /// Session parameter overrides (defaults are right; the bench compares).
     pub tuning: Tuning,
+    /// Where to count operations ([`op_metrics`]); `None`: counted where nobody reads them.
+    pub ops: Option<Arc<OpMetrics>>,
 }
 
 /// The mount source of a volume's mount: `horcrux:<volume>` (how `umount` recognises ours).
@@ -810,6 +908,7 @@ pub fn mount(
     let fs = HorcruxFs {
         volume: volume.clone(),
         tuning: options.tuning.clone(),
+        ops: options.ops.clone().unwrap_or_else(op_metrics),
     };
     // SAFETY: geteuid has no preconditions.
     let session = if unsafe { libc::geteuid() } == 0 {

@@ -27,6 +27,8 @@
 //! → {"v":1,"type":"prefetch_status"}                  (also "prefetch_cancel")
 //! ← {"v":1,"type":"prefetch","data":{"state":"running","present_bytes":…,…}}
 //! ← {"v":1,"type":"no_prefetch"}                      (no job in this daemon)
+//! → {"v":1,"type":"stats"}
+//! ← {"v":1,"type":"stats","data":{"volume":"AMCC","cache":{…},"reads":{…},"fetch":{…},…}}
 //! ← {"v":1,"type":"error","data":{"message":"…"}}     (any request can be answered so)
 //! ```
 //!
@@ -70,7 +72,7 @@
 //! without a new version number; anything else needs `"v": 2`, which a version 1 daemon refuses
 //! clearly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -349,6 +351,9 @@ pub enum Request {
     PrefetchStatus,
     /// Stop the prefetch; it is not resumed by a later mount. Answered like `PrefetchStatus`.
     PrefetchCancel,
+    /// The daemon's counters (`horcrux stats`, the plugin's `/metrics`); answered with
+    /// [`Response::Stats`].
+    Stats,
 }
 
 /// What a daemon answers.
@@ -379,6 +384,7 @@ pub enum Response {
     Prefetch(PrefetchReport),
     /// This daemon has run no prefetch job.
     NoPrefetch,
+    Stats(Box<StatsReport>),
     /// The request failed; `message` is for the user.
     Error {
         message: String,
@@ -428,6 +434,107 @@ pub struct PrefetchReport {
     pub commit: String,
     /// The owner name of the volume's pins in the cache (`horcrux cache pins`).
     pub owner: String,
+}
+
+/// A mount daemon's counters since it started (gauges: as they are now). Counters only grow,
+/// so a client can compute rates from two reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub volume: String,
+    pub commit: String,
+    pub mountpoint: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    /// Where the daemon serves Prometheus metrics (`--metrics`), if it does.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    pub cache: CacheFigures,
+    pub reads: ReadFigures,
+    pub fetch: FetchFigures,
+    /// Per store of the mirror set, in order of preference.
+    pub sources: Vec<SourceFigures>,
+    /// Absent for a read-only mount.
+    pub overlay: Option<OverlayFigures>,
+    /// Filesystem operations the kernel asked, by kind (only kinds asked at least once).
+    pub ops: Vec<OpFigures>,
+    pub prefetch: Option<PrefetchReport>,
+}
+
+/// The cache directory (shared by every mount of it: sizes are the directory's, eviction
+/// counters this daemon's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheFigures {
+    pub bytes: u64,
+    /// The bound (`--cache-size`), if any.
+    pub limit: Option<u64>,
+    pub chunks: u64,
+    /// Bytes present of chunks pinned by volumes (`horcrux prefetch`), all owners.
+    pub pinned_bytes: u64,
+    pub evicted_chunks: u64,
+    pub evicted_bytes: u64,
+    pub inserted_bytes: u64,
+}
+
+/// Reads through the fetcher, per block touched: from the cache (hit) or the source (miss).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFigures {
+    pub hit_blocks: u64,
+    pub hit_bytes: u64,
+    pub miss_blocks: u64,
+    pub miss_bytes: u64,
+}
+
+/// Block fetches from the source(s).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchFigures {
+    pub blocks: u64,
+    pub bytes: u64,
+    pub background_blocks: u64,
+    /// Readers that waited on a fetch already in flight (single flight).
+    pub shared_waits: u64,
+    pub inflight: u64,
+    pub verify_failures: u64,
+    /// Failed block fetches by kind (`timeout`, `not_found`, `io`, `verify`, `permission`,
+    /// `other`).
+    pub errors: BTreeMap<String, u64>,
+    pub latency: HistogramFigures,
+}
+
+/// Requests to one store (one per attempt).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFigures {
+    /// The store's location, without credentials.
+    pub source: String,
+    pub requests: u64,
+    pub bytes: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub latency: HistogramFigures,
+}
+
+/// Local changes on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayFigures {
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// One kind of filesystem operation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpFigures {
+    pub op: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub latency: HistogramFigures,
+}
+
+/// A latency histogram: `buckets[i]` observations at most `bounds_us[i]` microseconds (and
+/// above the previous bound); the last bucket, one more than the bounds, is everything above.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramFigures {
+    pub bounds_us: Vec<u64>,
+    pub buckets: Vec<u64>,
+    pub sum_us: u64,
+    pub count: u64,
 }
 
 /// What a commit made.
@@ -1109,7 +1216,8 @@ mod tests {
                 | Request::ResetHard { .. }
                 | Request::Prefetch { .. }
                 | Request::PrefetchStatus
-                | Request::PrefetchCancel => Response::error("unused"),
+                | Request::PrefetchCancel
+                | Request::Stats => Response::error("unused"),
                 Request::Commit { message, .. } => Response::Committed(CommitReport {
                     volume: "AMCC".into(),
                     branch: "main".into(),
@@ -1228,6 +1336,41 @@ mod tests {
         assert!(p.starts_with(&WirePath::from("db/ib")));
         assert!(!p.starts_with(&WirePath::from("d")));
         assert!(!p.starts_with(&WirePath::from("db/i")));
+    }
+
+    #[test]
+    fn stats_reports_round_trip() {
+        let mut r = StatsReport {
+            volume: "AMCC".into(),
+            metrics_addr: Some("127.0.0.1:9184".into()),
+            ..Default::default()
+        };
+        r.fetch.errors.insert("verify".into(), 2);
+        r.sources.push(SourceFigures {
+            source: "file:///r".into(),
+            requests: 3,
+            latency: HistogramFigures {
+                bounds_us: vec![100],
+                buckets: vec![1, 2],
+                sum_us: 900,
+                count: 3,
+            },
+            ..Default::default()
+        });
+        let line = encode_line(&Response::Stats(Box::new(r.clone()))).unwrap();
+        assert_eq!(
+            decode_line::<Response>(&line).unwrap(),
+            Response::Stats(Box::new(r))
+        );
+        assert_eq!(
+            encode_line(&Request::Stats).unwrap(),
+            b"{\"v\":1,\"type\":\"stats\"}\n"
+        );
+        // An older daemon's report without `metrics_addr` still reads.
+        let mut v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        v["data"].as_object_mut().unwrap().remove("metrics_addr");
+        let back: Response = decode_line(v.to_string().as_bytes()).unwrap();
+        assert!(matches!(back, Response::Stats(r) if r.metrics_addr.is_none()));
     }
 
     #[test]

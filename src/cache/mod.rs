@@ -151,6 +151,8 @@ pub struct CacheStats {
     pub misses: u64,
     pub inserted_bytes: u64,
     pub evicted_chunks: u64,
+    /// Bytes of the chunks this process evicted to keep the bound.
+    pub evicted_bytes: u64,
     /// Files assembled for FUSE passthrough, on disk, and their allocated bytes.
     pub assembled_files: u64,
     pub assembled_bytes: u64,
@@ -191,6 +193,7 @@ pub struct Cache {
     misses: AtomicU64,
     inserted: AtomicU64,
     evicted: AtomicU64,
+    evicted_bytes: AtomicU64,
     /// Files assembled for passthrough (`assembled.rs`).
     assembled: assembled::Assembled,
     /// Set while inserts fail because the cache's disk is full, with when that was last
@@ -296,6 +299,7 @@ impl Cache {
             misses: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             assembled: Default::default(),
             full: Mutex::new(None),
             insert_failures: AtomicU64::new(0),
@@ -756,6 +760,7 @@ impl Cache {
             report.chunks += 1;
             report.bytes += b;
             self.evicted.fetch_add(1, Ordering::Relaxed);
+            self.evicted_bytes.fetch_add(b, Ordering::Relaxed);
         }
         if report.chunks > 0 {
             tracing::debug!(
@@ -986,6 +991,7 @@ impl Cache {
             misses: self.misses.load(Ordering::Relaxed),
             inserted_bytes: self.inserted.load(Ordering::Relaxed),
             evicted_chunks: self.evicted.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             assembled_files,
             assembled_bytes,
         })

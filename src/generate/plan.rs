@@ -133,7 +133,8 @@ impl<'a> Planner<'a> {
             });
         }
         self.stats.dirs = 1;
-        self.write_node(&root_path, ROOT_INO, ROOT_INO, &st, None)?;
+        let xattrs = walk::xattrs(&root_path).map_err(|e| unreadable(&root_path, e))?;
+        self.write_node(ROOT_INO, ROOT_INO, &st, None, xattrs)?;
         let mut stack = vec![self.list(Arc::new(root_path), ROOT_INO)?];
         while let Some(top) = stack.last_mut() {
             match top.subdirs.next() {
@@ -167,16 +168,15 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Write the node row of `path` (and its xattrs); directories get `nlink` 2 for now.
+    /// Write a node row and its xattrs; directories get `nlink` 2 for now.
     fn write_node(
         &mut self,
-        path: &Path,
         ino: u64,
         parent: u64,
         st: &Stat,
         target: Option<Vec<u8>>,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), GenerateError> {
-        let xattrs = walk::xattrs(path).map_err(|e| unreadable(path, e))?;
         self.out.add_node(&Node {
             ino,
             parent,
@@ -203,11 +203,22 @@ impl<'a> Planner<'a> {
     fn list(&mut self, dir: Arc<PathBuf>, dir_ino: u64) -> Result<Frame, GenerateError> {
         self.check_failed()?;
         let names = walk::list_dir(&dir, dir_ino == ROOT_INO).map_err(|e| unreadable(&dir, e))?;
+        // The entries' lstat and xattrs are asked for on several threads at once (cold, each
+        // waits on the disk); everything recorded is still decided here, in name order.
+        let probes = walk::par_map(&names, |name| {
+            let path = dir.join(name);
+            let st = walk::lstat(&path);
+            let xattrs = match st {
+                Ok(_) => walk::xattrs(&path),
+                Err(_) => Ok(Vec::new()),
+            };
+            (st, xattrs)
+        });
         let mut seq = 0u64;
         let mut subdirs = Vec::new();
-        for name in names {
+        for (name, (st, xattrs)) in names.into_iter().zip(probes) {
             let path = dir.join(&name);
-            let st = match walk::lstat(&path) {
+            let st = match st {
                 Ok(st) => st,
                 // Removed between readdir and lstat: it is not part of the tree we record.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -237,7 +248,8 @@ impl<'a> Planner<'a> {
             }
             let ino = self.next_ino;
             self.next_ino += 1;
-            self.write_node(&path, ino, dir_ino, &st, target)?;
+            let xattrs = xattrs.map_err(|e| unreadable(&path, e))?;
+            self.write_node(ino, dir_ino, &st, target, xattrs)?;
             self.out.add_dirent(dir_ino, seq, name.as_bytes(), ino)?;
             seq += 1;
             if st.is_hard_linked() {
@@ -416,11 +428,12 @@ pub(super) fn scan_totals(root: &Path) -> (u64, u64) {
         let Ok(names) = walk::list_dir(&dir, is_root) else {
             continue;
         };
-        for name in names {
-            let path = dir.join(&name);
-            let Ok(st) = walk::lstat(&path) else {
+        let stats = walk::par_map(&names, |name| walk::lstat(&dir.join(name)));
+        for (name, st) in names.into_iter().zip(stats) {
+            let Ok(st) = st else {
                 continue;
             };
+            let path = dir.join(&name);
             match st.kind {
                 NodeKind::Dir => dirs.push((path, false)),
                 NodeKind::File => {

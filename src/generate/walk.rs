@@ -301,3 +301,64 @@ pub(super) fn sequential(file: &File) {
         libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
     }
 }
+
+/// Threads that run latency-bound metadata and small-file reads at once. A cold `lstat` or a
+/// small file's first read waits on one disk request and costs almost no CPU, so more requests in
+/// flight than cores is what makes a cold tree fast (a device's queue is deep; one thread keeps
+/// one request in it).
+pub(super) const IO_THREADS: usize = 16;
+
+/// `f` applied to every item, on up to [`IO_THREADS`] threads, results in item order. Small
+/// inputs run on the calling thread: a thread start costs more than a few warm calls.
+pub(super) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    const MIN_PER_THREAD: usize = 16;
+    let threads = (items.len() / MIN_PER_THREAD).clamp(1, IO_THREADS);
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = Vec::with_capacity(items.len());
+    out.resize_with(items.len(), || None);
+    let slots = std::sync::Mutex::new(&mut out);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                // Items are handed out in small runs so a slow one does not hold up a thread's
+                // whole share; results are put in place a run at a time.
+                const RUN: usize = 8;
+                let mut done = Vec::with_capacity(RUN);
+                loop {
+                    let start = next.fetch_add(RUN, std::sync::atomic::Ordering::Relaxed);
+                    if start >= items.len() {
+                        break;
+                    }
+                    let end = (start + RUN).min(items.len());
+                    done.extend(items[start..end].iter().map(&f));
+                    let mut slots = slots.lock().expect("par_map slots");
+                    for (i, r) in (start..end).zip(done.drain(..)) {
+                        slots[i] = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("par_map: every item is done"))
+        .collect()
+}
+
+/// Read exactly `out.len()` bytes at `off`; returns how many were there (short only at end of
+/// file).
+pub(super) fn pread_into(file: &File, out: &mut [u8], off: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < out.len() {
+        match file.read_at(&mut out[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

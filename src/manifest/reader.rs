@@ -72,6 +72,7 @@ impl Manifest {
     /// Open a catalog file and check its header.
     pub fn open(path: &Path) -> Result<Self, ManifestError> {
         let conn = open_conn(path)?;
+        readahead(path);
         let p = path.display().to_string();
         let get = |k: &str| -> Result<String, ManifestError> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| {
@@ -389,6 +390,25 @@ fn open_conn(path: &Path) -> Result<Connection, ManifestError> {
     )
     .map_err(err)?;
     Ok(conn)
+}
+
+/// Ask the kernel to read the whole catalog into the page cache in the background. A walk of a
+/// freshly mounted tree otherwise faults its B-tree pages in one 4 KiB disk read at a time, in
+/// the random order of the tree's pages; this turns that into a few large sequential reads
+/// started at open. Best effort and asynchronous: it neither fails nor delays the open.
+/// The advice is given on a thread of its own: for a large catalog the kernel may block while
+/// it queues the reads.
+fn readahead(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("catalog-readahead".into())
+        .spawn(move || {
+            // SAFETY: an advisory call on a descriptor owned by this closure.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        });
 }
 
 #[cfg(test)]

@@ -692,20 +692,29 @@ impl Overlay {
 
     /// Bytes the overlay occupies on disk (data files as allocated, plus the journal).
     pub fn disk_usage(&self) -> u64 {
+        self.usage().0
+    }
+
+    /// Bytes on disk (as [`Self::disk_usage`]) and the number of data files (changed or new
+    /// files with content of their own). One directory listing and a `stat` per file.
+    pub fn usage(&self) -> (u64, u64) {
         use std::os::unix::fs::MetadataExt;
-        let mut total = 0;
+        let (mut total, mut files) = (0, 0);
         for dir in [&self.dir, &self.data_dir] {
             if let Ok(rd) = std::fs::read_dir(dir) {
                 for e in rd.flatten() {
                     if let Ok(m) = e.metadata() {
                         if m.is_file() {
                             total += m.blocks() * 512;
+                            if *dir == self.data_dir {
+                                files += 1;
+                            }
                         }
                     }
                 }
             }
         }
-        total
+        (total, files)
     }
 
     /// Throw away every change (the caller made sure nothing uses the overlay's nodes).

@@ -16,6 +16,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +24,23 @@ use parking_lot::Mutex;
 
 use super::{Store, StoreError};
 use crate::manifest::ChunkInfo;
+use crate::metrics::{ErrorKind, SourceMetrics, SourceSnapshot};
+
+/// How many bytes an answer carries, for the per-source byte counters.
+trait Payload {
+    fn payload_len(&self) -> u64 {
+        0
+    }
+}
+
+impl Payload for Bytes {
+    fn payload_len(&self) -> u64 {
+        self.len() as u64
+    }
+}
+impl Payload for Vec<bool> {}
+impl Payload for Vec<String> {}
+impl Payload for Vec<(String, u64)> {}
 
 /// Rendezvous (highest random weight) score of `store` for `key`: every node computes the same
 /// order from the same names, without talking to each other.
@@ -72,6 +90,8 @@ pub struct MirrorStore {
     config: MirrorConfig,
     /// Indexes of the stores ordered per chunk key by rendezvous hashing (see the module doc).
     rendezvous: Vec<usize>,
+    /// Per store, in the order of `stores`: requests, bytes, errors by kind, latency.
+    metrics: Vec<SourceMetrics>,
 }
 
 /// Outcome of a check on data read from a mirror.
@@ -82,11 +102,13 @@ impl MirrorStore {
     pub fn new(stores: Vec<Arc<dyn Store>>, config: MirrorConfig) -> Self {
         assert!(!stores.is_empty(), "a mirror set needs at least one store");
         let health = vec![Health::default(); stores.len()];
+        let metrics = stores.iter().map(|_| SourceMetrics::default()).collect();
         Self {
             stores,
             health: Mutex::new(health),
             config,
             rendezvous: Vec::new(),
+            metrics,
         }
     }
 
@@ -121,6 +143,29 @@ impl MirrorStore {
 
     pub fn stores(&self) -> &[Arc<dyn Store>] {
         &self.stores
+    }
+
+    /// Reads asked of each store (one per attempt), in the order of [`Self::stores`], named by
+    /// their `describe()` (which holds no credentials).
+    pub fn source_metrics(&self) -> Vec<SourceSnapshot> {
+        self.stores
+            .iter()
+            .zip(&self.metrics)
+            .map(|(s, m)| m.snapshot(s.describe()))
+            .collect()
+    }
+
+    /// Count one attempt at store `i`.
+    fn record(&self, i: usize, start: Instant, outcome: Result<u64, ErrorKind>) {
+        let m = &self.metrics[i];
+        m.requests.fetch_add(1, Ordering::Relaxed);
+        m.latency.observe(start.elapsed());
+        match outcome {
+            Ok(n) => {
+                m.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(kind) => m.errors.add(kind),
+        }
     }
 
     /// Indexes to try for `key`, healthy ones first (in preference order), then the rest.
@@ -167,6 +212,7 @@ impl MirrorStore {
     /// Which store answered last successfully is not tracked: each call picks afresh.
     async fn each<T, F, Fut>(&self, key: &str, op: F) -> Result<T, StoreError>
     where
+        T: Payload,
         F: Fn(Arc<dyn Store>) -> Fut,
         Fut: std::future::Future<Output = Result<(T, bool), StoreError>>,
     {
@@ -174,13 +220,33 @@ impl MirrorStore {
         let mut not_found = 0;
         for i in self.order(key) {
             let store = self.stores[i].clone();
-            match tokio::time::timeout(self.config.attempt_timeout, op(store)).await {
+            let start = Instant::now();
+            let r = tokio::time::timeout(self.config.attempt_timeout, op(store)).await;
+            self.record(
+                i,
+                start,
+                match &r {
+                    Ok(Ok((v, true))) => Ok(v.payload_len()),
+                    Ok(Ok((_, false))) => Err(ErrorKind::Verify),
+                    Ok(Err(e)) => Err(e.kind()),
+                    Err(_) => Err(ErrorKind::Timeout),
+                },
+            );
+            match r {
                 Ok(Ok((v, true))) => {
                     self.ok(i);
                     return Ok(v);
                 }
                 Ok(Ok((_, false))) => {
-                    self.failed(i, "data failed verification");
+                    // A lone store is not "marked unhealthy" in the log (`failed`): name it
+                    // here, so the source of bad bytes is always in the log, once.
+                    if self.stores.len() == 1 {
+                        tracing::warn!(store = %self.stores[i].describe(), key, "data failed verification (hash mismatch): refused, never cached");
+                    }
+                    self.failed(
+                        i,
+                        "data failed verification (hash mismatch): refused, never cached",
+                    );
                     last = Some(StoreError::Other {
                         store: self.stores[i].describe(),
                         message: format!("`{key}`: data failed verification"),

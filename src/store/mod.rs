@@ -48,6 +48,49 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// The kind of failure, for error counters. Backends report refusals and time-outs in
+    /// their own words (`Other`), so those are recognised by the words they use.
+    pub fn kind(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
+        match self {
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+                std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                _ => ErrorKind::Io,
+            },
+            StoreError::CasConflict { .. } | StoreError::Unsupported(_) => ErrorKind::Other,
+            StoreError::Other { message, .. } => {
+                let m = message.to_ascii_lowercase();
+                if [
+                    "permission denied",
+                    "access denied",
+                    "accessdenied",
+                    "forbidden",
+                    "403",
+                    "unauthorized",
+                    "authentication",
+                    "certificate",
+                ]
+                .iter()
+                .any(|w| m.contains(w))
+                {
+                    ErrorKind::Permission
+                } else if m.contains("timed out")
+                    || m.contains("timeout")
+                    || m.contains("no answer within")
+                {
+                    ErrorKind::Timeout
+                } else if m.contains("verification") || m.contains("hash mismatch") {
+                    ErrorKind::Verify
+                } else {
+                    ErrorKind::Io
+                }
+            }
+        }
+    }
 }
 
 /// A place holding repository objects.
@@ -203,5 +246,49 @@ pub fn open_store_with(
         AccessUrl::Peer { host, port, repo } => {
             Ok(Arc::new(PeerStore::new(host, *port, repo, &options.peer)?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ErrorKind;
+
+    #[test]
+    fn errors_have_kinds() {
+        let other = |m: &str| StoreError::Other {
+            store: "s".into(),
+            message: m.into(),
+        };
+        let io = |k| StoreError::Io {
+            store: "s".into(),
+            key: "k".into(),
+            source: std::io::Error::from(k),
+        };
+        assert_eq!(
+            StoreError::NotFound {
+                store: "s".into(),
+                key: "k".into()
+            }
+            .kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            io(std::io::ErrorKind::PermissionDenied).kind(),
+            ErrorKind::Permission
+        );
+        assert_eq!(io(std::io::ErrorKind::TimedOut).kind(), ErrorKind::Timeout);
+        assert_eq!(
+            io(std::io::ErrorKind::ConnectionReset).kind(),
+            ErrorKind::Io
+        );
+        assert_eq!(other("HTTP 403 Forbidden").kind(), ErrorKind::Permission);
+        assert_eq!(other("`k`: no answer within 2s").kind(), ErrorKind::Timeout);
+        assert_eq!(
+            other("`k`: data failed verification").kind(),
+            ErrorKind::Verify
+        );
+        assert_eq!(other("connection reset").kind(), ErrorKind::Io);
+        assert_eq!(StoreError::Unsupported("x".into()).kind(), ErrorKind::Other);
     }
 }

@@ -18,15 +18,23 @@ pub struct Plugin {
     pub socket: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
+    /// More arguments of `horcrux plugin` (e.g. `--metrics ADDR`).
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl Plugin {
     pub fn start(socket: &Path, state: &Path) -> Self {
+        Self::start_with(socket, state, &[])
+    }
+
+    /// [`Plugin::start`] with more arguments.
+    pub fn start_with(socket: &Path, state: &Path, extra: &[&str]) -> Self {
         let mut p = Self {
             socket: socket.to_path_buf(),
             state: state.to_path_buf(),
             log: state.with_extension("plugin.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         p.spawn();
@@ -45,6 +53,7 @@ impl Plugin {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

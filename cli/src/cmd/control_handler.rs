@@ -27,6 +27,39 @@ pub struct ControlHandler {
     pub info: control::MountInfo,
     /// Background hydration of this volume (`horcrux prefetch`).
     pub prefetcher: Arc<Prefetcher>,
+    /// Filesystem operations counted by the FUSE adapter.
+    pub ops: Arc<horcrux::metrics::OpMetrics>,
+    pub started: std::time::Instant,
+    /// The bound address of `--metrics`, once it listens.
+    pub metrics_addr: Mutex<Option<String>>,
+}
+
+impl ControlHandler {
+    /// Every counter of this mount (`horcrux stats`, `--metrics`).
+    pub fn stats(&self) -> control::StatsReport {
+        let (reads, fetch, sources) = crate::metrics::fetcher_figures(self.volume.fetcher());
+        control::StatsReport {
+            volume: self.name.clone(),
+            commit: self.commit.lock().clone(),
+            mountpoint: self.info.mountpoint.clone(),
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            metrics_addr: self.metrics_addr.lock().clone(),
+            cache: crate::metrics::cache_figures(&self.cache),
+            reads,
+            fetch,
+            sources,
+            overlay: self.volume.overlay().map(|o| {
+                let (bytes, files) = o.usage();
+                control::OverlayFigures { bytes, files }
+            }),
+            ops: self.ops.snapshot().iter().map(crate::metrics::op).collect(),
+            prefetch: self
+                .prefetcher
+                .status()
+                .map(|p| prefetch_report(p, self.prefetcher.owner())),
+        }
+    }
 }
 
 impl ControlHandler {
@@ -292,6 +325,7 @@ impl Handler for ControlHandler {
             } => return self.prefetch(all, paths, bandwidth, concurrency),
             Request::PrefetchStatus => return self.prefetch_status(false),
             Request::PrefetchCancel => return self.prefetch_status(true),
+            Request::Stats => return Response::Stats(Box::new(self.stats())),
             Request::Diff { path } => match scope(path) {
                 Ok(p) => self
                     .volume

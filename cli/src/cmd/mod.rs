@@ -18,5 +18,6 @@ pub mod plugin;
 pub mod prefetch;
 pub mod pull;
 pub mod remotes;
+pub mod stats;
 pub mod verify;
 pub mod versions;

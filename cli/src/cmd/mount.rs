@@ -99,6 +99,11 @@ pub struct MountArgs {
     /// Bench: kernel readahead of the mount in KiB [default: 1024]
     #[arg(long, hide = true, value_name = "KIB")]
     pub readahead_kb: Option<u32>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9184; port 0 picks a
+    /// free one, shown by `horcrux stats`). No authentication: keep it on loopback or a private
+    /// network
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Internal: report readiness on this inherited pipe (set by `mount` when it detaches)
     #[arg(long, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -481,6 +486,8 @@ fn serve(
 ) -> anyhow::Result<()> {
     let mountpoint = check_mountpoint(&a.mountpoint)?;
     let urls = horcrux::store::parse_access(&a.access)?;
+    // A metrics address that cannot be bound fails the mount: the user asked for it.
+    let metrics_listener = a.metrics.as_deref().map(crate::metrics::bind).transpose()?;
     let cache_dir = crate::paths::cache_dir(a.cache.cache_dir.as_ref());
     let cache = Cache::open(CacheConfig {
         dir: cache_dir.clone(),
@@ -599,6 +606,7 @@ fn serve(
         min_size: a.passthrough_min_size,
     });
     let volume = Arc::new(volume);
+    let ops = horcrux_fuse::op_metrics();
     let options = horcrux_fuse::MountOptions {
         read_only: !writable,
         allow_other: a.allow_other,
@@ -608,6 +616,7 @@ fn serve(
             max_background: a.fuse_max_background,
             max_write: a.fuse_max_write.map(|w| w.min(u32::MAX as u64) as u32),
         },
+        ops: Some(ops.clone()),
     };
     let session = horcrux_fuse::mount(volume.clone(), &mountpoint, &options)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
@@ -638,29 +647,50 @@ fn serve(
     guard.disarm();
     let pidfile = PidFile::create(&mountpoint);
     // The control socket answers before `horcrux mount` returns.
+    let handler = Arc::new(crate::cmd::control_handler::ControlHandler {
+        volume: volume.clone(),
+        name: name.clone(),
+        commit: parking_lot::Mutex::new(commit.to_hex()),
+        info: horcrux_proto::control::MountInfo {
+            volume: name.clone(),
+            access: access.clone(),
+            branch: branch.clone(),
+            reference: a.reference.clone(),
+            commit: commit.to_hex(),
+            mountpoint: mountpoint.display().to_string(),
+            cache_dir: cache_dir.display().to_string(),
+            overlay_dir: overlay_dir.as_ref().map(|d| d.display().to_string()),
+            read_only: !writable,
+        },
+        branch: parking_lot::Mutex::new(branch),
+        repo,
+        cache: cache.clone(),
+        runtime: runtime.handle().clone(),
+        prefetcher: prefetcher.clone(),
+        ops,
+        started: std::time::Instant::now(),
+        metrics_addr: parking_lot::Mutex::new(None),
+    });
+    if let Some(listener) = metrics_listener {
+        let h = handler.clone();
+        let bound = crate::metrics::start(
+            listener,
+            runtime.handle(),
+            Arc::new(move || {
+                let mut e = crate::metrics::Exposition::default();
+                let r = h.stats();
+                crate::metrics::render_mount(&mut e, &r, &r.volume);
+                e.finish()
+            }),
+        );
+        match bound {
+            Ok(b) => *handler.metrics_addr.lock() = Some(b.to_string()),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "no metrics endpoint"),
+        }
+    }
     let control = horcrux_proto::control::serve(
         &crate::mounts::runtime_file(&mountpoint, "sock"),
-        Arc::new(crate::cmd::control_handler::ControlHandler {
-            volume: volume.clone(),
-            name: name.clone(),
-            commit: parking_lot::Mutex::new(commit.to_hex()),
-            info: horcrux_proto::control::MountInfo {
-                volume: name.clone(),
-                access: access.clone(),
-                branch: branch.clone(),
-                reference: a.reference.clone(),
-                commit: commit.to_hex(),
-                mountpoint: mountpoint.display().to_string(),
-                cache_dir: cache_dir.display().to_string(),
-                overlay_dir: overlay_dir.as_ref().map(|d| d.display().to_string()),
-                read_only: !writable,
-            },
-            branch: parking_lot::Mutex::new(branch),
-            repo,
-            cache: cache.clone(),
-            runtime: runtime.handle().clone(),
-            prefetcher: prefetcher.clone(),
-        }),
+        handler,
     )
     .map_err(|e| tracing::warn!(error = %e, "no control socket: status/diff/discard will not work"))
     .ok();

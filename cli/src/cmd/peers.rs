@@ -99,6 +99,10 @@ pub struct ServeArgs {
     /// Serve plain HTTP/2 without TLS (only to measure what TLS costs; never on a network)
     #[arg(long, hide = true)]
     pub insecure_no_tls: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9185; the address is
+    /// logged). No authentication: keep it on loopback or a private network
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -137,6 +141,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         })?;
         Some(tls::server_config(&files)?)
     };
+    let metrics_listener = a.metrics.as_deref().map(crate::metrics::bind).transpose()?;
     let cache_dir = crate::paths::cache_dir(a.cache.cache_dir.as_ref());
     let cache = Cache::open(CacheConfig {
         dir: cache_dir.clone(),
@@ -144,6 +149,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     })
     .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
     let rt = tokio::runtime::Runtime::new()?;
+    let metrics_cache = cache.clone();
     rt.block_on(async {
         let mut repos = Vec::new();
         for r in &a.repos {
@@ -157,7 +163,24 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                 read_through,
             });
         }
-        let backend = NodeBackend::new(repos, Some(cache), FetchConfig::default())?;
+        let backend = Arc::new(NodeBackend::new(
+            repos,
+            Some(cache),
+            FetchConfig::default(),
+        )?);
+        if let Some(l) = metrics_listener {
+            let b = backend.clone();
+            let addr = crate::metrics::start(
+                l,
+                &tokio::runtime::Handle::current(),
+                Arc::new(move || {
+                    let mut e = crate::metrics::Exposition::default();
+                    crate::metrics::render_serve(&mut e, &b, &metrics_cache);
+                    e.finish()
+                }),
+            )?;
+            tracing::debug!(%addr, "metrics endpoint started");
+        }
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
@@ -180,7 +203,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             }
             tracing::info!("stopping");
         };
-        peer::serve(listener, tls, Arc::new(backend), limits, shutdown).await?;
+        peer::serve(listener, tls, backend, limits, shutdown).await?;
         anyhow::Ok(())
     })
 }

@@ -49,6 +49,11 @@ pub struct PluginArgs {
     /// Chunk cache of the volumes [default: STATE_DIR/cache]
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics of every mounted volume on http://ADDR/metrics (each volume's
+    /// mount daemon is asked over its control socket at each scrape; samples are labelled
+    /// `volume`). No authentication: keep it on loopback or a private network
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// The plugin's state directory when none is given (also where the CLI looks volumes up).
@@ -64,6 +69,7 @@ pub fn run(a: PluginArgs) -> anyhow::Result<()> {
     // First, before anything that may be slow.
     let listener = horcrux_plugin::server::bind(&a.socket)
         .with_context(|| format!("binding the plugin socket {}", a.socket.display()))?;
+    let metrics_listener = a.metrics.as_deref().map(crate::metrics::bind).transpose()?;
     let state_dir = a.state_dir.unwrap_or_else(default_state_dir);
     let mounter = CliMounter {
         exe: std::env::current_exe().context("locating the horcrux executable")?,
@@ -76,6 +82,29 @@ pub fn run(a: PluginArgs) -> anyhow::Result<()> {
         pid = std::process::id(),
         "horcrux volume plugin listening"
     );
+    // The plugin's server is threads, not tokio: a small runtime of its own for the endpoint.
+    let _metrics_runtime = match metrics_listener {
+        Some(l) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .thread_name("horcrux-metrics")
+                .build()
+                .context("starting the metrics runtime")?;
+            let state = driver.state_dir().to_path_buf();
+            crate::metrics::start(
+                l,
+                rt.handle(),
+                Arc::new(move || {
+                    let mut e = crate::metrics::Exposition::default();
+                    crate::metrics::render_plugin(&mut e, &plugin_volumes(&state));
+                    e.finish()
+                }),
+            )?;
+            Some(rt)
+        }
+        None => None,
+    };
     let restore = driver.clone();
     std::thread::Builder::new()
         .name("restore-mounts".into())
@@ -86,6 +115,40 @@ pub fn run(a: PluginArgs) -> anyhow::Result<()> {
             }
         })?;
     horcrux_plugin::server::serve(listener, driver).context("serving the plugin socket")
+}
+
+/// The Docker volumes mounted now (by their mount daemons) under `state`, with their daemons'
+/// control sockets: every horcrux mount on `<state>/volumes/NAME/mnt`.
+fn plugin_volumes(state: &Path) -> Vec<(String, PathBuf)> {
+    let table = match mountinfo::mounts() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: reading /proc/self/mountinfo failed");
+            return Vec::new();
+        }
+    };
+    let mut out: Vec<(String, PathBuf)> = table
+        .into_iter()
+        .filter(|m| m.is_horcrux())
+        .filter_map(|m| {
+            let rel = m.mount_point.strip_prefix(state.join("volumes")).ok()?;
+            let mut c = rel.components();
+            let (Some(Component::Normal(name)), Some(Component::Normal(mnt)), None) =
+                (c.next(), c.next(), c.next())
+            else {
+                return None;
+            };
+            (mnt == "mnt").then(|| {
+                (
+                    name.to_string_lossy().into_owned(),
+                    crate::mounts::runtime_file(&m.mount_point, "sock"),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Mounts through this executable's `mount` and `umount` subcommands.
