@@ -321,6 +321,12 @@ impl Fetcher {
     }
 
     fn spawn_fetches(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>, prio: Priority) {
+        // Fills and prefetches exist to land blocks in the cache: while its disk is full they
+        // would only spend the source's bandwidth. Readers' own fetches go on (and their
+        // inserts notice when space is back).
+        if self.cache.is_full() {
+            return;
+        }
         let present = self.cache.present(info, self.block_size);
         let n = block_count(info.len, self.block_size);
         for b in blocks.start..blocks.end.min(n) {
@@ -401,6 +407,8 @@ impl Fetcher {
                         if let Err(e) =
                             this.cache
                                 .insert_blocks(&info, this.block_size, &[(idx, v)])
+                            // A full disk is logged by the cache, rate-limited.
+                            && !e.is_disk_full()
                         {
                             tracing::warn!(chunk = %info.id, block = idx, error = %e, "could not cache block (served anyway)");
                         }

@@ -394,7 +394,23 @@ impl Repository {
         let path = cache.manifest_path(&id);
         if !cache.has_manifest(&id) {
             let tmp = crate::util::temp_name(&path);
-            self.store.get_to_file(&manifest_key(&id), &tmp).await?;
+            if let Err(e) = self.store.get_to_file(&manifest_key(&id), &tmp).await {
+                let _ = std::fs::remove_file(&tmp);
+                // The destination is the cache: a full disk is the cache's, not the store's.
+                return Err(match e {
+                    StoreError::Io { source, .. }
+                        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+                    {
+                        CacheError::Full {
+                            dir: cache.dir().display().to_string(),
+                            what: format!("manifest {id}"),
+                            source,
+                        }
+                        .into()
+                    }
+                    e => e.into(),
+                });
+            }
             let t2 = tmp.clone();
             let got = tokio::task::spawn_blocking(move || crate::manifest::hash_file(&t2))
                 .await

@@ -18,7 +18,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,20 +53,6 @@ struct Acked {
     unlinked: BTreeSet<String>,
     /// Errors before the kill (must be none).
     errors: Vec<String>,
-}
-
-/// A tiny deterministic generator per writer.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn fsync_dir(p: &Path) -> std::io::Result<()> {
@@ -198,18 +183,6 @@ fn writer(
             }
         }
     }
-}
-
-fn lazy_unmount(mp: &Path) {
-    let st = Command::new("umount").arg("-l").arg(mp).status();
-    if !matches!(st, Ok(s) if s.success()) {
-        force_unmount(mp);
-    }
-    assert!(
-        !is_mounted(mp),
-        "{} still mounted after umount -l",
-        mp.display()
-    );
 }
 
 struct Setup {

@@ -7,170 +7,19 @@
 //! Build the binary first: `cargo build --workspace`.
 
 mod common;
+#[path = "support/peer.rs"]
+mod peer;
 #[path = "support/prom.rs"]
 mod prom;
 
-use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn os(s: &str) -> &OsStr {
-    OsStr::new(s)
-}
-
-/// A CA and one node certificate valid for 127.0.0.1, in `dir`.
-fn pki(dir: &Path) {
-    horcrux_ok(&[os("tls"), os("init"), os("--dir"), dir.as_os_str()]);
-    horcrux_ok(&[
-        os("tls"),
-        os("issue"),
-        os("node"),
-        os("--dir"),
-        dir.as_os_str(),
-        os("--san"),
-        os("127.0.0.1"),
-    ]);
-}
-
-/// `horcrux serve` as a child process, killed on drop.
-struct Serve {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(tls: &Path, cache: &Path, log: &Path, args: &[&str]) -> Serve {
-        let mut child = Command::new(horcrux_bin())
-            .arg("--tls-dir")
-            .arg(tls)
-            .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
-            .arg(cache)
-            .args(args)
-            // Each range read is logged at debug level: the tests count them.
-            .env("RUST_LOG", "info,horcrux_proto::peer=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start horcrux serve");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve printed {line:?}; its log:\n{}",
-                    fs::read_to_string(log).unwrap_or_default()
-                )
-            });
-        Serve {
-            child,
-            port,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn url(&self, repo: &str) -> String {
-        format!("horcrux://127.0.0.1:{}/{repo}", self.port)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Range reads of chunks this server answered.
-    fn chunk_reads(&self) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains("range read") && l.contains("chunks/"))
-            .count()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A read-only detached mount of an access URL list; unmounted on drop.
-struct PeerMount {
-    mountpoint: PathBuf,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl PeerMount {
-    fn new(tls: &Path, access: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Self {
-        fs::create_dir_all(mountpoint).unwrap();
-        let mut args: Vec<&OsStr> = vec![
-            os("--tls-dir"),
-            tls.as_os_str(),
-            os("mount"),
-            os(access),
-            mountpoint.as_os_str(),
-            os("--cache-dir"),
-            cache.as_os_str(),
-            os("--read-only"),
-        ];
-        args.extend(extra.iter().map(OsStr::new));
-        let out = horcrux_ok(&args);
-        let pid = out
-            .split("(pid ")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in mount's output: {out}"));
-        let log = out
-            .split("log: ")
-            .nth(1)
-            .map(|r| PathBuf::from(r.trim().trim_end_matches(')')))
-            .unwrap_or_default();
-        PeerMount {
-            mountpoint: mountpoint.canonicalize().unwrap(),
-            pid,
-            log,
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.mountpoint.join(rel)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for PeerMount {
-    fn drop(&mut self) {
-        if is_mounted(&self.mountpoint) {
-            let _ = horcrux(&[os("umount"), self.mountpoint.as_os_str()]);
-        }
-        force_unmount(&self.mountpoint);
-        if alive(self.pid) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-        }
-        let _ = fs::remove_file(&self.log);
-    }
-}
+use peer::*;
 
 /// A repository named `name` under `t` holding one file `big` of `mib` MiB (chunks of
 /// `chunk`), and the file's bytes.

@@ -209,7 +209,14 @@ fn mounts_counts_restarts_and_removal() {
         std::fs::read(mp.join("new")).unwrap(),
         b"written in the volume\n"
     );
-    assert!(p.log_text()[daemon_log_before..].contains("mounts in use are all live"));
+    // Logged once the restarted plugin has checked its mounts, which may be just after its
+    // socket answers.
+    assert!(
+        eventually(10, || p.log_text()[daemon_log_before..]
+            .contains("mounts in use are all live")),
+        "{}",
+        p.log_text()
+    );
 
     // The mount gone behind its back (a reboot): the restarted plugin mounts it again.
     horcrux_ok(&["umount".as_ref(), mp.as_os_str()]);

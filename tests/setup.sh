@@ -33,6 +33,7 @@ packages=(
     attr                          # getfattr/setfattr: xattr checks in tests and the demo
     psmisc procps util-linux      # fuser, pgrep/ps, mountpoint, nsenter, setpriv
     iproute2                      # ip netns, tc: multi-host tests (peers_netns.rs, source_cut.rs)
+    e2fsprogs                     # mkfs.ext4: loop-mounted full disks (tests/disk_full.rs)
     systemd                       # systemd-analyze verify of the units (tests/metrics.rs)
     faketime                      # libfaketime: a skewed wall clock (tests/clock_skew.rs)
     openssh-server openssh-client # loopback sshd for ssh:// tests

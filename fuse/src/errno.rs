@@ -19,6 +19,7 @@ pub fn fail(op: &'static str, ino: u64, e: &VolumeError) -> Errno {
         VolumeError::NotFound | VolumeError::NoXattr => {
             tracing::trace!(op, ino, error = %e, "answered");
         }
+        VolumeError::Overlay(o) if o.is_disk_full() => overlay_full(op, ino, o),
         _ if e.errno() == libc::EIO || matches!(e, VolumeError::Overlay(_)) => {
             tracing::warn!(op, ino, error = %e, "I/O error answered");
         }
@@ -27,6 +28,29 @@ pub fn fail(op: &'static str, ino: u64, e: &VolumeError) -> Errno {
         }
     }
     errno(e)
+}
+
+/// A full overlay disk: said once per 30 s (a writer retrying would flood the log), with the
+/// directory and what to do; every refusal in between at debug.
+fn overlay_full(op: &'static str, ino: u64, e: &horcrux::overlay::OverlayError) {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+        *last = Some(Instant::now());
+        tracing::warn!(
+            op,
+            ino,
+            error = %e,
+            "overlay directory {} is full: writes are refused with ENOSPC (what was acknowledged \
+             before is intact); free space on its filesystem, commit and push the changes, or \
+             discard some, then retry — no remount needed",
+            e.dir()
+        );
+    } else {
+        tracing::debug!(op, ino, error = %e, "refused: overlay disk full");
+    }
 }
 
 #[cfg(test)]

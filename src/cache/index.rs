@@ -29,13 +29,22 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL, updated INTEGER NOT NULL);",
 ];
 
+/// File name of the index inside the cache directory.
+pub const INDEX_FILE: &str = "index.sqlite";
+
+/// Open (creating and migrating if needed) the index of the cache at `dir`.
 pub fn open(dir: &Path) -> Result<Connection, CacheError> {
+    open_at(dir, &dir.join(INDEX_FILE))
+}
+
+/// Open the index database at `path`, belonging to the cache at `dir` (for error messages).
+pub fn open_at(dir: &Path, path: &Path) -> Result<Connection, CacheError> {
     let d = dir.display().to_string();
     let err = |source| CacheError::Sqlite {
         dir: d.clone(),
         source,
     };
-    let conn = Connection::open(dir.join("index.sqlite")).map_err(err)?;
+    let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(err)?;
     conn.execute_batch(

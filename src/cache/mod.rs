@@ -6,6 +6,8 @@
 //! - `chunks/ab/<chunk-id>.<generation>`: a sparse file of the chunk's length; present blocks are at
 //!   their own offsets.
 //! - `manifests/<manifest-id>`: catalog files, verified when inserted.
+//! - `index.lock`: held (`flock`) while a process opens the index; a lost or damaged index is
+//!   rebuilt from the files above by a verifying scan then (`rebuild.rs`).
 //!
 //! Invariants:
 //! - A block is marked present only after its verified bytes are durable in the file
@@ -21,6 +23,7 @@ mod assembled;
 mod bitmap;
 mod index;
 mod pins;
+mod rebuild;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -62,6 +65,18 @@ pub enum CacheError {
         found: i64,
         supported: i64,
     },
+    #[error(
+        "cache index {dir}/index.sqlite is damaged ({what}); it is rebuilt by a scan when the cache is next opened"
+    )]
+    Damaged { dir: String, what: String },
+    #[error(
+        "cache directory {dir} is full ({source}) while storing {what}: free space on its filesystem, prune the cache (`horcrux cache prune --max-size SIZE`), or use another --cache-dir"
+    )]
+    Full {
+        dir: String,
+        what: String,
+        source: io::Error,
+    },
     #[error("no cached chunk matches `{0}`")]
     NoMatch(String),
     #[error("`{0}` matches several cached chunks: give more digits")]
@@ -69,6 +84,27 @@ pub enum CacheError {
     #[error("manifest {0}: content does not match its id (corrupted download)")]
     BadManifest(ManifestId),
 }
+
+impl CacheError {
+    /// Whether the failure is the cache's filesystem being full (`ENOSPC`, `EDQUOT`, or
+    /// SQLite's `SQLITE_FULL`): the cache cannot store, but nothing it holds is damaged.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            CacheError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            CacheError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => e.code == rusqlite::ErrorCode::DiskFull,
+            CacheError::Full { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// How often a full cache disk is logged again while it stays full.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Where the cache lives and how big it may grow.
 #[derive(Debug, Clone)]
@@ -160,6 +196,10 @@ pub struct Cache {
     evicted_bytes: AtomicU64,
     /// Files assembled for passthrough (`assembled.rs`).
     assembled: assembled::Assembled,
+    /// Set while inserts fail because the cache's disk is full, with when that was last
+    /// logged: the condition is logged once per [`FULL_LOG_EVERY`], and its end once.
+    full: Mutex<Option<Instant>>,
+    insert_failures: AtomicU64,
 }
 
 /// A chunk row as `verify` reads it: id, generation, length, block size, hashes, bitmap.
@@ -173,6 +213,22 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Whether the filesystem holding `dir` has (almost) no space left for this process.
+fn fs_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statvfs is a valid out-parameter; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // `f_bavail`, not `f_bfree`: ext4 counts blocks it keeps for its own metadata as free.
+    // (Root may have a reserve beyond it; this only words an error that already happened.)
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < 1 << 20
 }
 
 /// Bytes held by the present blocks of a chunk.
@@ -206,7 +262,21 @@ impl Cache {
         }
         // The cache may hold data its users may not read elsewhere: keep it private.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
-        let conn = index::open(&dir)?;
+        // Rebuilt by a scan first if it is lost or damaged (rebuild.rs).
+        let conn = rebuild::open_index(&dir).map_err(|e| {
+            // SQLite reports a full disk while it sets up its shared memory as a plain I/O
+            // error: say what it is and what to do.
+            let storage = matches!(e, CacheError::Sqlite { .. } | CacheError::Io { .. });
+            if storage && (e.is_disk_full() || fs_full(&dir)) {
+                CacheError::Full {
+                    dir: dir.display().to_string(),
+                    what: format!("its index ({e})"),
+                    source: io::Error::from_raw_os_error(libc::ENOSPC),
+                }
+            } else {
+                e
+            }
+        })?;
         let total: i64 = conn
             .query_row("SELECT COALESCE(SUM(bytes), 0) FROM chunks", [], |r| {
                 r.get(0)
@@ -231,6 +301,8 @@ impl Cache {
             evicted: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             assembled: Default::default(),
+            full: Mutex::new(None),
+            insert_failures: AtomicU64::new(0),
         });
         // Assembled files count toward the bound from the start.
         cache.assembled_usage();
@@ -420,7 +492,50 @@ impl Cache {
     }
 
     /// Store verified blocks of chunk `info`: data first (fsync), then the index row.
+    ///
+    /// A failure leaves the cache consistent: a block whose write or `fdatasync` failed
+    /// (e.g. `ENOSPC`) never gets its bit, so it is never served from here. A full disk is
+    /// logged here (rate-limited, naming the directory and what to do); the caller serves
+    /// the verified bytes it has anyway.
     pub fn insert_blocks(
+        &self,
+        info: &ChunkInfo,
+        block_size: u32,
+        blocks: &[(u32, Verified<Bytes>)],
+    ) -> Result<(), CacheError> {
+        let r = self.insert_blocks_inner(info, block_size, blocks);
+        match &r {
+            Err(e) if e.is_disk_full() => {
+                self.insert_failures.fetch_add(1, Ordering::Relaxed);
+                let mut full = self.full.lock();
+                if full.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
+                    *full = Some(Instant::now());
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        error = %e,
+                        failures = self.insert_failures.load(Ordering::Relaxed),
+                        "cache directory {} is full: blocks are served from the source without \
+                         being cached until space is freed; free space on its filesystem, bound \
+                         the cache (--cache-size, `horcrux cache prune --max-size`), or use \
+                         another --cache-dir",
+                        self.dir.display()
+                    );
+                }
+            }
+            Ok(()) if self.full.lock().take().is_some() => {
+                tracing::info!(dir = %self.dir.display(), "cache directory has space again: caching resumed");
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// Whether the last insert failed because the cache's disk is full (until one succeeds).
+    pub fn is_full(&self) -> bool {
+        self.full.lock().is_some()
+    }
+
+    fn insert_blocks_inner(
         &self,
         info: &ChunkInfo,
         block_size: u32,

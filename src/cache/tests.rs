@@ -291,3 +291,199 @@ fn assembled_files_hold_exactly_the_file_once_fully_cached() {
     assert_eq!(c.remove_assembled(), 1);
     assert_eq!(c.assembled_usage(), (0, 0));
 }
+
+/// Ways the index file gets lost or damaged.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    Delete,
+    Garbage,
+    TruncateHalf,
+    TruncateEmpty,
+}
+
+fn damage(dir: &std::path::Path, how: Damage) {
+    let p = dir.join("index.sqlite");
+    let len = std::fs::metadata(&p).unwrap().len();
+    match how {
+        Damage::Delete => std::fs::remove_file(&p).unwrap(),
+        Damage::Garbage => {
+            let g: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+            std::fs::write(&p, g).unwrap();
+        }
+        Damage::TruncateHalf => std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap(),
+        Damage::TruncateEmpty => std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap(),
+    }
+}
+
+/// A catalog describing `chunks` (block size [`BS`]), stored in the cache as a manifest.
+fn cache_manifest(c: &Cache, chunks: &[&ChunkInfo]) -> ManifestId {
+    let tmp = c.dir().join("manifests").join("building");
+    let mut w = crate::manifest::ManifestWriter::create(
+        &tmp,
+        &crate::manifest::CatalogHeader {
+            volume: "v".into(),
+            chunk_size: 1 << 20,
+            block_size: BS,
+        },
+    )
+    .unwrap();
+    for (i, ch) in chunks.iter().enumerate() {
+        let mut ch = (*ch).clone();
+        ch.idx = i as u64;
+        w.add_chunk(&ch).unwrap();
+    }
+    let id = w.finish().unwrap();
+    std::fs::rename(&tmp, c.manifest_path(&id)).unwrap();
+    c.add_manifest(&id).unwrap();
+    id
+}
+
+#[test]
+fn a_lost_or_damaged_index_is_rebuilt_from_verified_files() {
+    for how in [
+        Damage::Delete,
+        Damage::Garbage,
+        Damage::TruncateHalf,
+        Damage::TruncateEmpty,
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let c = open(d.path(), None);
+        // `a`: blocks 0 and 2 of 4 cached, described by a cached manifest.
+        let (a, da) = chunk(11, 4 * 4096);
+        // `b`: complete, block 1 then corrupted on disk.
+        let (b, db) = chunk(13, 3 * 4096 + 5);
+        // `whole`: complete, no manifest describes it (kept: it hashes to its id).
+        let (whole, dw) = chunk(17, 2 * 4096);
+        // `partial`: one block of two, no manifest: nothing to verify it against.
+        let (partial, dp) = chunk(19, 2 * 4096);
+        // Many more rows, so the index has pages to tear.
+        let filler: Vec<_> = (30..90u8).map(|s| chunk(s, 4096)).collect();
+        c.insert_blocks(&a, BS, &[verified(&a, &da, 0), verified(&a, &da, 2)])
+            .unwrap();
+        let all_b: Vec<_> = (0..4).map(|i| verified(&b, &db, i)).collect();
+        c.insert_blocks(&b, BS, &all_b).unwrap();
+        c.insert_blocks(
+            &whole,
+            BS,
+            &[verified(&whole, &dw, 0), verified(&whole, &dw, 1)],
+        )
+        .unwrap();
+        c.insert_blocks(&partial, BS, &[verified(&partial, &dp, 1)])
+            .unwrap();
+        for (f, fd) in &filler {
+            c.insert_blocks(f, BS, &[verified(f, fd, 0)]).unwrap();
+        }
+        let fillers: Vec<&ChunkInfo> = filler.iter().map(|(f, _)| f).collect();
+        let mut described = vec![&a, &b];
+        described.extend(fillers);
+        let m = cache_manifest(&c, &described);
+        let pb = c.find(&b.id.to_hex()).unwrap().path;
+        let pp = c.find(&partial.id.to_hex()).unwrap().path;
+        std::fs::File::options()
+            .write(true)
+            .open(&pb)
+            .unwrap()
+            .write_all_at(&[!db[4100]], 4100)
+            .unwrap();
+        drop(c);
+        damage(d.path(), how);
+
+        let c = open(d.path(), None);
+        // What verified is served, exactly; the corrupted block and the unverifiable file not.
+        assert_eq!(
+            c.read_range(&a, BS, 0..4096).unwrap(),
+            &da[..4096],
+            "{how:?}"
+        );
+        assert_eq!(
+            c.read_range(&a, BS, 8192..12288).unwrap(),
+            &da[8192..12288],
+            "{how:?}"
+        );
+        assert!(c.read_range(&a, BS, 4096..8192).is_none(), "{how:?}");
+        assert!(
+            c.read_range(&b, BS, 4096..8192).is_none(),
+            "{how:?}: bad block served"
+        );
+        assert_eq!(
+            c.read_range(&b, BS, 8192..12293).unwrap(),
+            &db[8192..],
+            "{how:?}"
+        );
+        assert!(!pp.exists(), "{how:?}: unverifiable partial chunk kept");
+        assert!(c.find(&partial.id.to_hex()).is_err(), "{how:?}");
+        // A complete chunk nobody describes is kept at the default block size.
+        let wi = ChunkInfo {
+            blocks: hash_chunk(&dw, crate::format::DEFAULT_BLOCK_SIZE).1,
+            ..whole.clone()
+        };
+        assert_eq!(
+            c.read_range(&wi, crate::format::DEFAULT_BLOCK_SIZE, 0..8192)
+                .unwrap(),
+            &dw[..],
+            "{how:?}"
+        );
+        for (f, fd) in &filler {
+            assert_eq!(c.read_range(f, BS, 0..4096).unwrap(), &fd[..], "{how:?}");
+        }
+        assert!(c.has_manifest(&m), "{how:?}");
+        let s = c.stats().unwrap();
+        assert_eq!(s.chunks, 3 + filler.len() as u64, "{how:?}");
+        assert_eq!(s.manifests, 1, "{how:?}");
+        // The rebuilt index is consistent: verify finds nothing more to drop.
+        let r = c.verify(&|_, _| {}).unwrap();
+        assert_eq!((r.bad_blocks, r.missing_files), (0, 0), "{how:?}: {r:?}");
+        // And it is used from now on: reopening does not rebuild again.
+        drop(c);
+        let aside = |d: &std::path::Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains("damaged"))
+                .count()
+        };
+        let before = aside(d.path());
+        let c = open(d.path(), None);
+        assert_eq!(c.stats().unwrap().chunks, 3 + filler.len() as u64);
+        assert_eq!(aside(d.path()), before, "{how:?}: rebuilt twice");
+    }
+}
+
+#[test]
+fn an_empty_cache_without_index_is_simply_created() {
+    let d = tempfile::tempdir().unwrap();
+    drop(open(d.path(), None));
+    std::fs::remove_file(d.path().join("index.sqlite")).unwrap();
+    let c = open(d.path(), None);
+    assert_eq!(c.stats().unwrap().chunks, 0);
+}
+
+#[test]
+fn full_disk_errors_are_recognised() {
+    let io = |code| CacheError::Io {
+        dir: "/c".into(),
+        source: std::io::Error::from_raw_os_error(code),
+    };
+    assert!(io(libc::ENOSPC).is_disk_full());
+    assert!(io(libc::EDQUOT).is_disk_full());
+    assert!(!io(libc::EIO).is_disk_full());
+    let full = CacheError::Sqlite {
+        dir: "/c".into(),
+        source: rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ),
+    };
+    assert!(full.is_disk_full());
+    assert!(!CacheError::NoMatch("x".into()).is_disk_full());
+}

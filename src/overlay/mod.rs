@@ -68,6 +68,22 @@ impl OverlayError {
             _ => libc::EIO,
         }
     }
+
+    /// Whether the overlay's filesystem is full (`ENOSPC`, `EDQUOT`, `SQLITE_FULL`): the
+    /// operation was refused whole or in part and nothing acknowledged before is touched.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT)
+    }
+
+    /// The overlay directory concerned.
+    pub fn dir(&self) -> &str {
+        match self {
+            OverlayError::Sqlite { dir, .. }
+            | OverlayError::Io { dir, .. }
+            | OverlayError::Locked { dir }
+            | OverlayError::Invalid { dir, .. } => dir,
+        }
+    }
 }
 
 /// The version an overlay's changes apply to.

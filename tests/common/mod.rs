@@ -886,3 +886,63 @@ pub fn last_errno() -> i32 {
     // SAFETY: __errno_location always returns this thread's errno.
     unsafe { *libc::__errno_location() }
 }
+
+/// `horcrux cache verify --cache-dir DIR`, which must find nothing bad; its output.
+pub fn cache_verify_clean(cache: &Path) -> String {
+    let out = horcrux_ok(&[
+        "cache".as_ref(),
+        "verify".as_ref(),
+        "--cache-dir".as_ref(),
+        cache.as_os_str(),
+    ]);
+    assert!(
+        out.contains("0 bad blocks dropped, 0 missing files, 0 bad manifests")
+            && out.contains("cache is clean"),
+        "cache verify found damage:\n{out}"
+    );
+    out
+}
+
+/// Blocks present in the cache at `cache`, summed over `horcrux cache ls`.
+pub fn cached_blocks(cache: &Path) -> u64 {
+    let out = horcrux_ok(&[
+        "cache".as_ref(),
+        "ls".as_ref(),
+        "--cache-dir".as_ref(),
+        cache.as_os_str(),
+    ]);
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.split_once('/').and_then(|(p, _)| p.parse::<u64>().ok()))
+        })
+        .sum()
+}
+
+/// A tiny deterministic generator (xorshift); seed it with a nonzero value.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Detach a dead (or live) FUSE mount: `umount -l`, else `fusermount3 -uz`.
+pub fn lazy_unmount(mp: &Path) {
+    let st = Command::new("umount").arg("-l").arg(mp).status();
+    if !matches!(st, Ok(s) if s.success()) {
+        force_unmount(mp);
+    }
+    assert!(
+        !is_mounted(mp),
+        "{} still mounted after umount -l",
+        mp.display()
+    );
+}

@@ -184,16 +184,15 @@ impl Drop for Plugin {
 
 /// Status code and body of an HTTP/1.1 response with a Content-Length.
 pub fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {:?}", String::from_utf8_lossy(raw)));
+    try_parse_response(raw)
+        .unwrap_or_else(|| panic!("incomplete response {:?}", String::from_utf8_lossy(raw)))
+}
+
+/// [`parse_response`], or `None` if `raw` is not a whole response (cut off by a dying server).
+pub fn try_parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
     let len: usize = head
         .lines()
         .find_map(|l| {
@@ -202,7 +201,8 @@ pub fn parse_response(raw: &[u8]) -> (u16, Vec<u8>) {
                 .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(raw.len() - split - 4);
-    (status, raw[split + 4..split + 4 + len].to_vec())
+    let body = raw.get(split + 4..split + 4 + len)?;
+    Some((status, body.to_vec()))
 }
 
 /// Wait up to `secs` for `cond`.

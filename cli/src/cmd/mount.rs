@@ -1113,13 +1113,27 @@ impl Flusher {
         let thread = std::thread::Builder::new()
             .name("overlay-flush".into())
             .spawn(move || {
+                // A full overlay disk fails every pass until space is freed: say so every
+                // 30 s, not every second (the writers get ENOSPC themselves).
+                let mut full_logged: Option<std::time::Instant> = None;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(Duration::from_secs(1))
                 {
                     if let Some(ov) = volume.overlay()
                         && let Err(e) = ov.flush_all()
                     {
-                        tracing::warn!(error = %e, "journaling pending changes failed");
+                        if !e.is_disk_full() {
+                            tracing::warn!(error = %e, "journaling pending changes failed");
+                        } else if full_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+                        {
+                            full_logged = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                error = %e,
+                                "journaling pending changes failed: overlay directory {} is full; \
+                                 free space there (writes get ENOSPC meanwhile)",
+                                e.dir()
+                            );
+                        }
                     }
                 }
             })
