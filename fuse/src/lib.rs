@@ -753,13 +753,12 @@ impl Filesystem for HorcruxFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _m = self.ops.start("opendir");
         let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
-        // A version's listings never change: let the kernel cache them across opens. A
-        // writable mount's listings are always asked for.
-        let flags = if self.volume.writable() {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        };
+        // The kernel may keep listings across opens. A version's never change; a writable
+        // mount's change only through the kernel, which drops a directory's cached listing
+        // whenever it creates, removes or renames in it (`fuse_dir_changed` bumps the
+        // directory's i_version), and through checkout/discard, which invalidate the
+        // directories they touch (`inval_inode` drops the cached pages).
+        let flags = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
         match self.volume.getattr(ino.0) {
             Ok(a) if a.kind == NodeKind::Dir => reply.opened(FileHandle(0), flags),
             Ok(_) => reply.error(self.fail("opendir", ino.0, &VolumeError::NotDir)),
