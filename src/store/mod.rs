@@ -168,6 +168,9 @@ pub struct StoreOptions {
     pub ssh_insecure_ignore_host_key: bool,
     /// Parallel SSH sessions per host.
     pub ssh_sessions: Option<usize>,
+    /// Open the other SSH sessions of the pool in the background once the first one works
+    /// (for mounts: a first small read then never waits for a second handshake).
+    pub ssh_warm_pool: bool,
     /// Local user, home directory and agent for SSH (`None` = read from the process).
     pub ssh_env: Option<SshEnv>,
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)

@@ -152,6 +152,9 @@ struct Inner {
     io_timeout: Duration,
     permits: Arc<Semaphore>,
     sessions: usize,
+    /// Pre-open the pool's other sessions after the first success (`StoreOptions::ssh_warm_pool`);
+    /// cleared once that was started.
+    warm_pool: AtomicBool,
     idle: Mutex<Vec<Conn>>,
     live: Arc<AtomicUsize>,
     tmp_seq: AtomicU64,
@@ -287,6 +290,7 @@ impl SshStore {
                 io_timeout: DEFAULT_IO_TIMEOUT,
                 permits: Arc::new(Semaphore::new(sessions)),
                 sessions,
+                warm_pool: AtomicBool::new(options.ssh_warm_pool && sessions > 1),
                 idle: Mutex::new(Vec::new()),
                 live: Arc::new(AtomicUsize::new(0)),
                 tmp_seq: AtomicU64::new(0),
@@ -361,7 +365,37 @@ where
     })
     .await
     .expect("ssh store task panicked");
+    if r.is_ok() && inner.warm_pool.swap(false, Ordering::Relaxed) {
+        warm_pool(&inner);
+    }
     r.map_err(|e| inner.map_err(key, e))
+}
+
+/// Open the pool's remaining sessions in the background (each under a permit, so the pool
+/// never exceeds its size): a handshake costs 10-200 ms, and a cold small read asks for its
+/// piece and the piece hashes on two sessions at once.
+fn warm_pool(inner: &Arc<Inner>) {
+    let missing = inner
+        .sessions
+        .saturating_sub(inner.live.load(Ordering::Relaxed));
+    for _ in 0..missing {
+        let Ok(permit) = inner.permits.clone().try_acquire_owned() else {
+            return; // in use: those operations open their own sessions
+        };
+        let inner = inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if inner.live.load(Ordering::Relaxed) >= inner.sessions {
+                return;
+            }
+            match inner.connect() {
+                Ok(c) => inner.idle.lock().push(c),
+                Err(e) => {
+                    tracing::debug!(store = %inner.describe, "could not pre-open an SSH session: {e:?}")
+                }
+            }
+        });
+    }
 }
 
 /// Errors inside one operation, before they become a [`StoreError`].
