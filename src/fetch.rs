@@ -71,7 +71,7 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
-            max_concurrency: 16,
+            max_concurrency: 32,
             background_concurrency: 1,
             request_timeout: Duration::from_secs(30),
             fill_chunks: true,
