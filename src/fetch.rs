@@ -10,8 +10,12 @@
 //! - The source is a [`MirrorStore`]: a mirror that fails, times out or returns data that does
 //!   not match its hash is skipped for a while and the next one is asked.
 //! - A hash mismatch from every mirror is an error for the reader (EIO) and is never cached.
+//! - Piece reads: a small read of a cold block fetches only the 16 KiB pieces it touches plus
+//!   the block's piece hashes from the chunk's piece outboard (two small requests at once),
+//!   verifies both against the block hash, and serves; the whole block follows behind it into
+//!   the cache. A chunk without an outboard (older repositories) reads whole blocks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +26,9 @@ use parking_lot::Mutex;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::cache::Cache;
-use crate::hashtree::{self, Verified, VerifyError, block_count, block_range};
+use crate::hashtree::{
+    self, PIECE_SIZE, Verified, VerifyError, block_count, block_range, outboard_range,
+};
 use crate::ids::ChunkId;
 use crate::manifest::ChunkInfo;
 use crate::store::{MirrorConfig, MirrorStore, Store, StoreError};
@@ -57,15 +63,19 @@ pub struct FetchConfig {
     pub request_timeout: Duration,
     /// After a miss, fetch the rest of the chunk in the background.
     pub fill_chunks: bool,
+    /// Serve small reads of cold blocks from verified 16 KiB pieces (needs piece outboards in
+    /// the repository; chunks without one read whole blocks).
+    pub piece_reads: bool,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
-            max_concurrency: 16,
+            max_concurrency: 32,
             background_concurrency: 1,
             request_timeout: Duration::from_secs(30),
             fill_chunks: true,
+            piece_reads: true,
         }
     }
 }
@@ -93,6 +103,10 @@ pub struct FetchMetrics {
     pub fetch_latency: crate::metrics::Histogram,
     /// Block fetches that failed, by kind (what a reader gets as EIO).
     pub errors: crate::metrics::ErrorCounts,
+    /// Small reads served from verified pieces, and the bytes (pieces and piece hashes) that
+    /// they fetched.
+    pub piece_reads: AtomicU64,
+    pub piece_bytes: AtomicU64,
 }
 
 /// A block as a flight delivers it: found in the cache, or fetched and verified (to be cached).
@@ -139,7 +153,13 @@ pub struct Fetcher {
     /// Foreground block fetches waiting on the source now; a prefetch job backs off while
     /// there are any (see [`Fetcher::foreground_busy`]).
     foreground_active: AtomicUsize,
+    /// Chunks no mirror has a piece outboard for: their small reads fetch whole blocks.
+    /// Bounded: forgotten all at once when it grows past `NO_OUTBOARD_MAX`.
+    no_outboard: Mutex<HashSet<ChunkId>>,
 }
+
+/// Bound of [`Fetcher::no_outboard`].
+const NO_OUTBOARD_MAX: usize = 4096;
 
 /// What [`Fetcher::hydrate`] did for one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +201,7 @@ impl Fetcher {
             inflight: Mutex::new(HashMap::new()),
             metrics: FetchMetrics::default(),
             foreground_active: AtomicUsize::new(0),
+            no_outboard: Mutex::new(HashSet::new()),
         }
     }
 
@@ -268,6 +289,21 @@ impl Fetcher {
         let bs = self.block_size as u64;
         let first = (range.start / bs) as u32;
         let last = ((range.end - 1) / bs) as u32;
+        if first == last && self.config.piece_reads {
+            if let Some(b) = self.read_pieces(info, first, range.clone()).await {
+                // The whole block follows into the cache (readers of it wait for that flight),
+                // then the rest of the chunk as usual.
+                self.spawn_fetches(info, first..first + 1, Priority::Prefetch);
+                if self.config.fill_chunks {
+                    self.spawn_fetches(
+                        info,
+                        0..block_count(info.len, self.block_size),
+                        Priority::Background,
+                    );
+                }
+                return Ok(b);
+            }
+        }
         let mut tasks = Vec::new();
         for b in first..=last {
             let this = self.clone();
@@ -312,6 +348,102 @@ impl Fetcher {
             out.extend_from_slice(&b[s as usize..e as usize]);
         }
         Ok(out.freeze())
+    }
+
+    /// Bytes `range` (inside block `idx`) from verified pieces, if that is worth it and works:
+    /// the block is neither cached nor in flight, the range is small against the block, and
+    /// the chunk has a piece outboard whose hashes match the block hash. `None`: read the whole
+    /// block instead (which also reports any source error or corruption to the reader).
+    async fn read_pieces(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        idx: u32,
+        range: Range<u64>,
+    ) -> Option<Bytes> {
+        let block = block_range(info.len, self.block_size, idx);
+        let block_len = block.end - block.start;
+        if block_len < 4 * PIECE_SIZE as u64 || self.no_outboard.lock().contains(&info.id) {
+            return None;
+        }
+        let p = PIECE_SIZE as u64;
+        let cover = range.start / p * p..(range.end.div_ceil(p) * p).min(block.end);
+        if (cover.end - cover.start) * 4 > block_len
+            || self.inflight.lock().contains_key(&(info.id, idx))
+        {
+            return None;
+        }
+        let cache = self.cache.clone();
+        let info_c = info.clone();
+        let bs = self.block_size;
+        let r = range.clone();
+        if let Ok(Some(b)) =
+            tokio::task::spawn_blocking(move || cache.read_range(&info_c, bs, r)).await
+        {
+            return Some(b);
+        }
+        let _busy = BusyGuard::new(&self.foreground_active);
+        let _permit = self.foreground.acquire().await.expect("semaphore open");
+        let ob_key = crate::format::outboard_key(&info.id);
+        let ob_range = outboard_range(info.len, bs, idx);
+        let ok = |_: &Bytes| true; // checked below, against the block hash
+        let both = async {
+            tokio::join!(
+                self.source.get_range_checked(&ob_key, ob_range, &ok),
+                self.source
+                    .get_chunk_range_checked(info, bs, cover.clone(), &ok)
+            )
+        };
+        let (hashes, data) = match tokio::time::timeout(self.config.request_timeout, both).await {
+            Ok(v) => v,
+            Err(_) => return None,
+        };
+        let hashes = match hashes {
+            Ok(h) => h,
+            Err(e) => {
+                if e.is_not_found() {
+                    let mut set = self.no_outboard.lock();
+                    if set.len() >= NO_OUTBOARD_MAX {
+                        set.clear();
+                    }
+                    set.insert(info.id);
+                } else {
+                    tracing::debug!(chunk = %info.id, block = idx, error = %e, "piece hashes unavailable; reading the whole block");
+                }
+                return None;
+            }
+        };
+        let data = data.ok()?;
+        let fetched = (hashes.len() + data.len()) as u64;
+        let ph = match hashtree::verify_piece_hashes(
+            info.id,
+            info.len,
+            bs,
+            idx,
+            &info.blocks[idx as usize],
+            &hashes,
+        ) {
+            Ok(ph) => ph,
+            Err(e) => {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(chunk = %info.id, block = idx, error = %e, "bad piece outboard refused");
+                return None;
+            }
+        };
+        let v = match hashtree::verify_pieces(&ph, cover.start, data) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %info.id, block = idx, error = %e, "hash mismatch in a piece: corrupted data refused");
+                return None;
+            }
+        };
+        self.metrics.piece_reads.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .piece_bytes
+            .fetch_add(fetched, Ordering::Relaxed);
+        let s = (range.start - cover.start) as usize;
+        let e = (range.end - cover.start) as usize;
+        Some(v.get().slice(s..e))
     }
 
     /// Fetch `blocks` of chunk `info` ahead of a sequential reader (skipping cached and

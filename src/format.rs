@@ -101,6 +101,12 @@ pub fn chunk_key(id: &ChunkId) -> String {
     format!("chunks/{}/{}", &h[..2], h)
 }
 
+/// Store key of a chunk's piece outboard (FORMAT.md §3a): the CVs of its 16 KiB pieces.
+pub fn outboard_key(id: &ChunkId) -> String {
+    let h = id.to_hex();
+    format!("outboards/{}/{}", &h[..2], h)
+}
+
 /// Store key of a manifest (tree catalog).
 pub fn manifest_key(id: &ManifestId) -> String {
     format!("manifests/{}", id.to_hex())

@@ -228,6 +228,12 @@ impl Listing {
     }
 }
 
+/// The chunk a well-formed `chunks/` key names.
+fn chunk_of_key(key: &str) -> Option<ChunkId> {
+    let (_, id) = key.strip_prefix("chunks/")?.split_once('/')?;
+    id.parse().ok()
+}
+
 /// Whether `key` is a well-formed object key (`chunks/ab/ab…`, `manifests/…`, `commits/…`).
 fn is_object_key(key: &str) -> bool {
     if let Some(rest) = key.strip_prefix("chunks/") {
@@ -604,7 +610,11 @@ pub async fn gc(
                 .map(|k| {
                     let store = store.clone();
                     async move {
-                        let r = store.delete(&k).await;
+                        let mut r = store.delete(&k).await;
+                        // A chunk's piece outboard (FORMAT.md §3a) goes with it, after it.
+                        if let (Ok(()), Some(id)) = (&r, chunk_of_key(&k)) {
+                            r = store.delete(&crate::format::outboard_key(&id)).await;
+                        }
                         (k, r)
                     }
                 })

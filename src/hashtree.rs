@@ -23,6 +23,11 @@ pub type BlockHash = [u8; 32];
 pub enum VerifyError {
     #[error("block {index} of chunk {chunk}: hash mismatch (corrupted or truncated data)")]
     BlockMismatch { chunk: ChunkId, index: u32 },
+    #[error(
+        "chunk {chunk}: the piece hashes of block {index} do not match its block hash \
+         (a damaged or foreign piece outboard; the whole block is fetched instead)"
+    )]
+    PieceHashMismatch { chunk: ChunkId, index: u32 },
     #[error("chunk {chunk}: block hash list does not match the chunk id")]
     OutboardMismatch { chunk: ChunkId },
     #[error("chunk {chunk}: block {index} has length {got}, expected {expected}")]
@@ -179,6 +184,196 @@ pub fn verify_outboard(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pieces: verified reads smaller than a block.
+//
+// A cold 4 KiB read should not wait for a whole 1 MiB block to arrive and be hashed. A block is
+// itself a BLAKE3 subtree, so it splits into aligned **pieces** of `PIECE_SIZE` (16 KiB), each a
+// complete subtree too. Given the CVs of *all* pieces of a block, a reader merges them up and
+// compares the result with the block hash it already trusts (from the manifest); if they match,
+// every piece CV is as trustworthy as the block hash, and any single piece fetched by range can
+// be verified alone against its CV. The piece CVs come from an untrusted per-chunk "piece
+// outboard" object (`outboards/..`, FORMAT.md §3a): it is never believed before that check.
+
+/// Piece size of piece outboards, format v1 (a power of two ≥ 1 KiB, dividing the block size).
+pub const PIECE_SIZE: u32 = 16 << 10;
+
+/// Magic and version at the start of a piece outboard object (FORMAT.md §3a).
+pub const OUTBOARD_MAGIC: &[u8; 4] = b"HXPO";
+/// Version byte of the piece outboard format.
+pub const OUTBOARD_VERSION: u8 = 1;
+/// Length of the outboard header: magic, version, log2(piece size), two zero bytes.
+pub const OUTBOARD_HEADER: u64 = 8;
+
+/// Number of pieces of a chunk of `len` bytes (an empty chunk has none).
+pub fn piece_count(len: u64) -> u64 {
+    len.div_ceil(PIECE_SIZE as u64)
+}
+
+/// The piece outboard object of a chunk: header, then the CV of every piece in order.
+/// `pieces` must be the piece CVs of the chunk ([`hash_pieces`]).
+pub fn encode_piece_outboard(pieces: &[BlockHash]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OUTBOARD_HEADER as usize + pieces.len() * 32);
+    out.extend_from_slice(OUTBOARD_MAGIC);
+    out.push(OUTBOARD_VERSION);
+    out.push(PIECE_SIZE.trailing_zeros() as u8);
+    out.extend_from_slice(&[0, 0]);
+    for p in pieces {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Byte range, in the piece outboard of a chunk of `len` bytes, of the CVs of the pieces of
+/// block `index`.
+pub fn outboard_range(len: u64, block_size: u32, index: u32) -> std::ops::Range<u64> {
+    let r = block_range(len, block_size, index);
+    let first = r.start / PIECE_SIZE as u64;
+    let end = r.end.div_ceil(PIECE_SIZE as u64);
+    OUTBOARD_HEADER + first * 32..OUTBOARD_HEADER + end * 32
+}
+
+/// Piece CVs of a whole chunk, the chunk id and the block hashes, in one pass over the data:
+/// every byte is hashed once (into its piece's CV) and blocks and root are merged from pieces.
+/// Only for chunks longer than one piece; a chunk of one piece has no outboard.
+pub fn hash_pieces(data: &[u8], block_size: u32) -> (ChunkId, Vec<BlockHash>, Vec<BlockHash>) {
+    let len = data.len() as u64;
+    assert!(
+        len > PIECE_SIZE as u64,
+        "a chunk of one piece has no outboard"
+    );
+    assert!(block_size >= PIECE_SIZE && block_size.is_power_of_two());
+    let pieces: Vec<BlockHash> = data
+        .chunks(PIECE_SIZE as usize)
+        .enumerate()
+        .map(|(i, p)| {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(i as u64 * PIECE_SIZE as u64);
+            h.update(p);
+            h.finalize_non_root()
+        })
+        .collect();
+    let per_block = (block_size / PIECE_SIZE) as usize;
+    let nblocks = block_count(len, block_size) as usize;
+    let blocks: Vec<BlockHash> = if nblocks == 1 {
+        vec![
+            root_of(&pieces, len, PIECE_SIZE)
+                .expect("one CV per piece")
+                .0,
+        ]
+    } else {
+        pieces
+            .chunks(per_block)
+            .enumerate()
+            .map(|(i, ps)| {
+                let r = block_range(len, block_size, i as u32);
+                merge_partial(ps, r.end - r.start, PIECE_SIZE)
+            })
+            .collect()
+    };
+    let id = root_of(&blocks, len, block_size).expect("one hash per block");
+    (id, blocks, pieces)
+}
+
+/// Piece CVs of one block, checked against the block's trusted hash. Only
+/// [`verify_piece_hashes`] makes one.
+#[derive(Debug, Clone)]
+pub struct PieceHashes {
+    chunk: ChunkId,
+    chunk_len: u64,
+    block_size: u32,
+    block: u32,
+    cvs: Vec<BlockHash>,
+}
+
+impl PieceHashes {
+    /// Byte range in the chunk of the pieces covering `range` (which must lie in this block).
+    pub fn covering(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let b = block_range(self.chunk_len, self.block_size, self.block);
+        debug_assert!(b.start <= range.start && range.end <= b.end && range.start < range.end);
+        let p = PIECE_SIZE as u64;
+        let start = range.start / p * p;
+        let end = (range.end.div_ceil(p) * p).min(b.end);
+        start..end
+    }
+}
+
+/// Check the CVs of the pieces of block `index` (as read from an untrusted piece outboard,
+/// [`outboard_range`]) against the block's trusted hash `expected`.
+pub fn verify_piece_hashes(
+    chunk: ChunkId,
+    len: u64,
+    block_size: u32,
+    index: u32,
+    expected: &BlockHash,
+    raw: &[u8],
+) -> Result<PieceHashes, VerifyError> {
+    let r = block_range(len, block_size, index);
+    let block_len = r.end - r.start;
+    let n = block_len.div_ceil(PIECE_SIZE as u64) as usize;
+    let bad = || VerifyError::PieceHashMismatch { chunk, index };
+    if raw.len() != n * 32 || n < 2 {
+        return Err(bad());
+    }
+    let cvs: Vec<BlockHash> = raw
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect();
+    let merged = if block_count(len, block_size) == 1 {
+        // The block is the whole chunk: its hash is the root.
+        root_of(&cvs, len, PIECE_SIZE).map(|id| id.0)
+    } else {
+        Some(merge_partial(&cvs, block_len, PIECE_SIZE))
+    };
+    if merged.as_ref() != Some(expected) {
+        return Err(bad());
+    }
+    Ok(PieceHashes {
+        chunk,
+        chunk_len: len,
+        block_size,
+        block: index,
+        cvs,
+    })
+}
+
+/// Check consecutive pieces starting at chunk offset `start` (piece-aligned, inside the block
+/// of `hashes`) against their verified CVs. `data` must end at a piece boundary or at the end
+/// of the block.
+pub fn verify_pieces<T: AsRef<[u8]>>(
+    hashes: &PieceHashes,
+    start: u64,
+    data: T,
+) -> Result<Verified<T>, VerifyError> {
+    let b = block_range(hashes.chunk_len, hashes.block_size, hashes.block);
+    let p = PIECE_SIZE as u64;
+    let bytes = data.as_ref();
+    let end = start + bytes.len() as u64;
+    let aligned_end = end % p == 0 || end == b.end;
+    if start % p != 0 || start < b.start || end > b.end || bytes.is_empty() || !aligned_end {
+        return Err(VerifyError::BadLength {
+            chunk: hashes.chunk,
+            index: hashes.block,
+            got: bytes.len(),
+            expected: (b.end - start.min(b.end)) as usize,
+        });
+    }
+    for (i, piece) in bytes.chunks(PIECE_SIZE as usize).enumerate() {
+        let off = start + i as u64 * p;
+        let k = ((off - b.start) / p) as usize;
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(off);
+        h.update(piece);
+        if h.finalize_non_root() != hashes.cvs[k] {
+            return Err(VerifyError::BlockMismatch {
+                chunk: hashes.chunk,
+                index: hashes.block,
+            });
+        }
+    }
+    Ok(Verified(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +422,115 @@ mod tests {
         bad[2][0] ^= 1;
         assert!(verify_outboard(id, d.len() as u64, bs, &bad).is_err());
         assert!(verify_block(id, d.len() as u64, bs, 0, &blocks[0], &d[..100]).is_err());
+    }
+
+    /// Piece CVs of block `b`, as a reader gets them from the outboard object.
+    fn outboard_slice(ob: &[u8], len: u64, bs: u32, b: u32) -> Vec<u8> {
+        let r = outboard_range(len, bs, b);
+        ob[r.start as usize..r.end as usize].to_vec()
+    }
+
+    #[test]
+    fn pieces_merge_to_the_same_blocks_and_id() {
+        let p = PIECE_SIZE as usize;
+        for (n, bs) in [
+            (p + 1, 1 << 20),
+            (3 * p, 1 << 20),
+            ((1 << 20) + 5, 1 << 20),
+            (5 * (1 << 20) + 3 * p + 17, 1 << 20),
+            (9 * 64 * 1024 + 1, 64 * 1024),
+            (2 * p, p as u32),
+        ] {
+            let d = data(n);
+            let (id, blocks, pieces) = hash_pieces(&d, bs);
+            assert_eq!((id, blocks.clone()), hash_chunk(&d, bs), "len {n} bs {bs}");
+            assert_eq!(pieces.len() as u64, piece_count(n as u64));
+            let ob = encode_piece_outboard(&pieces);
+            for b in 0..block_count(n as u64, bs) {
+                let raw = outboard_slice(&ob, n as u64, bs, b);
+                let r = block_range(n as u64, bs, b);
+                if r.end - r.start <= PIECE_SIZE as u64 {
+                    // A block of one piece is fetched whole: no piece hashes for it.
+                    assert!(
+                        verify_piece_hashes(id, n as u64, bs, b, &blocks[b as usize], &raw)
+                            .is_err()
+                    );
+                    continue;
+                }
+                let ph = verify_piece_hashes(id, n as u64, bs, b, &blocks[b as usize], &raw)
+                    .unwrap_or_else(|e| panic!("len {n} block {b}: {e}"));
+                // Every piece of the block, alone and as runs, verifies.
+                let mut off = r.start;
+                while off < r.end {
+                    let e = (off + PIECE_SIZE as u64).min(r.end);
+                    verify_pieces(&ph, off, &d[off as usize..e as usize]).unwrap();
+                    off = e;
+                }
+                let cov = ph.covering(r.start + 3..r.start + 5);
+                assert_eq!(cov.start, r.start);
+                verify_pieces(&ph, cov.start, &d[cov.start as usize..cov.end as usize]).unwrap();
+                verify_pieces(&ph, r.start, &d[r.start as usize..r.end as usize]).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn tampered_piece_hashes_and_pieces_are_rejected() {
+        let bs = 1u32 << 20;
+        let n = 3 * (1 << 20) + 100;
+        let mut d = data(n);
+        let (id, blocks, pieces) = hash_pieces(&d, bs);
+        let ob = encode_piece_outboard(&pieces);
+        let good = outboard_slice(&ob, n as u64, bs, 1);
+        let ok = |raw: &[u8]| verify_piece_hashes(id, n as u64, bs, 1, &blocks[1], raw);
+        assert!(ok(&good).is_ok());
+        // Any flipped bit of any sibling CV breaks the merge up to the block hash.
+        for byte in [0, 31, 32 * 7 + 5, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[byte] ^= 0x40;
+            let e = ok(&bad).unwrap_err();
+            assert!(
+                matches!(e, VerifyError::PieceHashMismatch { index: 1, .. }),
+                "{e}"
+            );
+        }
+        // Truncated, extended, swapped, or another block's CVs.
+        assert!(ok(&good[..good.len() - 32]).is_err());
+        assert!(ok(&[good.clone(), vec![0; 32]].concat()).is_err());
+        let mut swapped = good.clone();
+        swapped[..64].rotate_left(32);
+        assert!(ok(&swapped).is_err());
+        assert!(ok(&outboard_slice(&ob, n as u64, bs, 0)).is_err());
+        // The right CVs against the wrong block hash.
+        assert!(verify_piece_hashes(id, n as u64, bs, 1, &blocks[2], &good).is_err());
+
+        let ph = ok(&good).unwrap();
+        let p = PIECE_SIZE as usize;
+        let start = (1 << 20) + 5 * p;
+        // A corrupted piece, a piece at the wrong offset, a short or misaligned piece.
+        d[start + 10] ^= 1;
+        let e = verify_pieces(&ph, start as u64, &d[start..start + p]).unwrap_err();
+        assert!(
+            matches!(e, VerifyError::BlockMismatch { index: 1, .. }),
+            "{e}"
+        );
+        d[start + 10] ^= 1;
+        verify_pieces(&ph, start as u64, &d[start..start + p]).unwrap();
+        assert!(verify_pieces(&ph, (start + p) as u64, &d[start..start + p]).is_err());
+        assert!(verify_pieces(&ph, start as u64, &d[start..start + p - 1]).is_err());
+        assert!(verify_pieces(&ph, start as u64 + 1, &d[start + 1..start + p + 1]).is_err());
+        // Pieces of another block are outside this block's hashes.
+        assert!(verify_pieces(&ph, 0, &d[..p]).is_err());
+        // In a one-block chunk the piece CVs merge to the root, which is the chunk id.
+        let small = data(5 * p + 3);
+        let (sid, sblocks, spieces) = hash_pieces(&small, bs);
+        assert_eq!(sblocks, vec![sid.0]);
+        let sob = encode_piece_outboard(&spieces);
+        let raw = outboard_slice(&sob, small.len() as u64, bs, 0);
+        let sph = verify_piece_hashes(sid, small.len() as u64, bs, 0, &sblocks[0], &raw).unwrap();
+        verify_pieces(&sph, 5 * p as u64, &small[5 * p..]).unwrap();
+        let mut raw2 = raw.clone();
+        raw2[40] ^= 1;
+        assert!(verify_piece_hashes(sid, small.len() as u64, bs, 0, &sblocks[0], &raw2).is_err());
     }
 }

@@ -95,11 +95,17 @@ fn corrupted_chunk_reads_as_eio_and_is_never_cached() {
             );
         }
     }
-    // A small read anywhere in it fails too, again (nothing bad was kept), and a buffered
-    // read of the whole file fails rather than returning wrong bytes.
-    for off in [MIB, MIB + 500_000, 2 * MIB - 1] {
+    // A small read of the corrupted 16 KiB piece fails too, again (nothing bad was kept); a
+    // small read of an intact piece of that block is served from that piece, verified against
+    // the block hash through the piece outboard (FORMAT.md §3a). A buffered read of the whole
+    // file fails rather than returning wrong bytes.
+    for off in [MIB + 500_000 - 5, MIB + 500_000] {
         let e = f.read_at(&mut buf[..10], off).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "at {off}: {e}");
+    }
+    for off in [MIB, 2 * MIB - 10] {
+        let n = f.read_at(&mut buf[..10], off).unwrap();
+        assert_eq!(&buf[..n], &big[off as usize..off as usize + n], "at {off}");
     }
     let e = std::fs::read(m.path("big")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");

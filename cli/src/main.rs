@@ -462,6 +462,7 @@ fn main() -> ExitCode {
         ssh_insecure_ignore_host_key: cli.store.insecure_ignore_host_key,
         ssh_sessions: cli.store.ssh_sessions,
         ssh_io_timeout: None,
+        ssh_warm_pool: matches!(&cli.command, Command::Mount(_)),
         ssh_env: Some(horcrux::store::SshEnv::from_process()),
         s3: horcrux::store::S3Options {
             env: Some(horcrux::store::S3Env::from_process()),

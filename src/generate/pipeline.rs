@@ -32,8 +32,8 @@ use bytes::Bytes;
 use super::stream::TreeInput;
 use super::walk::{self, Stat};
 use super::{GenerateError, Progress};
-use crate::format::chunk_key;
-use crate::hashtree::{BlockHash, root_of};
+use crate::format::{chunk_key, outboard_key};
+use crate::hashtree::{self, BlockHash, PIECE_SIZE, root_of};
 use crate::ids::ChunkId;
 use crate::manifest::{ChunkInfo, NodeKind};
 use crate::store::{Store, StoreError};
@@ -259,6 +259,8 @@ pub(super) struct PipelineConfig {
 pub(super) struct UploadJob<'a> {
     id: ChunkId,
     lease: Lease<'a>,
+    /// The chunk's piece outboard (FORMAT.md §3a), put after the chunk.
+    outboard: Option<Bytes>,
 }
 
 /// Everything after planning: reading, hashing, reordering, uploading.
@@ -348,7 +350,7 @@ impl<'a> Pipeline<'a> {
         let buf = lease.buf.as_mut().expect("leased buffer");
         read_task(&task, buf)?;
         debug_assert_eq!(buf.len() as u64, task.len);
-        let (id, blocks) = hash_blocks(buf, self.cfg.block_size);
+        let (id, blocks, outboard) = hash_with_outboard(buf, self.cfg.block_size);
         self.progress.advance(task.logical);
         let rec = ChunkRec {
             id,
@@ -364,7 +366,11 @@ impl<'a> Pipeline<'a> {
                 source,
             })?;
         // Uploaders only go away after a failure; the error is already recorded then.
-        let _ = uploads.send(UploadJob { id, lease });
+        let _ = uploads.send(UploadJob {
+            id,
+            lease,
+            outboard,
+        });
         Ok(())
     }
 
@@ -389,7 +395,17 @@ impl<'a> Pipeline<'a> {
                     // Reuses the allocation when the store kept no reference to the bytes.
                     job.lease.buf = Some(Vec::from(data));
                 }
-                Err(e) => self.failure.set(GenerateError::Store(e)),
+                Err(e) => {
+                    self.failure.set(GenerateError::Store(e));
+                    continue;
+                }
+            }
+            // After the chunk: an outboard never names a chunk the store does not have.
+            if let Some(ob) = job.outboard.take() {
+                if let Err(e) = put_missing(self.runtime, &*self.store, &outboard_key(&job.id), ob)
+                {
+                    self.failure.set(GenerateError::Store(e));
+                }
             }
         }
     }
@@ -558,6 +574,21 @@ fn changed(path: &Path, what: &str) -> GenerateError {
         path: path.to_path_buf(),
         what: what.to_string(),
     }
+}
+
+/// Chunk id, block hashes and, for chunks of more than one piece (with blocks of at least one
+/// piece), the piece outboard, in one pass over the data.
+pub(super) fn hash_with_outboard(
+    data: &[u8],
+    block_size: u32,
+) -> (ChunkId, Vec<BlockHash>, Option<Bytes>) {
+    if data.len() as u64 > PIECE_SIZE as u64 && block_size >= PIECE_SIZE {
+        let (id, blocks, pieces) = hashtree::hash_pieces(data, block_size);
+        let ob = Bytes::from(hashtree::encode_piece_outboard(&pieces));
+        return (id, blocks, Some(ob));
+    }
+    let (id, blocks) = hash_blocks(data, block_size);
+    (id, blocks, None)
 }
 
 /// Chunk id and block hashes in one pass over the data: each block's chaining value is computed

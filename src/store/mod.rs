@@ -224,6 +224,9 @@ pub struct StoreOptions {
     /// session it holds is dropped and its slot freed for a fresh connection, instead of
     /// staying stuck on a dead link for the default bound.
     pub ssh_io_timeout: Option<std::time::Duration>,
+    /// Open the other SSH sessions of the pool in the background once the first one works
+    /// (for mounts: a first small read then never waits for a second handshake).
+    pub ssh_warm_pool: bool,
     /// Local user, home directory and agent for SSH (`None` = read from the process).
     pub ssh_env: Option<SshEnv>,
     /// S3: environment to take credentials, region and endpoint from (`None` = the process's)

@@ -74,6 +74,10 @@ pub struct MountArgs {
     /// Fetch only the blocks that are read (no background fill of the rest of their chunk)
     #[arg(long)]
     pub no_fill: bool,
+    /// Serve small reads of cold blocks only from whole 1 MiB blocks, not from verified 16 KiB
+    /// pieces (pieces need the chunk's piece outboard, which `generate` writes)
+    #[arg(long)]
+    pub no_piece_reads: bool,
     /// Peers to read chunks from before the origin: one host:port (or host:port/REPO) a line,
     /// `#` comments. Each chunk is asked first of the peer that rendezvous hashing makes its
     /// owner, so a fleet reads each chunk from the origin about once. Needs --tls-dir
@@ -216,6 +220,7 @@ fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
         max_concurrency: a.concurrency,
         request_timeout: a.timeout,
         fill_chunks: !a.no_fill,
+        piece_reads: !a.no_piece_reads,
         ..FetchConfig::default()
     };
     let mirror = MirrorConfig {
