@@ -290,7 +290,7 @@ impl Fetcher {
         let first = (range.start / bs) as u32;
         let last = ((range.end - 1) / bs) as u32;
         if first == last && self.config.piece_reads {
-            if let Some(b) = self.read_pieces(info, first, range.clone()).await {
+            if let Some(b) = self.read_pieces(info, first, range.clone()).await? {
                 // The whole block follows into the cache (readers of it wait for that flight),
                 // then the rest of the chunk as usual.
                 self.spawn_fetches(info, first..first + 1, Priority::Prefetch);
@@ -353,24 +353,41 @@ impl Fetcher {
     /// Bytes `range` (inside block `idx`) from verified pieces, if that is worth it and works:
     /// the block is neither cached nor in flight, the range is small against the block, and
     /// the chunk has a piece outboard whose hashes match the block hash. `None`: read the whole
-    /// block instead (which also reports any source error or corruption to the reader).
+    /// block instead (which also reports errors and corruption to the reader). Sources that do
+    /// not answer within the bound are the reader's error at once: every mirror was asked
+    /// already, and asking again for the whole block would double the time a reader of a dead
+    /// source waits for its EIO.
     async fn read_pieces(
         self: &Arc<Self>,
         info: &Arc<ChunkInfo>,
         idx: u32,
         range: Range<u64>,
-    ) -> Option<Bytes> {
+    ) -> Result<Option<Bytes>, FetchError> {
+        match self.try_pieces(info, idx, range).await {
+            Pieces::Served(b) => Ok(Some(b)),
+            Pieces::WholeBlock => Ok(None),
+            Pieces::Failed(e) => Err(e),
+        }
+    }
+
+    async fn try_pieces(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        idx: u32,
+        range: Range<u64>,
+    ) -> Pieces {
+        use Pieces::WholeBlock;
         let block = block_range(info.len, self.block_size, idx);
         let block_len = block.end - block.start;
         if block_len < 4 * PIECE_SIZE as u64 || self.no_outboard.lock().contains(&info.id) {
-            return None;
+            return WholeBlock;
         }
         let p = PIECE_SIZE as u64;
         let cover = range.start / p * p..(range.end.div_ceil(p) * p).min(block.end);
         if (cover.end - cover.start) * 4 > block_len
             || self.inflight.lock().contains_key(&(info.id, idx))
         {
-            return None;
+            return WholeBlock;
         }
         let cache = self.cache.clone();
         let info_c = info.clone();
@@ -379,7 +396,7 @@ impl Fetcher {
         if let Ok(Some(b)) =
             tokio::task::spawn_blocking(move || cache.read_range(&info_c, bs, r)).await
         {
-            return Some(b);
+            return Pieces::Served(b);
         }
         let _busy = BusyGuard::new(&self.foreground_active);
         let _permit = self.foreground.acquire().await.expect("semaphore open");
@@ -395,7 +412,19 @@ impl Fetcher {
         };
         let (hashes, data) = match tokio::time::timeout(self.config.request_timeout, both).await {
             Ok(v) => v,
-            Err(_) => return None,
+            Err(_) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.add(crate::metrics::ErrorKind::Timeout);
+                return Pieces::Failed(FetchError::Timeout {
+                    chunk: info.id,
+                    source_name: self.source.describe(),
+                    timeout: self.config.request_timeout,
+                });
+            }
+        };
+        // An error (not a silence) is retried as the whole block's fetch retries it.
+        let Ok(data) = data else {
+            return WholeBlock;
         };
         let hashes = match hashes {
             Ok(h) => h,
@@ -409,10 +438,9 @@ impl Fetcher {
                 } else {
                     tracing::debug!(chunk = %info.id, block = idx, error = %e, "piece hashes unavailable; reading the whole block");
                 }
-                return None;
+                return WholeBlock;
             }
         };
-        let data = data.ok()?;
         let fetched = (hashes.len() + data.len()) as u64;
         let ph = match hashtree::verify_piece_hashes(
             info.id,
@@ -426,15 +454,17 @@ impl Fetcher {
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(chunk = %info.id, block = idx, error = %e, "bad piece outboard refused");
-                return None;
+                return WholeBlock;
             }
         };
         let v = match hashtree::verify_pieces(&ph, cover.start, data) {
             Ok(v) => v,
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(chunk = %info.id, block = idx, error = %e, "hash mismatch in a piece: corrupted data refused");
-                return None;
+                // Not logged louder: the whole block is read next, and its failure (or the
+                // source's, with the mirror set-aside) is what the reader's one log line says.
+                tracing::debug!(chunk = %info.id, block = idx, error = %e, "hash mismatch in a piece: refused; reading the whole block");
+                return WholeBlock;
             }
         };
         self.metrics.piece_reads.fetch_add(1, Ordering::Relaxed);
@@ -443,7 +473,7 @@ impl Fetcher {
             .fetch_add(fetched, Ordering::Relaxed);
         let s = (range.start - cover.start) as usize;
         let e = (range.end - cover.start) as usize;
-        Some(v.get().slice(s..e))
+        Pieces::Served(v.get().slice(s..e))
     }
 
     /// Fetch `blocks` of chunk `info` ahead of a sequential reader (skipping cached and
@@ -677,6 +707,14 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// What a small read of a cold block got from the pieces path.
+enum Pieces {
+    Served(Bytes),
+    /// Not worth it, no (good) outboard, or a bad piece: read the whole block.
+    WholeBlock,
+    Failed(FetchError),
 }
 
 /// Counts one waiting foreground fetch for as long as it lives.

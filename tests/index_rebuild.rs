@@ -77,7 +77,7 @@ fn deleted_garbage_or_truncated_index_is_rebuilt_by_a_scan() {
     let mnt = t.path().join("mnt");
 
     // Cache everything.
-    let m = Mount::new(&repo, &mnt, &cache, &["--read-only"]);
+    let m = Mount::new(&repo, &mnt, &cache, &["--read-only", "--no-profile"]);
     for i in 0..20 {
         assert_eq!(
             fs::read(m.path(&format!("s{i}"))).unwrap(),
@@ -137,7 +137,7 @@ fn deleted_garbage_or_truncated_index_is_rebuilt_by_a_scan() {
         };
         // The first opener rebuilds: a mount in one round, `horcrux cache stats` in the others.
         let early_mount = if *what == "truncated" {
-            let m = Mount::new(&repo, &mnt, &cache, &["--read-only"]);
+            let m = Mount::new(&repo, &mnt, &cache, &["--read-only", "--no-profile"]);
             assert!(
                 m.log_text()
                     .contains("rebuilt it by scanning the cache directory"),
@@ -170,7 +170,8 @@ fn deleted_garbage_or_truncated_index_is_rebuilt_by_a_scan() {
         );
 
         // A mount works on it; cached blocks serve with the source's chunks gone.
-        let m = early_mount.unwrap_or_else(|| Mount::new(&repo, &mnt, &cache, &["--read-only"]));
+        let m = early_mount
+            .unwrap_or_else(|| Mount::new(&repo, &mnt, &cache, &["--read-only", "--no-profile"]));
         fs::rename(repo.join("chunks"), repo.join("chunks.away")).unwrap();
         let cached_part = read_direct(&m.path("big"), 0, big.len());
         let smalls: Vec<_> = (0..20)
@@ -228,7 +229,12 @@ fn concurrent_openers_of_a_damaged_index_rebuild_it_once() {
     let repo = t.path().join("repo");
     generate("once", &src, &repo);
     let cache = t.path().join("cache");
-    let m = Mount::new(&repo, &t.path().join("mnt"), &cache, &["--read-only"]);
+    let m = Mount::new(
+        &repo,
+        &t.path().join("mnt"),
+        &cache,
+        &["--read-only", "--no-profile"],
+    );
     assert_eq!(fs::read(m.path("big")).unwrap(), bytes(8, 3 * MIB as usize));
     m.unmount();
     let before = cached_blocks(&cache);
