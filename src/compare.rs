@@ -934,7 +934,7 @@ mod tests {
         changed_ranges(&c(a), sa, &c(b), sb)
     }
 
-    /// Regression (fuzz target `manifest`): a hostile catalog may list a directory inside
+    /// Regression (found while writing the fuzz target `manifest`): a hostile catalog may list a directory inside
     /// itself; the walk compared the pair again at every depth and never ended. Each pair of
     /// directories is compared once.
     #[test]

@@ -266,7 +266,7 @@ mod tests {
         }
     }
 
-    /// Regression (fuzz target `hashtree`): shapes from untrusted bytes (a peer's hint, a
+    /// Regression (found while writing the fuzz target `hashtree`): shapes from untrusted bytes (a peer's hint, a
     /// manifest row) with an invalid block size, too many blocks for 32 bits, or a block index
     /// past the end made BLAKE3's tree code assert or a slice split panic. Now: `None` or an
     /// error.

@@ -434,7 +434,7 @@ mod tests {
         }
         let e = parse_rev("main^2").unwrap_err().to_string();
         assert!(e.contains("use `~N`"), "{e}");
-        // Regression (fuzz target `repo_text`): a multi-byte character after a number was
+        // Regression (found while writing the fuzz target `repo_text`): a multi-byte character after a number was
         // skipped by one byte, slicing inside it (a panic).
         let e = parse_rev("main~1\u{e9}").unwrap_err().to_string();
         assert!(e.contains("unexpected `\u{e9}`"), "{e}");

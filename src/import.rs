@@ -682,7 +682,7 @@ mod tests {
         ));
     }
 
-    /// Regression (fuzz target `import_meta`): sizes are untrusted. Totals past 2^64 bytes
+    /// Regression (found while writing the fuzz target `import_meta`): sizes are untrusted. Totals past 2^64 bytes
     /// overflowed (a panic in debug builds), and a huge size with a tiny chunk size named
     /// billions of chunk files that `check_chunks` would list one by one.
     #[test]

@@ -434,7 +434,7 @@ mod tests {
     use super::*;
     use crate::store::FileStore;
 
-    /// Regression (fuzz target `repo_text`): resolving a commit-id prefix parsed every name the
+    /// Regression (found while writing the fuzz target `repo_text`): resolving a commit-id prefix parsed every name the
     /// store listed under `commits/` with an `expect`; a stray name (a temporary file, a planted
     /// object) matching the prefix panicked. Such names are not candidates.
     #[tokio::test]

@@ -307,7 +307,7 @@ mod tests {
         }
     }
 
-    /// Regression (fuzz targets `hashtree` and `peer_messages`): a hint with a block size that
+    /// Regression (found while writing the fuzz targets `hashtree` and `peer_messages`): a hint with a block size that
     /// is not a power of two of at least 1 KiB, or a length whose block count does not fit in
     /// 32 bits, made the server's hash merging panic (BLAKE3 asserts, a slice split out of
     /// range). Such hints are refused as invalid requests.
@@ -339,7 +339,7 @@ mod tests {
         }
     }
 
-    /// Regression (fuzz target `peer_messages`): a peer's key is joined to the served
+    /// Regression (found while writing the fuzz target `peer_messages`): a peer's key is joined to the served
     /// directory, and the file store only checked keys with a `debug_assert`: in a release
     /// build `../x` or `/etc/passwd` read files outside the repository and served them.
     #[tokio::test]
@@ -373,6 +373,43 @@ mod tests {
             );
             assert!(b.exists("r", &[key.to_string()]).await.is_err(), "{key}");
         }
+    }
+
+    /// Regression (found by `cargo fuzz run peer_messages`, a timeout): a one-block hint
+    /// cannot prove its length, and a read-through of a length longer than the chunk was
+    /// retried as a transient error for half the request timeout (15 s), holding a stream.
+    /// A range past the end of the object fails at once.
+    #[tokio::test]
+    async fn a_hint_longer_than_the_chunk_fails_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(d.path().join("repo")));
+        let data = b"tail".to_vec();
+        let mut h = hint(&data, 1 << 20);
+        h.len = 7;
+        let key = chunk_key(&ChunkId(h.chunk_id));
+        store.put(&key, Bytes::from(data)).await.unwrap();
+        let cache = Cache::open(crate::cache::CacheConfig {
+            dir: d.path().join("cache"),
+            max_size: None,
+        })
+        .unwrap();
+        let b = NodeBackend::new(
+            vec![ServedRepo {
+                name: "r".into(),
+                store,
+                read_through: true,
+            }],
+            Some(cache),
+            FetchConfig::default(),
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        assert!(b.get_range("r", &key, 1..3, Some(&h)).await.is_err());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -1069,7 +1069,7 @@ mod tests {
         assert_eq!(parse_host_port("node-a"), None);
     }
 
-    /// Regression (fuzz target `peer_messages`): the size a peer announces for a `Get` was
+    /// Regression (found while writing the fuzz target `peer_messages`): the size a peer announces for a `Get` was
     /// reserved whole once a second frame arrived, so `total_len = 2^63` aborted the process.
     /// Now the frames are refused for what they are: fewer bytes than announced.
     #[tokio::test]

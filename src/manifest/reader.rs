@@ -8,7 +8,8 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
-    CATALOG_VERSION, CatalogHeader, ChunkInfo, Extent, ManifestError, Node, NodeKind, valid_name,
+    CATALOG_VERSION, CatalogHeader, ChunkInfo, Extent, MAX_DIRENT_SEQ, ManifestError, Node,
+    NodeKind, valid_name,
 };
 use crate::hashtree::{BlockHash, checked_block_count, valid_block_size};
 use crate::ids::ChunkId;
@@ -216,6 +217,14 @@ impl Manifest {
             })?;
             it.collect::<rusqlite::Result<Vec<_>>>()
         })?;
+        // Positions become readdir cookies (`seq + 3` for the kernel; the overlay's entries
+        // take cookies from 2^62 on): a negative or huge one is a broken catalog.
+        if let Some(e) = rows.iter().find(|e| e.seq > MAX_DIRENT_SEQ) {
+            return Err(self.invalid(format!(
+                "directory {parent}: entry position {} is out of range",
+                e.seq as i64
+            )));
+        }
         Ok(rows
             .into_iter()
             .filter(|e| {
@@ -498,5 +507,37 @@ mod tests {
         }
         let link = m.lookup(1, b"link").unwrap().unwrap();
         assert_eq!(link.target.as_deref(), Some(&b"/etc/passwd"[..]));
+    }
+
+    /// Regression (found by `cargo fuzz run manifest`): an entry position of 2^64 - 1 (-1 in
+    /// the table) overflowed when the volume made it a readdir cookie (`seq + 3`). Positions
+    /// past [`MAX_DIRENT_SEQ`] make the listing fail as a damaged catalog.
+    #[test]
+    fn out_of_range_positions_are_invalid() {
+        for seq in [MAX_DIRENT_SEQ + 1, i64::MAX as u64, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m");
+            let mut w = ManifestWriter::create(
+                &path,
+                &CatalogHeader {
+                    volume: "v".into(),
+                    chunk_size: 1 << 20,
+                    block_size: 1 << 20,
+                },
+            )
+            .unwrap();
+            w.add_node(&node(1, NodeKind::Dir)).unwrap();
+            w.add_node(&node(2, NodeKind::File)).unwrap();
+            w.add_dirent(1, 0, b"a", 2).unwrap();
+            w.add_dirent(1, seq, b"b", 2).unwrap();
+            w.finish().unwrap();
+            let m = Manifest::open(&path).unwrap();
+            // (-1 in the table sorts first: a listing from cookie 2^64 - 1 reaches it.)
+            let from = if seq == u64::MAX { u64::MAX } else { 0 };
+            assert!(
+                matches!(m.readdir(1, from, 100), Err(ManifestError::Invalid { .. })),
+                "{seq}"
+            );
+        }
     }
 }

@@ -52,6 +52,12 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// A range past the end of the object (every store reports it as `UnexpectedEof`): the
+    /// object is shorter than the reader believes, which asking again does not change.
+    pub fn is_past_end(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof)
+    }
 }
 
 /// Whether `key` can name an object of a repository: names separated by single `/`, none

@@ -321,7 +321,7 @@ mod tests {
         assert!(parse_one("s3:///p").is_err());
     }
 
-    /// Regression (fuzz target `access_url`): a `%` before a multi-byte character sliced the
+    /// Regression (found while writing the fuzz target `access_url`): a `%` before a multi-byte character sliced the
     /// text inside that character and panicked.
     #[test]
     fn percent_before_a_multibyte_character_is_kept() {
