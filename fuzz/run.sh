@@ -107,9 +107,11 @@ run_one() {
     fi
 }
 
+# Failure markers of this run only (two runs may share the work corpus directory).
+marks="$(mktemp -d)"
+trap 'rm -rf "$marks"' EXIT
 for t in "${targets[@]}"; do
-    rm -f "$work/$t.failed"
-    { run_one "$t" || touch "$work/$t.failed"; } &
+    { run_one "$t" || touch "$marks/$t.failed"; } &
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
         wait -n || true
     done
@@ -117,7 +119,7 @@ done
 wait
 failed=0
 for t in "${targets[@]}"; do
-    [ -e "$work/$t.failed" ] && failed=1
+    [ -e "$marks/$t.failed" ] && failed=1
 done
 if [ "$failed" -ne 0 ]; then
     echo "fuzz: FAILED: reproduce with: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --debug-assertions -s $sanitizer TARGET fuzz/artifacts/TARGET/crash-..." >&2
