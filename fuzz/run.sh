@@ -89,7 +89,9 @@ run_one() {
     # The binary built above, run directly: `cargo fuzz run` would rebuild first, and a source
     # edited meanwhile would make every target of a long run wait for a new build.
     local rc=0
-    "$bindir/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    # The targets' scratch directories (a cache, catalogs) go under this run's own TMPDIR,
+    # removed at exit: libFuzzer ends with exit(), so they never clean up after themselves.
+    TMPDIR="$marks/tmp" "$bindir/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 -artifact_prefix="$here/artifacts/$t/" "${dict[@]}" \
         "$work/$t" "$here/corpus/$t" >"$log" 2>&1 || rc=$?
     local runs cov corp
@@ -110,6 +112,7 @@ run_one() {
 # Failure markers of this run only (two runs may share the work corpus directory).
 marks="$(mktemp -d)"
 trap 'rm -rf "$marks"' EXIT
+mkdir -p "$marks/tmp"
 for t in "${targets[@]}"; do
     { run_one "$t" || touch "$marks/$t.failed"; } &
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
