@@ -62,6 +62,7 @@ pub fn diff_versions(
         deleted: Vec::new(),
         added: Vec::new(),
         queue: VecDeque::new(),
+        queued: HashSet::new(),
     };
     let prefix: Vec<u8> = prefix.unwrap_or_default().to_vec();
     let names: Vec<&[u8]> = prefix
@@ -220,6 +221,9 @@ struct Walker<'a> {
     added: Vec<Lone>,
     /// Directory pairs `(path in B, ino in A, ino in B)` whose entries are still to compare.
     queue: VecDeque<(Vec<u8>, u64, u64)>,
+    /// Every pair ever queued: a catalog is untrusted and may list a directory inside itself,
+    /// so a pair is compared once, or the walk would never end.
+    queued: HashSet<(u64, u64)>,
 }
 
 fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
@@ -234,6 +238,16 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 impl Walker<'_> {
+    /// Queue directories `ia` of A and `ib` of B (at `path`) for comparison, unless that pair
+    /// was queued before; true if queued.
+    fn queue_dirs(&mut self, path: Vec<u8>, ia: u64, ib: u64) -> bool {
+        let new = self.queued.insert((ia, ib));
+        if new {
+            self.queue.push_back((path, ia, ib));
+        }
+        new
+    }
+
     /// Compare what both sides have at `path`.
     fn entry(
         &mut self,
@@ -257,7 +271,7 @@ impl Walker<'_> {
                     self.out.push(d);
                 }
                 if a.kind == NodeKind::Dir {
-                    self.queue.push_back((path, a.ino, b.ino));
+                    self.queue_dirs(path, a.ino, b.ino);
                 }
             }
         }
@@ -362,8 +376,7 @@ impl Walker<'_> {
             let (path, na, nb) = (n.path.clone(), d.node.clone(), n.node.clone());
             let diff = self.compare(&path, kind, &na, &nb)?;
             self.out.push(diff.expect("a rename is always a change"));
-            if na.kind == NodeKind::Dir {
-                self.queue.push_back((path, na.ino, nb.ino));
+            if na.kind == NodeKind::Dir && self.queue_dirs(path, na.ino, nb.ino) {
                 queued = true;
             }
         }
@@ -411,8 +424,7 @@ impl Walker<'_> {
                         let kind = ChangeKind::Renamed { from: d.path };
                         let diff = self.compare(&p, kind, &d.node, &nb)?;
                         self.out.push(diff.expect("a rename is always a change"));
-                        if nb.kind == NodeKind::Dir {
-                            self.queue.push_back((p, d.node.ino, nb.ino));
+                        if nb.kind == NodeKind::Dir && self.queue_dirs(p, d.node.ino, nb.ino) {
                             found = true;
                         }
                     }
@@ -442,8 +454,7 @@ impl Walker<'_> {
                         let kind = ChangeKind::Renamed { from };
                         let diff = self.compare(&n.path, kind, &na, &n.node)?;
                         self.out.push(diff.expect("a rename is always a change"));
-                        if na.kind == NodeKind::Dir {
-                            self.queue.push_back((n.path, na.ino, n.node.ino));
+                        if na.kind == NodeKind::Dir && self.queue_dirs(n.path, na.ino, n.node.ino) {
                             found = true;
                         }
                     }
@@ -921,6 +932,34 @@ mod tests {
                 .collect()
         };
         changed_ranges(&c(a), sa, &c(b), sb)
+    }
+
+    /// Regression (found while writing the fuzz target `manifest`): a hostile catalog may list a directory inside
+    /// itself; the walk compared the pair again at every depth and never ended. Each pair of
+    /// directories is compared once.
+    #[test]
+    fn a_directory_inside_itself_is_walked_once() {
+        let d = tempfile::tempdir().unwrap();
+        let cyclic = |name, size| {
+            catalog(
+                d.path(),
+                name,
+                &[1],
+                &[
+                    dir("d", 2),
+                    dir("d/loop", 2),
+                    file("d/f", 3, size, &[(0, size, 1, 0)]),
+                ],
+            )
+        };
+        let (a, b) = (cyclic("a", 10), cyclic("b", 20));
+        assert!(diff_versions(&a, &a, None).unwrap().is_empty());
+        let changed: Vec<_> = diff_versions(&a, &b, None)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.change.path)
+            .collect();
+        assert_eq!(changed, vec![b"d/f".to_vec()]);
     }
 
     #[test]

@@ -642,7 +642,9 @@ impl Fetcher {
             }
         };
         // Transient source errors are retried with backoff, all within `request_timeout`;
-        // bad data is not (the mirror set has already asked every mirror for good bytes).
+        // bad data is not (the mirror set has already asked every mirror for good bytes), nor
+        // a range past the end of the object (a chunk length that lies, e.g. in a peer's
+        // hint: retrying held a server stream for half the timeout).
         let fut = async {
             let mut backoff = Duration::from_millis(100);
             let start = tokio::time::Instant::now();
@@ -652,7 +654,7 @@ impl Fetcher {
                     .get_chunk_range_checked(info, bs, r.clone(), &check)
                     .await;
                 match r {
-                    Err(e) if bad.lock().is_none() && !e.is_not_found() => {
+                    Err(e) if bad.lock().is_none() && !e.is_not_found() && !e.is_past_end() => {
                         // Give up at half the bound, so the reader gets the source's own error.
                         if start.elapsed() + backoff > self.config.request_timeout / 2 {
                             return Err(e);

@@ -37,11 +37,48 @@ pub enum VerifyError {
         got: usize,
         expected: usize,
     },
+    #[error(
+        "chunk {chunk}: block size {block_size} or length {len} is not valid (block sizes are powers of two of at least 1 KiB, at most 2^32 blocks per chunk)"
+    )]
+    BadShape {
+        chunk: ChunkId,
+        len: u64,
+        block_size: u32,
+    },
+    #[error("chunk {chunk}: there is no block {index} in a chunk of {len} bytes")]
+    NoSuchBlock {
+        chunk: ChunkId,
+        index: u32,
+        len: u64,
+    },
 }
 
-/// Number of blocks of a chunk of `len` bytes (an empty chunk has one empty block).
+/// Smallest block size: one BLAKE3 chunk (1 KiB), so every block starts on a BLAKE3 chunk
+/// boundary and its chaining value can be computed on its own.
+pub const MIN_BLOCK_SIZE: u32 = 1024;
+
+/// Whether `block_size` can split a chunk into independently verifiable blocks: a power of
+/// two of at least [`MIN_BLOCK_SIZE`] (so blocks are aligned subtrees of the BLAKE3 tree).
+/// Block sizes read from manifests, cache rows or peers' hints must pass this before any
+/// other function here is given them.
+pub fn valid_block_size(block_size: u32) -> bool {
+    block_size.is_power_of_two() && block_size >= MIN_BLOCK_SIZE
+}
+
+/// Number of blocks of a chunk of `len` bytes (an empty chunk has one empty block), or `None`
+/// when the block size is not valid or the count does not fit in a `u32` (hostile lengths).
+pub fn checked_block_count(len: u64, block_size: u32) -> Option<u32> {
+    if !valid_block_size(block_size) {
+        return None;
+    }
+    u32::try_from(len.div_ceil(u64::from(block_size)).max(1)).ok()
+}
+
+/// Number of blocks of a chunk of `len` bytes (an empty chunk has one empty block). For
+/// values already checked with [`checked_block_count`]; saturates (never panics) otherwise.
 pub fn block_count(len: u64, block_size: u32) -> u32 {
-    len.div_ceil(block_size as u64).max(1) as u32
+    let n = len.div_ceil(u64::from(block_size.max(1))).max(1);
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Byte range of block `index` in a chunk of `len` bytes.
@@ -80,9 +117,13 @@ pub fn hash_chunk(data: &[u8], block_size: u32) -> (ChunkId, Vec<BlockHash>) {
     (id, blocks)
 }
 
-/// Merge block hashes up the BLAKE3 tree; `None` if the count does not fit the length.
+/// Merge block hashes up the BLAKE3 tree; `None` if the count does not fit the length or the
+/// block size is not valid (all three may come from untrusted bytes).
 pub fn root_of(blocks: &[BlockHash], len: u64, block_size: u32) -> Option<ChunkId> {
-    if blocks.len() != block_count(len, block_size) as usize {
+    // With a valid block size and exactly one hash per block, every split below lands inside
+    // the slice: BLAKE3's left subtree is a power-of-two number of 1 KiB chunks, hence a whole
+    // number of (power-of-two) blocks, and fewer than the total.
+    if blocks.len() != checked_block_count(len, block_size)? as usize {
         return None;
     }
     if blocks.len() == 1 {
@@ -146,6 +187,16 @@ pub fn verify_block<T: AsRef<[u8]>>(
     expected: &BlockHash,
     data: T,
 ) -> Result<Verified<T>, VerifyError> {
+    let Some(n) = checked_block_count(len, block_size) else {
+        return Err(VerifyError::BadShape {
+            chunk,
+            len,
+            block_size,
+        });
+    };
+    if index >= n {
+        return Err(VerifyError::NoSuchBlock { chunk, index, len });
+    }
     let range = block_range(len, block_size, index);
     let want = (range.end - range.start) as usize;
     let got = data.as_ref().len();
@@ -408,6 +459,30 @@ mod tests {
                 verify_block(id, n as u64, bs, i as u32, b, slice).unwrap();
             }
         }
+    }
+
+    /// Regression (found while writing the fuzz target `hashtree`): shapes from untrusted bytes (a peer's hint, a
+    /// manifest row) with an invalid block size, too many blocks for 32 bits, or a block index
+    /// past the end made BLAKE3's tree code assert or a slice split panic. Now: `None` or an
+    /// error.
+    #[test]
+    fn hostile_shapes_never_panic() {
+        let h = [0u8; 32];
+        assert_eq!(root_of(&[h; 2], 2, 1), None);
+        assert_eq!(root_of(&[h; 5], 5000, 1000), None);
+        assert_eq!(root_of(&[], 1 << 42, 1024), None);
+        assert_eq!(root_of(&[h; 2], (1 << 32) + 2, 1), None);
+        assert_eq!(block_count(u64::MAX, 0), u32::MAX);
+        let id = ChunkId::of(b"x");
+        assert!(matches!(
+            verify_block(id, 3000, 1024, 9, &h, &[][..]),
+            Err(VerifyError::NoSuchBlock { .. })
+        ));
+        assert!(matches!(
+            verify_block(id, 3000, 1000, 1, &h, &[0u8; 1000][..]),
+            Err(VerifyError::BadShape { .. })
+        ));
+        assert!(verify_outboard(id, 3, 3, &[h]).is_err());
     }
 
     #[test]

@@ -96,7 +96,8 @@ pub fn parse_rev(rev: &str) -> Result<Rev, HistoryError> {
     }
     let mut back: u64 = 0;
     while let Some(op) = rest.chars().next() {
-        rest = &rest[1..];
+        // `op` may be any character after a number (`~1é`): skip it whole, never one byte.
+        rest = &rest[op.len_utf8()..];
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
@@ -433,6 +434,10 @@ mod tests {
         }
         let e = parse_rev("main^2").unwrap_err().to_string();
         assert!(e.contains("use `~N`"), "{e}");
+        // Regression (found while writing the fuzz target `repo_text`): a multi-byte character after a number was
+        // skipped by one byte, slicing inside it (a panic).
+        let e = parse_rev("main~1\u{e9}").unwrap_err().to_string();
+        assert!(e.contains("unexpected `\u{e9}`"), "{e}");
     }
 
     #[test]

@@ -139,6 +139,11 @@ struct Meta {
     entries: Vec<MetaEntry>,
 }
 
+/// Most chunk files a `.meta` may name (64 PB at the original's default 64 MB chunks): every
+/// one is checked and read in turn, so a hostile size with a tiny `Chunk Size` must not make
+/// an import loop for ever.
+const MAX_CHUNK_FILES: u64 = 100_000_000;
+
 // Bits of Go's `os.FileMode` (the `.meta` stores it as a number).
 const GO_DIR: u32 = 1 << 31;
 const GO_SYMLINK: u32 = 1 << 27;
@@ -207,6 +212,8 @@ pub struct Original {
     time: TimeNs,
     files: u64,
     bytes: u64,
+    /// Chunk files the entries name (bounded by [`MAX_CHUNK_FILES`]).
+    chunk_files: u64,
     /// The `.meta`'s `Config.Version`, e.g. `00.03-rc2`.
     pub version: String,
 }
@@ -258,6 +265,7 @@ impl Original {
             time,
             files: 0,
             bytes: 0,
+            chunk_files: 0,
             version: meta.config.version.clone(),
         };
         o.build(meta)?;
@@ -377,7 +385,20 @@ impl Original {
             }
             if kind == NodeKind::File {
                 self.files += 1;
-                self.bytes += size;
+                self.chunk_files += chunks;
+                // Sizes are untrusted: a total past 2^64 bytes, or more chunk files than any
+                // real volume has (each is checked and read one by one), is a broken .meta.
+                self.bytes = match self.bytes.checked_add(size) {
+                    Some(b) => b,
+                    None => return Err(self.malformed(what("the sizes add up past 2^64 bytes"))),
+                };
+                if self.chunk_files > MAX_CHUNK_FILES {
+                    return Err(self.malformed(what(&format!(
+                        "the entries so far list more than {MAX_CHUNK_FILES} chunk files; \
+                         the `Chunk Size` ({}) or the sizes are wrong",
+                        self.chunk_size
+                    ))));
+                }
             }
             self.nodes.push(OldNode {
                 name: e.name.clone(),
@@ -444,22 +465,23 @@ impl Original {
                 }
             }
         }
-        let mut missing = Vec::new();
+        // Count the missing ones but keep only a few names: a broken .meta may name millions.
+        let mut count = 0;
+        let mut examples = Vec::new();
         for batch in unlisted.chunks(1000) {
             let present = self.runtime.block_on(store.exists(batch))?;
-            missing.extend(
-                batch
-                    .iter()
-                    .zip(present)
-                    .filter(|(_, p)| !p)
-                    .map(|(k, _)| k.clone()),
-            );
+            for (k, _) in batch.iter().zip(present).filter(|(_, p)| !p) {
+                count += 1;
+                if examples.len() < 5 {
+                    examples.push(k.clone());
+                }
+            }
         }
-        if !missing.is_empty() {
+        if count > 0 {
             return Err(ImportError::MissingChunks {
                 store: describe,
-                count: missing.len(),
-                examples: missing.into_iter().take(5).collect(),
+                count,
+                examples,
             });
         }
         Ok(())
@@ -583,10 +605,18 @@ mod tests {
 
     /// Open a `.meta` made of `entries` (chunk size 4) in a file store.
     fn open(entries: &[String], num_files: Option<usize>) -> Result<Original, ImportError> {
+        open_sized(4, entries, num_files)
+    }
+
+    fn open_sized(
+        chunk_size: i64,
+        entries: &[String],
+        num_files: Option<usize>,
+    ) -> Result<Original, ImportError> {
         let tmp = tempfile::tempdir().unwrap();
         let n = num_files.unwrap_or(entries.len());
         let meta = format!(
-            r#"{{"Config": {{"Version": "00.03-rc2", "Chunk Type": 1, "Chunk Size": 4}}, "Current Version": "v1", "Num Files": {n}, "Entry List": [{}]}}"#,
+            r#"{{"Config": {{"Version": "00.03-rc2", "Chunk Type": 1, "Chunk Size": {chunk_size}}}, "Current Version": "v1", "Num Files": {n}, "Entry List": [{}]}}"#,
             entries.join(",")
         );
         std::fs::write(tmp.path().join("V.meta"), meta).unwrap();
@@ -650,6 +680,27 @@ mod tests {
             open(&["{\"Name\": 1}".to_string()], None),
             Err(ImportError::MetaSyntax { .. })
         ));
+    }
+
+    /// Regression (found while writing the fuzz target `import_meta`): sizes are untrusted. Totals past 2^64 bytes
+    /// overflowed (a panic in debug builds), and a huge size with a tiny chunk size named
+    /// billions of chunk files that `check_chunks` would list one by one.
+    #[test]
+    fn hostile_sizes_are_malformed() {
+        let root = entry("r", "", GO_DIR | 0o755, 4096, 1);
+        let huge = |name: &str| entry(name, "r", 0o644, i64::MAX, 1);
+        let e = malformed(open_sized(
+            i64::MAX,
+            &[root.clone(), huge("a"), huge("b"), huge("c")],
+            None,
+        ));
+        assert!(e.contains("past 2^64 bytes"), "{e}");
+        let chunks = (i64::MAX as u64).div_ceil(4) as i64;
+        let e = malformed(open(
+            &[root, entry("f", "r", 0o644, i64::MAX, chunks)],
+            None,
+        ));
+        assert!(e.contains("chunk files"), "{e}");
     }
 
     #[test]

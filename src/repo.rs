@@ -189,16 +189,19 @@ impl Repository {
         }
         if reference.len() >= 4 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
             let r = reference.to_ascii_lowercase();
-            let matches: Vec<String> = self
+            // Keys listed by the store are untrusted: anything under `commits/` that is not a
+            // full id (a temporary file, a planted name) is not a candidate.
+            let matches: Vec<CommitId> = self
                 .store
                 .list(&format!("commits/{}", &r[..2]))
                 .await?
                 .into_iter()
                 .filter_map(|k| k.strip_prefix("commits/").map(str::to_string))
                 .filter(|h| h.starts_with(&r))
+                .filter_map(|h| h.parse().ok())
                 .collect();
             match matches.len() {
-                1 => return Ok(matches[0].parse().expect("listed ids are hex")),
+                1 => return Ok(matches[0]),
                 0 => {}
                 _ => {
                     return Err(RepoError::AmbiguousRef {
@@ -440,4 +443,32 @@ pub fn split_remote_ref(reference: &str) -> Option<(&str, &str)> {
     let (remote, branch) = r.split_once('/')?;
     (format::check_ref_name(remote).is_ok() && format::check_ref_name(branch).is_ok())
         .then_some((remote, branch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    /// Regression (found while writing the fuzz target `repo_text`): resolving a commit-id prefix parsed every name the
+    /// store listed under `commits/` with an `expect`; a stray name (a temporary file, a planted
+    /// object) matching the prefix panicked. Such names are not candidates.
+    #[tokio::test]
+    async fn listed_names_that_are_not_ids_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(d.path().to_path_buf()));
+        let repo = Repository::open_or_init(store.clone()).await.unwrap();
+        store
+            .put("commits/abcd-not-an-id", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            repo.resolve("v", "abcd").await,
+            Err(RepoError::NoSuchRef { .. })
+        ));
+        let id = CommitId::of(b"c");
+        let key = format!("commits/{id}");
+        store.put(&key, Bytes::from_static(b"c")).await.unwrap();
+        assert_eq!(repo.resolve("v", &id.to_hex()[..8]).await.unwrap(), id);
+    }
 }

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use crate::cache::Cache;
 use crate::fetch::{FetchConfig, FetchError, Fetcher};
 use crate::format::chunk_key;
-use crate::hashtree::root_of;
+use crate::hashtree::{root_of, valid_block_size};
 use crate::ids::ChunkId;
 use crate::manifest::ChunkInfo;
 use crate::metrics::ServeMetrics;
@@ -136,6 +136,14 @@ impl NodeBackend {
                 id.short()
             )));
         }
+        // The block size decides how the hashes merge and how blocks are hashed: one that is
+        // not a power of two of at least 1 KiB would make BLAKE3's tree code assert.
+        if !valid_block_size(hint.block_size) {
+            return Err(BackendError::Invalid(format!(
+                "the chunk hint's block size {} is not a power of two of at least 1 KiB",
+                hint.block_size
+            )));
+        }
         if root_of(&hint.block_hashes, hint.len, hint.block_size) != Some(id) {
             return Err(BackendError::Invalid(format!(
                 "the block hashes of the hint do not hash up to chunk {}",
@@ -152,10 +160,12 @@ impl NodeBackend {
 }
 
 fn store_err(e: StoreError) -> BackendError {
-    if e.is_not_found() {
-        BackendError::NotFound(e.to_string())
-    } else {
-        BackendError::Failed(e.to_string())
+    match e {
+        e if e.is_not_found() => BackendError::NotFound(e.to_string()),
+        // A key that is not a repository key is the client's mistake (or an attack), not a
+        // failure of this node: the client must not set this peer aside for it.
+        e @ StoreError::BadKey { .. } => BackendError::Invalid(e.to_string()),
+        e => BackendError::Failed(e.to_string()),
     }
 }
 
@@ -384,6 +394,111 @@ mod tests {
             block_size: bs,
             block_hashes: blocks,
         }
+    }
+
+    /// Regression (found while writing the fuzz targets `hashtree` and `peer_messages`): a hint with a block size that
+    /// is not a power of two of at least 1 KiB, or a length whose block count does not fit in
+    /// 32 bits, made the server's hash merging panic (BLAKE3 asserts, a slice split out of
+    /// range). Such hints are refused as invalid requests.
+    #[test]
+    fn hostile_hint_shapes_are_invalid() {
+        let data = vec![7u8; 5000];
+        let (id, _) = hash_chunk(&data, 1024);
+        let key = chunk_key(&id);
+        for (len, block_size, hashes) in [
+            (5000u64, 1000u32, 5usize),
+            (3, 1, 3),
+            (2048, 512, 4),
+            (1 << 42, 1024, 0),
+            ((1u64 << 32) + 2, 1, 2),
+        ] {
+            let h = ChunkHint {
+                chunk_id: *id.as_bytes(),
+                len,
+                block_size,
+                block_hashes: vec![[0; 32]; hashes],
+            };
+            assert!(
+                matches!(
+                    NodeBackend::check_hint(&key, &h),
+                    Err(BackendError::Invalid(_))
+                ),
+                "{len} {block_size}"
+            );
+        }
+    }
+
+    /// Regression (found while writing the fuzz target `peer_messages`): a peer's key is joined to the served
+    /// directory, and the file store only checked keys with a `debug_assert`: in a release
+    /// build `../x` or `/etc/passwd` read files outside the repository and served them.
+    #[tokio::test]
+    async fn keys_outside_the_repository_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("repo")).unwrap();
+        std::fs::write(d.path().join("secret"), b"not yours").unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(d.path().join("repo")));
+        let b = NodeBackend::new(
+            vec![ServedRepo {
+                name: "r".into(),
+                store,
+                read_through: false,
+            }],
+            None,
+            FetchConfig::default(),
+        )
+        .unwrap();
+        let abs = d.path().join("secret").display().to_string();
+        for key in ["../secret", abs.as_str(), "a/../../secret", "", "chunks//x"] {
+            assert!(
+                matches!(b.get("r", key).await, Err(BackendError::Invalid(_))),
+                "{key}"
+            );
+            assert!(
+                matches!(
+                    b.get_range("r", key, 0..3, None).await,
+                    Err(BackendError::Invalid(_))
+                ),
+                "{key}"
+            );
+            assert!(b.exists("r", &[key.to_string()]).await.is_err(), "{key}");
+        }
+    }
+
+    /// Regression (found by `cargo fuzz run peer_messages`, a timeout): a one-block hint
+    /// cannot prove its length, and a read-through of a length longer than the chunk was
+    /// retried as a transient error for half the request timeout (15 s), holding a stream.
+    /// A range past the end of the object fails at once.
+    #[tokio::test]
+    async fn a_hint_longer_than_the_chunk_fails_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FileStore::new(d.path().join("repo")));
+        let data = b"tail".to_vec();
+        let mut h = hint(&data, 1 << 20);
+        h.len = 7;
+        let key = chunk_key(&ChunkId(h.chunk_id));
+        store.put(&key, Bytes::from(data)).await.unwrap();
+        let cache = Cache::open(crate::cache::CacheConfig {
+            dir: d.path().join("cache"),
+            max_size: None,
+        })
+        .unwrap();
+        let b = NodeBackend::new(
+            vec![ServedRepo {
+                name: "r".into(),
+                store,
+                read_through: true,
+            }],
+            Some(cache),
+            FetchConfig::default(),
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        assert!(b.get_range("r", &key, 1..3, Some(&h)).await.is_err());
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -68,7 +68,8 @@ pub struct ChunkHint {
 }
 
 impl ChunkHint {
-    fn to_pb(&self) -> pb::ChunkHint {
+    /// As sent on the wire.
+    pub fn to_pb(&self) -> pb::ChunkHint {
         let mut hashes = BytesMut::with_capacity(self.block_hashes.len() * 32);
         for h in &self.block_hashes {
             hashes.extend_from_slice(h);
@@ -81,7 +82,9 @@ impl ChunkHint {
         }
     }
 
-    fn from_pb(h: &pb::ChunkHint) -> Result<Self, Status> {
+    /// From the wire: checks the shape only (32-byte id, whole hashes, a block size); whether
+    /// the hashes hash up to the id is the backend's check.
+    pub fn from_pb(h: &pb::ChunkHint) -> Result<Self, Status> {
         let chunk_id: [u8; 32] = h.chunk_id[..]
             .try_into()
             .map_err(|_| Status::invalid_argument("chunk hint: chunk_id must be 32 bytes"))?;
@@ -256,18 +259,12 @@ impl PeerService {
 impl Peer for PeerService {
     async fn have(&self, req: Request<pb::HaveRequest>) -> Result<Response<pb::HaveReply>, Status> {
         let r = req.into_inner();
+        let ids = have_chunk_ids(&r)?;
         let keys_present = if r.keys.is_empty() {
             Vec::new()
         } else {
             self.backend.exists(&r.repo, &r.keys).await?
         };
-        let mut ids = Vec::with_capacity(r.chunk_ids.len());
-        for id in &r.chunk_ids {
-            ids.push(
-                <[u8; 32]>::try_from(&id[..])
-                    .map_err(|_| Status::invalid_argument("chunk ids must be 32 bytes"))?,
-            );
-        }
         let chunks = if ids.is_empty() {
             Vec::new()
         } else {
@@ -297,11 +294,8 @@ impl Peer for PeerService {
     ) -> Result<Response<FrameStream>, Status> {
         let remote = req.remote_addr();
         let r = req.into_inner();
-        let end = r
-            .offset
-            .checked_add(r.length)
-            .ok_or_else(|| Status::invalid_argument("range overflows"))?;
-        let hint = r.hint.as_ref().map(ChunkHint::from_pb).transpose()?;
+        let (range, hint) = read_range_args(&r)?;
+        let end = range.end;
         let permit = self.permit().await?;
         let span = tracing::debug_span!("peer_read", ?remote, repo = %r.repo, key = %r.key, offset = r.offset, len = r.length);
         tracing::debug!(parent: &span, "range read");
@@ -389,6 +383,55 @@ impl Peer for PeerService {
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
+}
+
+/// The chunk ids of a `Have` request, each exactly 32 bytes.
+pub fn have_chunk_ids(r: &pb::HaveRequest) -> Result<Vec<[u8; 32]>, Status> {
+    r.chunk_ids
+        .iter()
+        .map(|id| {
+            <[u8; 32]>::try_from(&id[..])
+                .map_err(|_| Status::invalid_argument("chunk ids must be 32 bytes"))
+        })
+        .collect()
+}
+
+/// The byte range and chunk hint of a `ReadRange` request: the range must not wrap around,
+/// the hint must be well-formed.
+pub fn read_range_args(
+    r: &pb::ReadRangeRequest,
+) -> Result<(Range<u64>, Option<ChunkHint>), Status> {
+    let end = r
+        .offset
+        .checked_add(r.length)
+        .ok_or_else(|| Status::invalid_argument("range overflows"))?;
+    let hint = r.hint.as_ref().map(ChunkHint::from_pb).transpose()?;
+    Ok((r.offset..end, hint))
+}
+
+/// A peer's answer to `Have` for `keys` keys and `chunks` chunk ids: one item per question,
+/// in order, or a protocol error.
+pub fn have_reply(
+    r: pb::HaveReply,
+    keys: usize,
+    chunks: usize,
+) -> Result<(Vec<bool>, Vec<ChunkPresence>), PeerError> {
+    if r.keys_present.len() != keys || r.chunks.len() != chunks {
+        return Err(PeerError::Protocol(
+            "Have answered a different number of items than asked".into(),
+        ));
+    }
+    let chunks = r
+        .chunks
+        .into_iter()
+        .map(|c| ChunkPresence {
+            chunk_id: c.chunk_id[..].try_into().unwrap_or([0; 32]),
+            block_size: c.block_size,
+            len: c.len,
+            bitmap: c.bitmap.to_vec(),
+        })
+        .collect();
+    Ok((r.keys_present, chunks))
 }
 
 /// A whole object as frames: zero-copy slices of `data`.
@@ -770,22 +813,7 @@ impl PeerClient {
                 .collect(),
         };
         let r = self.inner.clone().have(req).await?.into_inner();
-        if r.keys_present.len() != keys.len() || r.chunks.len() != chunk_ids.len() {
-            return Err(PeerError::Protocol(
-                "Have answered a different number of items than asked".into(),
-            ));
-        }
-        let chunks = r
-            .chunks
-            .into_iter()
-            .map(|c| ChunkPresence {
-                chunk_id: c.chunk_id[..].try_into().unwrap_or([0; 32]),
-                block_size: c.block_size,
-                len: c.len,
-                bitmap: c.bitmap.to_vec(),
-            })
-            .collect();
-        Ok((r.keys_present, chunks))
+        have_reply(r, keys.len(), chunk_ids.len())
     }
 
     /// Keys under `prefix` with sizes.
@@ -803,8 +831,13 @@ impl PeerClient {
     }
 }
 
-/// Join frames into exactly `want` bytes (one frame: no copy).
-async fn collect(
+/// Largest buffer reserved up front when joining frames: `want` comes from the peer (the
+/// `total_len` of a `Get`), so reserving it whole would let a peer make this process abort on
+/// an impossible allocation. Bigger objects grow the buffer as their bytes actually arrive.
+const MAX_RESERVE: u64 = 64 << 20;
+
+/// Join frames into exactly `want` bytes (one frame: no copy). `want` may come from the peer.
+pub async fn collect(
     s: impl Stream<Item = Result<Bytes, PeerError>>,
     want: u64,
 ) -> Result<Bytes, PeerError> {
@@ -823,7 +856,7 @@ async fn collect(
         match (&mut first, &mut buf) {
             (None, None) => first = Some(f),
             (Some(a), None) => {
-                let mut b = BytesMut::with_capacity(want as usize);
+                let mut b = BytesMut::with_capacity(want.min(MAX_RESERVE) as usize);
                 b.extend_from_slice(a);
                 b.extend_from_slice(&f);
                 buf = Some(b);
@@ -1034,5 +1067,54 @@ mod tests {
         assert_eq!(parse_host_port("[::1]:7"), Some(("::1".into(), 7)));
         assert_eq!(parse_host_port("node-a:1"), Some(("node-a".into(), 1)));
         assert_eq!(parse_host_port("node-a"), None);
+    }
+
+    /// Regression (found while writing the fuzz target `peer_messages`): the size a peer announces for a `Get` was
+    /// reserved whole once a second frame arrived, so `total_len = 2^63` aborted the process.
+    /// Now the frames are refused for what they are: fewer bytes than announced.
+    #[tokio::test]
+    async fn announced_size_is_not_reserved() {
+        let frames = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Ok(Bytes::from_static(b"cd")),
+        ]);
+        let e = collect(frames, 1 << 63).await.unwrap_err().to_string();
+        assert!(e.contains("peer sent 4 of"), "{e}");
+        let frames = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"ab")),
+            Ok(Bytes::from_static(b"cd")),
+        ]);
+        assert_eq!(&collect(frames, 4).await.unwrap()[..], b"abcd");
+    }
+
+    /// Requests are checked before a backend sees them (fuzz target `peer_messages`).
+    #[test]
+    fn request_shapes() {
+        let r = pb::ReadRangeRequest {
+            offset: u64::MAX,
+            length: 2,
+            ..Default::default()
+        };
+        assert!(read_range_args(&r).is_err());
+        let r = pb::ReadRangeRequest {
+            offset: 1,
+            length: 2,
+            hint: Some(pb::ChunkHint {
+                chunk_id: Bytes::from_static(&[0; 31]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(read_range_args(&r).is_err());
+        let r = pb::HaveRequest {
+            chunk_ids: vec![Bytes::from_static(&[1; 32]), Bytes::from_static(&[1; 33])],
+            ..Default::default()
+        };
+        assert!(have_chunk_ids(&r).is_err());
+        let reply = pb::HaveReply {
+            keys_present: vec![true],
+            chunks: vec![],
+        };
+        assert!(have_reply(reply, 2, 0).is_err());
     }
 }

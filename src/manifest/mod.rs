@@ -26,6 +26,9 @@ use crate::ids::ChunkId;
 pub const CATALOG_VERSION: u32 = 1;
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
+/// Largest position (`dirents.seq`) of an entry in a directory: readers add small offsets to
+/// it for readdir cookies, which must stay below the overlay's (2^62).
+pub const MAX_DIRENT_SEQ: u64 = (1 << 62) - 8;
 
 /// Errors reading or writing a manifest.
 #[derive(Debug, thiserror::Error)]

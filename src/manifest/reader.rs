@@ -8,9 +8,10 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
-    CATALOG_VERSION, CatalogHeader, ChunkInfo, Extent, ManifestError, Node, NodeKind, valid_name,
+    CATALOG_VERSION, CatalogHeader, ChunkInfo, Extent, MAX_DIRENT_SEQ, ManifestError, Node,
+    NodeKind, valid_name,
 };
-use crate::hashtree::{BlockHash, block_count};
+use crate::hashtree::{BlockHash, checked_block_count, valid_block_size};
 use crate::ids::ChunkId;
 
 /// An open, read-only catalog.
@@ -108,7 +109,7 @@ impl Manifest {
         let block_size: u32 = get("block_size")?
             .parse()
             .map_err(|_| bad("bad block_size"))?;
-        if !block_size.is_power_of_two() || block_size < 1024 || !chunk_size.is_power_of_two() {
+        if !valid_block_size(block_size) || !chunk_size.is_power_of_two() {
             return Err(bad("chunk or block size is not a power of two"));
         }
         let header = CatalogHeader {
@@ -217,6 +218,14 @@ impl Manifest {
             })?;
             it.collect::<rusqlite::Result<Vec<_>>>()
         })?;
+        // Positions become readdir cookies (`seq + 3` for the kernel; the overlay's entries
+        // take cookies from 2^62 on): a negative or huge one is a broken catalog.
+        if let Some(e) = rows.iter().find(|e| e.seq > MAX_DIRENT_SEQ) {
+            return Err(self.invalid(format!(
+                "directory {parent}: entry position {} is out of range",
+                e.seq as i64
+            )));
+        }
         Ok(rows
             .into_iter()
             .filter(|e| {
@@ -231,7 +240,7 @@ impl Manifest {
 
     /// Extents of `ino` overlapping `range`, in file order.
     pub fn extents(&self, ino: u64, range: Range<u64>) -> Result<Vec<Extent>, ManifestError> {
-        self.with(|c| {
+        let rows = self.with(|c| {
             // The extent containing range.start begins at or before it: take the last such one
             // plus every extent starting inside the range.
             let mut st = c.prepare_cached(
@@ -240,17 +249,63 @@ impl Manifest {
                  AND off < ?3 ORDER BY off",
             )?;
             let it = st.query_map(params![ino as i64, range.start as i64, range.end as i64], |r| {
-                Ok(Extent {
-                    ino,
-                    file_off: r.get::<_, i64>(0)? as u64,
-                    len: r.get::<_, i64>(1)? as u64,
-                    chunk: r.get::<_, i64>(2)? as u64,
-                    chunk_off: r.get::<_, i64>(3)? as u64,
-                })
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
             })?;
-            let v = it.collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(v.into_iter().filter(|e| e.file_off + e.len > range.start).collect())
+            it.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (off, len, chunk, chunk_off) in rows {
+            let e = self.checked_extent(ino, off, len, chunk, chunk_off)?;
+            if e.file_off + e.len > range.start {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An extent row as read: no negative field, and neither its file range nor its chunk
+    /// range wraps around, so readers may add offsets and lengths without overflow.
+    fn checked_extent(
+        &self,
+        ino: u64,
+        off: i64,
+        len: i64,
+        chunk: i64,
+        chunk_off: i64,
+    ) -> Result<Extent, ManifestError> {
+        let fields = (
+            u64::try_from(off),
+            u64::try_from(len),
+            u64::try_from(chunk),
+            u64::try_from(chunk_off),
+        );
+        let (Ok(file_off), Ok(len), Ok(chunk), Ok(chunk_off)) = fields else {
+            return Err(self.invalid(format!("inode {ino}: an extent has a negative field")));
+        };
+        if file_off.checked_add(len).is_none() || chunk_off.checked_add(len).is_none() {
+            return Err(self.invalid(format!(
+                "inode {ino}: the extent at {file_off} ({len} bytes) runs past 2^64"
+            )));
+        }
+        Ok(Extent {
+            ino,
+            file_off,
+            len,
+            chunk,
+            chunk_off,
         })
+    }
+
+    fn invalid(&self, what: String) -> ManifestError {
+        ManifestError::Invalid {
+            path: self.path.display().to_string(),
+            what,
+        }
     }
 
     /// Chunk `idx` with its block hashes; checks the hash list has the right shape.
@@ -285,8 +340,8 @@ impl Manifest {
         };
         let id = ChunkId::from_slice(id).ok_or_else(|| bad(format!("chunk {idx}: bad id")))?;
         let len = u64::try_from(len).map_err(|_| bad(format!("chunk {idx}: negative length")))?;
-        let n = block_count(len, self.header.block_size) as usize;
-        if blocks.len() != n * 32 || len > self.header.chunk_size.max(1) {
+        let n = checked_block_count(len, self.header.block_size).unwrap_or(0) as usize;
+        if n == 0 || blocks.len() != n * 32 || len > self.header.chunk_size.max(1) {
             return Err(bad(format!(
                 "chunk {idx}: block list does not fit its length"
             )));
@@ -496,5 +551,37 @@ mod tests {
         }
         let link = m.lookup(1, b"link").unwrap().unwrap();
         assert_eq!(link.target.as_deref(), Some(&b"/etc/passwd"[..]));
+    }
+
+    /// Regression (found by `cargo fuzz run manifest`): an entry position of 2^64 - 1 (-1 in
+    /// the table) overflowed when the volume made it a readdir cookie (`seq + 3`). Positions
+    /// past [`MAX_DIRENT_SEQ`] make the listing fail as a damaged catalog.
+    #[test]
+    fn out_of_range_positions_are_invalid() {
+        for seq in [MAX_DIRENT_SEQ + 1, i64::MAX as u64, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m");
+            let mut w = ManifestWriter::create(
+                &path,
+                &CatalogHeader {
+                    volume: "v".into(),
+                    chunk_size: 1 << 20,
+                    block_size: 1 << 20,
+                },
+            )
+            .unwrap();
+            w.add_node(&node(1, NodeKind::Dir)).unwrap();
+            w.add_node(&node(2, NodeKind::File)).unwrap();
+            w.add_dirent(1, 0, b"a", 2).unwrap();
+            w.add_dirent(1, seq, b"b", 2).unwrap();
+            w.finish().unwrap();
+            let m = Manifest::open(&path).unwrap();
+            // (-1 in the table sorts first: a listing from cookie 2^64 - 1 reaches it.)
+            let from = if seq == u64::MAX { u64::MAX } else { 0 };
+            assert!(
+                matches!(m.readdir(1, from, 100), Err(ManifestError::Invalid { .. })),
+                "{seq}"
+            );
+        }
     }
 }

@@ -27,10 +27,12 @@ impl FileStore {
         &self.root
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        // Keys are produced by `format`, never by users, but refuse traversal anyway.
-        debug_assert!(!key.split('/').any(|c| c == ".." || c.is_empty()));
-        self.root.join(key)
+    /// The file of `key`. Keys may come from peers (`horcrux serve` of this directory), so an
+    /// absolute key or one with `..` is refused rather than joined (it would name a file
+    /// outside the repository).
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        super::check_key(self, key)?;
+        Ok(self.root.join(key))
     }
 
     fn err(&self, key: &str, source: io::Error) -> StoreError {
@@ -99,13 +101,13 @@ impl Store for FileStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         self.blocking(key, move |_| read_range(&p, range).map(Bytes::from))
             .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         self.blocking(key, move |_| {
             let mut v = Vec::new();
             File::open(&p)?.read_to_end(&mut v)?;
@@ -115,12 +117,15 @@ impl Store for FileStore {
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         self.blocking(key, move |_| write_atomic(&p, &data)).await
     }
 
     async fn exists(&self, keys: &[String]) -> Result<Vec<bool>, StoreError> {
-        let paths: Vec<PathBuf> = keys.iter().map(|k| self.path(k)).collect();
+        let paths = keys
+            .iter()
+            .map(|k| self.path(k))
+            .collect::<Result<Vec<PathBuf>, _>>()?;
         self.blocking("", move |_| Ok(paths.iter().map(|p| p.exists()).collect()))
             .await
     }
@@ -147,7 +152,7 @@ impl Store for FileStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         self.blocking(key, move |_| match fs::remove_file(&p) {
             Ok(()) => crate::util::sync_dir(p.parent().expect("keys have a directory")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -157,7 +162,7 @@ impl Store for FileStore {
     }
 
     async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         let expected = expected.to_vec();
         let store = self.describe();
         let key_s = key.to_string();
@@ -188,7 +193,7 @@ impl Store for FileStore {
         expected: Option<&[u8]>,
         new: Bytes,
     ) -> Result<(), StoreError> {
-        let p = self.path(key);
+        let p = self.path(key)?;
         let expected = expected.map(<[u8]>::to_vec);
         let store = self.describe();
         let key_s = key.to_string();
@@ -220,7 +225,7 @@ impl Store for FileStore {
     }
 
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
-        let dest = self.path(key);
+        let dest = self.path(key)?;
         let src = src.to_path_buf();
         self.blocking(key, move |_| {
             let dir = dest.parent().expect("keys have a directory");
@@ -239,7 +244,7 @@ impl Store for FileStore {
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
-        let src = self.path(key);
+        let src = self.path(key)?;
         let dest = dest.to_path_buf();
         self.blocking(key, move |_| {
             let tmp = crate::util::temp_name(&dest);

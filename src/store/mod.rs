@@ -42,6 +42,10 @@ pub enum StoreError {
     Other { store: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "{store}: `{key}` is not a repository key (names separated by `/`, none empty, `.` or `..`); refused"
+    )]
+    BadKey { store: String, key: String },
 }
 
 impl StoreError {
@@ -61,7 +65,9 @@ impl StoreError {
                 std::io::ErrorKind::NotFound => ErrorKind::NotFound,
                 _ => ErrorKind::Io,
             },
-            StoreError::CasConflict { .. } | StoreError::Unsupported(_) => ErrorKind::Other,
+            StoreError::CasConflict { .. }
+            | StoreError::Unsupported(_)
+            | StoreError::BadKey { .. } => ErrorKind::Other,
             StoreError::Other { message, .. } => {
                 let m = message.to_ascii_lowercase();
                 if [
@@ -90,6 +96,36 @@ impl StoreError {
                 }
             }
         }
+    }
+
+    /// A range past the end of the object (every store reports it as `UnexpectedEof`): the
+    /// object is shorter than the reader believes, which asking again does not change.
+    pub fn is_past_end(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof)
+    }
+}
+
+/// Whether `key` can name an object of a repository: names separated by single `/`, none
+/// empty, `.` or `..`, and no NUL. Keys reach stores from peers (`horcrux serve`) and from
+/// listings, so the stores that map keys to paths (file, SSH) check them: an absolute key or a
+/// `..` would reach outside the repository.
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.contains('\0')
+        && key
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// [`valid_key`] as a store error naming `store`.
+pub fn check_key(store: &dyn Store, key: &str) -> Result<(), StoreError> {
+    if valid_key(key) {
+        Ok(())
+    } else {
+        Err(StoreError::BadKey {
+            store: store.describe(),
+            key: key.to_string(),
+        })
     }
 }
 

@@ -548,10 +548,17 @@ impl Inner {
         }
     }
 
-    fn path(&self, key: &str) -> String {
-        // Keys are produced by `format`, never by users, but refuse traversal anyway.
-        debug_assert!(!key.split('/').any(|c| c == ".." || c.is_empty()));
-        format!("{}/{}", self.root, key)
+    /// The remote path of `key`. Keys may come from peers (a read-through `horcrux serve`), so
+    /// an absolute key or one with `..` is refused rather than joined (it would name a file
+    /// outside the repository on the SSH host).
+    fn path(&self, key: &str) -> Result<String, StoreError> {
+        if !super::valid_key(key) {
+            return Err(StoreError::BadKey {
+                store: self.describe.clone(),
+                key: key.to_string(),
+            });
+        }
+        Ok(format!("{}/{}", self.root, key))
     }
 
     fn temp_path(&self, path: &str) -> String {
@@ -1640,7 +1647,7 @@ fn is_dir(st: &FileStat) -> bool {
 impl Store for SshStore {
     /// The mtime the server gives a new (empty, removed at once) file.
     async fn now(&self) -> Result<Option<SystemTime>, StoreError> {
-        let path = self.inner.path("horcrux.json");
+        let path = self.inner.path("horcrux.json")?;
         self.run("horcrux.json", move |inner, c| {
             let tmp = c.write_temp(inner, &path, b"")?;
             let stat = c.sftp.stat(p(&tmp));
@@ -1661,7 +1668,7 @@ impl Store for SshStore {
                 OpError::PastEnd(format!("empty range {}..{}", range.start, range.end)),
             ));
         }
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         self.run(key, move |_, c| {
             c.read_exact_at(&path, range.clone()).map(Bytes::from)
         })
@@ -1669,13 +1676,13 @@ impl Store for SshStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         self.run(key, move |_, c| c.read_all(&path).map(Bytes::from))
             .await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         self.run(key, move |inner, c| c.put(inner, &path, &data))
             .await
     }
@@ -1686,7 +1693,10 @@ impl Store for SshStore {
         let per_task = keys.len().div_ceil(sessions).max(EXISTS_BATCH_MIN);
         let mut tasks = tokio::task::JoinSet::new();
         for (i, group) in keys.chunks(per_task.max(1)).enumerate() {
-            let paths: Vec<String> = group.iter().map(|k| self.inner.path(k)).collect();
+            let paths = group
+                .iter()
+                .map(|k| self.inner.path(k))
+                .collect::<Result<Vec<String>, _>>()?;
             let inner = self.inner.clone();
             tasks.spawn(async move {
                 let r = run(inner, "", move |_, c| {
@@ -1718,12 +1728,12 @@ impl Store for SshStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         self.run(key, move |_, c| c.delete(&path)).await
     }
 
     async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<(), StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         let expected = expected.to_vec();
         match self
             .run(key, move |inner, c| {
@@ -1765,7 +1775,7 @@ impl Store for SshStore {
         expected: Option<&[u8]>,
         new: Bytes,
     ) -> Result<(), StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         let expected = expected.map(<[u8]>::to_vec);
         self.run(key, move |inner, c| {
             c.compare_and_swap(inner, &path, expected.as_deref(), &new)
@@ -1774,7 +1784,7 @@ impl Store for SshStore {
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
-        let path = self.inner.path(key);
+        let path = self.inner.path(key)?;
         let dest = dest.to_path_buf();
         self.run(key, move |_, c| c.get_to_file(&path, &dest)).await
     }
@@ -1800,10 +1810,13 @@ mod tests {
         let s =
             SshStore::new(Some("dev"), "db", 2222, "/opt/h/", &StoreOptions::default()).unwrap();
         assert_eq!(s.describe(), "ssh://dev@db:2222/opt/h");
-        assert_eq!(s.inner.path("refs/main"), "/opt/h/refs/main");
+        assert_eq!(s.inner.path("refs/main").unwrap(), "/opt/h/refs/main");
         assert_eq!(s.inner.known_hosts_name(), "[db]:2222");
         let s = SshStore::new(Some("dev"), "db", 22, "/", &StoreOptions::default()).unwrap();
-        assert_eq!(s.inner.path("x"), "/x");
+        assert_eq!(s.inner.path("x").unwrap(), "/x");
+        for bad in ["/etc/passwd", "../x", "a/../../b", "a//b", "", "a/./b"] {
+            assert!(s.inner.path(bad).is_err(), "{bad}");
+        }
         assert_eq!(s.inner.known_hosts_name(), "db");
     }
 

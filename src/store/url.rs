@@ -206,9 +206,12 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        // Work on bytes: a `%` followed by a multi-byte character must not be sliced as text
+        // (a slice inside a UTF-8 sequence panics).
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
@@ -316,5 +319,29 @@ mod tests {
         assert!(parse_access(" , ").is_err());
         assert!(parse_one("scp://host").is_err());
         assert!(parse_one("s3:///p").is_err());
+    }
+
+    /// Regression (found while writing the fuzz target `access_url`): a `%` before a multi-byte character sliced the
+    /// text inside that character and panicked.
+    #[test]
+    fn percent_before_a_multibyte_character_is_kept() {
+        assert_eq!(
+            parse_one("file:///a%\u{e9}b").unwrap(),
+            AccessUrl::File {
+                path: "/a%\u{e9}b".into()
+            }
+        );
+        assert_eq!(
+            parse_one("file:///a%4\u{e9}").unwrap(),
+            AccessUrl::File {
+                path: "/a%4\u{e9}".into()
+            }
+        );
+        assert_eq!(
+            parse_one("file:///a%41%2fb").unwrap(),
+            AccessUrl::File {
+                path: "/aA/b".into()
+            }
+        );
     }
 }

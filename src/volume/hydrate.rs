@@ -78,11 +78,14 @@ impl Volume {
             ino = a.ino;
             kind = a.kind;
         }
-        // An explicit stack, not recursion: trees can be deep.
+        // An explicit stack, not recursion: trees can be deep. Each directory is listed once:
+        // a hostile manifest can list a directory inside itself, which would loop for ever.
         let mut stack = vec![(ino, kind)];
+        let mut listed = std::collections::HashSet::new();
         while let Some((ino, kind)) = stack.pop() {
             match kind {
                 NodeKind::File => self.plan_file(ino, plan)?,
+                NodeKind::Dir if !listed.insert(ino) => {}
                 NodeKind::Dir => {
                     let mut l = Listing(Vec::new());
                     self.readdir(ino, 0, &mut l)?;
