@@ -188,6 +188,22 @@ impl Host {
     /// Reconnect it.
     pub fn reconnect(&self) {
         ip(&["-n", &self.switch, "link", "set", &self.port, "up"]);
+        // Back only once the port carries frames again; and the host forgets the neighbours it
+        // failed to reach while cut, so its next connection asks afresh instead of failing at
+        // once with "No route to host" on a stale entry.
+        let up = || {
+            Command::new("ip")
+                .args(["-n", &self.switch, "-j", "link", "show", "dev", &self.port])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .is_some_and(|v| v[0]["operstate"] == "UP")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !up() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        ip(&["-n", &self.netns, "neigh", "flush", "all"]);
     }
 
     /// Bytes this host has sent on the network so far (its `eth0` transmit counter).

@@ -1360,6 +1360,15 @@ pub fn run_umount(a: UmountArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_readdirplus(s: &str) -> Result<horcrux_fuse::ReaddirPlus, String> {
+    match s {
+        "auto" => Ok(horcrux_fuse::ReaddirPlus::Auto),
+        "always" => Ok(horcrux_fuse::ReaddirPlus::Always),
+        "never" => Ok(horcrux_fuse::ReaddirPlus::Never),
+        _ => Err(format!("`{s}`: expected auto, always or never")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1449,14 +1458,5 @@ mod tests {
             .to_string();
         assert!(e.contains("already a mount point"), "{e}");
         std::fs::remove_dir_all(&t).unwrap();
-    }
-}
-
-fn parse_readdirplus(s: &str) -> Result<horcrux_fuse::ReaddirPlus, String> {
-    match s {
-        "auto" => Ok(horcrux_fuse::ReaddirPlus::Auto),
-        "always" => Ok(horcrux_fuse::ReaddirPlus::Always),
-        "never" => Ok(horcrux_fuse::ReaddirPlus::Never),
-        _ => Err(format!("`{s}`: expected auto, always or never")),
     }
 }
