@@ -53,21 +53,6 @@ fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
-/// `horcrux cache verify --cache-dir DIR` reports nothing bad.
-fn assert_cache_clean(cache: &Path) {
-    let out = horcrux_ok(&[
-        os("cache"),
-        os("verify"),
-        os("--cache-dir"),
-        cache.as_os_str(),
-    ]);
-    assert!(
-        out.contains("0 bad blocks dropped, 0 missing files, 0 bad manifests")
-            && out.contains("cache is clean"),
-        "cache verify found damage:\n{out}"
-    );
-}
-
 /// Generate → mount → compare → re-run refused → another volume uploads only what is missing,
 /// against the remote `repo_url`.
 fn generate_mount_compare(access: &Access, repo_url: &str, t: &Path) {
@@ -86,7 +71,7 @@ fn generate_mount_compare(access: &Access, repo_url: &str, t: &Path) {
     let n = compare_trees(&src, &m.mountpoint, rich.xattrs);
     assert!(n > 1500, "compared only {n} entries");
     m.unmount();
-    assert_cache_clean(&cache);
+    cache_verify_clean(&cache);
 
     // The same name again is refused, and says why.
     let err = access.fails(&[
@@ -242,7 +227,8 @@ fn a_frozen_first_mirror_is_left_after_the_attempt_timeout() {
     assert!(took < Duration::from_secs(40), "reads took {took:?}");
     let log = m.log_text();
     assert!(
-        log.contains("timed out") && log.contains("using the next mirror"),
+        (log.contains("timed out") || log.contains("no answer from the SSH server in time"))
+            && log.contains("using the next mirror"),
         "the daemon did not log a timed-out mirror:\n{log}"
     );
     s.thaw();
@@ -290,7 +276,13 @@ fn no_fill_fetches_only_the_blocks_read() {
     };
     for (i, fill) in [false, true].into_iter().enumerate() {
         let cache = t.path().join(format!("cache{i}"));
-        let extra: &[&str] = if fill { &[] } else { &["--no-fill"] };
+        // No start-up profile: the first mount's would make the second replay the block
+        // before it is read, and a block that is not missed starts no fill.
+        let extra: &[&str] = if fill {
+            &["--no-profile"]
+        } else {
+            &["--no-fill", "--no-profile"]
+        };
         let m = Access::default().mount(
             &url(&repo),
             &t.path().join(format!("mnt{i}")),
@@ -477,7 +469,7 @@ fn dead_source_eio_then_recovery(freeze: bool) {
     eprintln!("recovered in {:?}", recovered.elapsed());
     compare_trees(&src, &m.mountpoint, false);
     m.unmount();
-    assert_cache_clean(&cache);
+    cache_verify_clean(&cache);
 }
 
 #[test]
@@ -535,7 +527,7 @@ fn a_chunk_corrupted_on_the_ssh_server_is_eio_and_never_cached() {
         m.log_text()
     );
     m.unmount();
-    assert_cache_clean(&cache);
+    cache_verify_clean(&cache);
     let out = horcrux(&[
         os("cache"),
         os("inspect"),
