@@ -153,7 +153,11 @@ fn cold_then_warm_reads_are_counted_and_stats_agrees() {
     let s = prom::scrape(&addr);
     assert_eq!(s.value("horcrux_overlay_files", &[("volume", "vol")]), 1.0);
     assert!(s.value("horcrux_overlay_bytes", &[("volume", "vol")]) > 0.0);
-    assert!(s.value("horcrux_fuse_operations_total", &[("op", "create")]) >= 1.0);
+    // An operation is counted when its callback returns, just after the kernel has its reply
+    // (and the writer may go on): wait for the count rather than race it.
+    assert!(wait_until(Duration::from_secs(5), || {
+        prom::scrape(&addr).sum("horcrux_fuse_operations_total", &[("op", "create")]) >= 1.0
+    }));
     m.unmount();
 
     // Warm: a new daemon on the same cache serves every byte from it.
