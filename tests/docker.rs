@@ -79,15 +79,8 @@ fn docker_volume_end_to_end() {
         return;
     }
     let t0 = Instant::now();
-    let t = tempdir();
-    let root = t.path().to_path_buf();
     // HORCRUX_KEEP=1 keeps the work directory (the plugin's log) for a look afterwards.
-    let _t = if std::env::var_os("HORCRUX_KEEP").is_some() {
-        eprintln!("keeping {}", t.keep().display());
-        None
-    } else {
-        Some(t)
-    };
+    let (root, _t) = work_dir();
     ensure_image(&root);
 
     let src = root.join("src");

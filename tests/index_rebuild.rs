@@ -7,29 +7,11 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-
-fn read_direct(p: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(p)?;
-    let mut buf = vec![0u8; len];
-    let mut at = 0;
-    while at < len {
-        let n = f.read_at(&mut buf[at..], off + at as u64)?;
-        if n == 0 {
-            break;
-        }
-        at += n;
-    }
-    buf.truncate(at);
-    Ok(buf)
-}
 
 /// `horcrux cache ARGS --cache-dir DIR`: status, stdout, stderr (the log).
 fn cache_cmd(cache: &Path, args: &[&str]) -> (bool, String, String) {

@@ -28,7 +28,7 @@ mod plugin_support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,24 +78,6 @@ fn assert_cache_consistent(cache: &Path, when: &str) {
         out.contains("0 bad blocks dropped, 0 missing files, 0 bad manifests"),
         "{when}: cache verify found damage:\n{out}"
     );
-}
-
-fn read_direct(p: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(p)?;
-    let mut buf = vec![0u8; len];
-    let mut at = 0;
-    while at < len {
-        let n = f.read_at(&mut buf[at..], off + at as u64)?;
-        if n == 0 {
-            break;
-        }
-        at += n;
-    }
-    buf.truncate(at);
-    Ok(buf)
 }
 
 /// What the workload threads saw.

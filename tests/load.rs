@@ -32,7 +32,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use remote::{Access, read_direct};
+use remote::{Access, read_direct_bounded};
 use sshd::{Sshd, SshdOptions};
 
 fn os(s: &str) -> &OsStr {
@@ -83,8 +83,12 @@ fn sixty_four_readers_of_one_cold_chunk_cause_one_fetch_of_each_block() {
                 for k in 0..4 {
                     let b = (i + k) % 4;
                     let off = b * MIB as usize;
-                    let (r, _) =
-                        read_direct(&file, off as u64, MIB as usize, Duration::from_secs(60));
+                    let (r, _) = read_direct_bounded(
+                        &file,
+                        off as u64,
+                        MIB as usize,
+                        Duration::from_secs(60),
+                    );
                     let got = r.unwrap_or_else(|e| panic!("reader {i}, block {b}: {e}"));
                     assert!(
                         got == data[off..off + MIB as usize],

@@ -76,14 +76,8 @@ fn managed_plugin_end_to_end() {
         return;
     }
     let t0 = Instant::now();
-    let t = tempdir();
-    let root = t.path().to_path_buf();
-    let _t = if std::env::var_os("HORCRUX_KEEP").is_some() {
-        eprintln!("keeping {}", t.keep().display());
-        None
-    } else {
-        Some(t)
-    };
+    // HORCRUX_KEEP=1 keeps the work directory (the plugin's log) for a look afterwards.
+    let (root, _t) = work_dir();
     ensure_image(&root);
     let mut timings = Vec::new();
     let mut lap =

@@ -317,7 +317,7 @@ fn no_fill_fetches_only_the_blocks_read() {
 
 /// Read `[off, off+len)` of `file` through the mount and check it against `data`.
 fn read_ok(file: &Path, data: &[u8], off: u64, len: usize, limit: Duration) {
-    let (r, took) = read_direct(file, off, len, limit);
+    let (r, took) = read_direct_bounded(file, off, len, limit);
     let got = r.unwrap_or_else(|e| panic!("read of {len} at {off} failed after {took:?}: {e}"));
     assert!(
         got == data[off as usize..off as usize + len],
@@ -448,7 +448,7 @@ fn dead_source_eio_then_recovery(freeze: bool) {
     } else {
         s.kill();
     }
-    let (r, took) = read_direct(&file, 3 * MIB + 4096, 8192, bound);
+    let (r, took) = read_direct_bounded(&file, 3 * MIB + 4096, 8192, bound);
     let e = r.expect_err("a read from a dead source must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(took < bound, "EIO took {took:?}");
@@ -506,7 +506,7 @@ fn a_chunk_corrupted_on_the_ssh_server_is_eio_and_never_cached() {
     let file = m.path("big");
     let bound = Duration::from_secs(20);
     for k in 0..4u64 {
-        let (r, _) = read_direct(&file, k * MIB, MIB as usize, bound);
+        let (r, _) = read_direct_bounded(&file, k * MIB, MIB as usize, bound);
         if k == 1 {
             let e = r.expect_err("the corrupted chunk must not read");
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
@@ -517,7 +517,7 @@ fn a_chunk_corrupted_on_the_ssh_server_is_eio_and_never_cached() {
     }
     // Again: nothing bad was kept. (A small read is served from verified 16 KiB pieces, so it
     // must touch the corrupted piece to fail; an intact piece of the block reads fine.)
-    let (r, _) = read_direct(&file, MIB + 300_000 - 50, 100, bound);
+    let (r, _) = read_direct_bounded(&file, MIB + 300_000 - 50, 100, bound);
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
     assert!(
         wait_until(Duration::from_secs(5), || m

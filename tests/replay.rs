@@ -20,13 +20,14 @@ mod sshd;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
 use horcrux::ids::{ChunkId, ProfileId};
 use horcrux::profile::Profile;
 use remote::*;
+use sshd::Sshd;
 
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
@@ -126,8 +127,17 @@ fn wait_for_log(m: &Mount, what: &str) -> String {
     m.log_text()
 }
 
-#[test]
-fn a_recorded_start_up_is_replayed_in_order_on_another_host() {
+/// An SSH server holding a repository `repo` with volume `v` made from [`tree`]; the access
+/// logs the profile module at debug (the replay order is read from the log).
+struct Fixture {
+    t: tempfile::TempDir,
+    s: Sshd,
+    access: Access,
+    files: Vec<(&'static str, Vec<u8>)>,
+    repo: PathBuf,
+}
+
+fn fixture() -> Fixture {
     let t = tempdir();
     let s = start_sshd();
     let mut access = Access::ssh(&s);
@@ -137,8 +147,26 @@ fn a_recorded_start_up_is_replayed_in_order_on_another_host() {
     let src = t.path().join("src");
     let files = tree(&src);
     let repo = s.dir().join("repo");
+    access.generate("v", &src, &s.url(&repo));
+    Fixture {
+        t,
+        s,
+        access,
+        files,
+        repo,
+    }
+}
+
+#[test]
+fn a_recorded_start_up_is_replayed_in_order_on_another_host() {
+    let Fixture {
+        t,
+        s,
+        access,
+        files,
+        repo,
+    } = fixture();
     let url = s.url(&repo);
-    access.generate("v", &src, &url);
 
     // Mount 1 ("host A"): the start-up pattern, then unmount before the window ends: the
     // recording is stored at unmount.
@@ -233,17 +261,14 @@ fn a_recorded_start_up_is_replayed_in_order_on_another_host() {
 
 #[test]
 fn a_later_version_replays_the_blocks_it_shares() {
-    let t = tempdir();
-    let s = start_sshd();
-    let mut access = Access::ssh(&s);
-    access
-        .env
-        .push(("RUST_LOG".into(), "info,horcrux::profile=debug".into()));
-    let src = t.path().join("src");
-    let files = tree(&src);
-    let repo = s.dir().join("repo");
+    let Fixture {
+        t,
+        s,
+        access,
+        files,
+        repo,
+    } = fixture();
     let url = s.url(&repo);
-    access.generate("v", &src, &url);
     let m = access.mount(&url, &t.path().join("m1"), &t.path().join("cache1"), &[]);
     start_up(&m, &files);
     // Change the second MiB of the binary and commit: that chunk is new, the rest shared.
@@ -443,16 +468,13 @@ impl Drop for ReadOnlyBind {
 
 #[test]
 fn a_read_only_repository_keeps_the_profile_in_the_local_cache() {
-    let t = tempdir();
-    let s = start_sshd();
-    let mut access = Access::ssh(&s);
-    access
-        .env
-        .push(("RUST_LOG".into(), "info,horcrux::profile=debug".into()));
-    let src = t.path().join("src");
-    let files = tree(&src);
-    let repo = s.dir().join("repo");
-    access.generate("v", &src, &s.url(&repo));
+    let Fixture {
+        t,
+        s,
+        access,
+        files,
+        repo,
+    } = fixture();
     // The SSH server sees the repository through a read-only mount: writes fail with EROFS,
     // as with read-only credentials.
     let ro = ReadOnlyBind::new(&repo, &s.dir().join("repo-ro"));

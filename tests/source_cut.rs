@@ -198,7 +198,7 @@ fn a_cut_source_gives_eio_within_the_timeout_and_the_same_read_succeeds_after_re
 
 /// A `read_at` with O_DIRECT (one FUSE read) of `len` bytes at `off`, bounded by 20 s.
 fn read_direct_ok(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let (r, _) = remote::read_direct(path, off, len, Duration::from_secs(20));
+    let (r, _) = remote::read_direct_bounded(path, off, len, Duration::from_secs(20));
     r.unwrap_or_else(|e| panic!("read of {len} at {off} failed: {e}"))
 }
 

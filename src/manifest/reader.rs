@@ -513,6 +513,19 @@ mod tests {
         }
     }
 
+    /// A writer of a catalog of volume `v` with 1 MiB chunks and blocks.
+    fn test_writer(path: &Path) -> ManifestWriter {
+        ManifestWriter::create(
+            path,
+            &CatalogHeader {
+                volume: "v".into(),
+                chunk_size: 1 << 20,
+                block_size: 1 << 20,
+            },
+        )
+        .unwrap()
+    }
+
     /// A hostile catalog cannot make horcrux show an entry that escapes its directory: names
     /// with `/`, NUL, `.`, `..` or nothing are skipped by readdir and never found by lookup.
     /// Symlink targets are data (an absolute target is shown, never followed here).
@@ -520,15 +533,7 @@ mod tests {
     fn names_that_could_escape_the_tree_are_never_served() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m");
-        let mut w = ManifestWriter::create(
-            &path,
-            &CatalogHeader {
-                volume: "v".into(),
-                chunk_size: 1 << 20,
-                block_size: 1 << 20,
-            },
-        )
-        .unwrap();
+        let mut w = test_writer(&path);
         w.add_node(&node(1, NodeKind::Dir)).unwrap();
         w.add_node(&node(2, NodeKind::File)).unwrap();
         w.add_node(&node(3, NodeKind::Symlink)).unwrap();
@@ -561,15 +566,7 @@ mod tests {
         for seq in [MAX_DIRENT_SEQ + 1, i64::MAX as u64, u64::MAX] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("m");
-            let mut w = ManifestWriter::create(
-                &path,
-                &CatalogHeader {
-                    volume: "v".into(),
-                    chunk_size: 1 << 20,
-                    block_size: 1 << 20,
-                },
-            )
-            .unwrap();
+            let mut w = test_writer(&path);
             w.add_node(&node(1, NodeKind::Dir)).unwrap();
             w.add_node(&node(2, NodeKind::File)).unwrap();
             w.add_dirent(1, 0, b"a", 2).unwrap();

@@ -717,6 +717,18 @@ impl Overlay {
         (total, files)
     }
 
+    /// Drop every node, entry and data file from memory and disk, once the journal has.
+    fn forget_all(&self, st: &mut State) {
+        let inos: Vec<u64> = st.nodes.keys().copied().collect();
+        for ino in inos {
+            self.remove_data(ino);
+        }
+        st.nodes.clear();
+        st.dirents.clear();
+        st.xattrs.clear();
+        st.dirty.clear();
+    }
+
     /// Throw away every change (the caller made sure nothing uses the overlay's nodes).
     pub fn clear(&self) -> Result<(), OverlayError> {
         let mut st = self.state.write();
@@ -728,14 +740,7 @@ impl Overlay {
         self.journaled
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(conn);
-        let inos: Vec<u64> = st.nodes.keys().copied().collect();
-        for ino in inos {
-            self.remove_data(ino);
-        }
-        st.nodes.clear();
-        st.dirents.clear();
-        st.xattrs.clear();
-        st.dirty.clear();
+        self.forget_all(&mut st);
         Ok(())
     }
 
@@ -756,14 +761,7 @@ impl Overlay {
         self.journaled
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(conn);
-        let inos: Vec<u64> = st.nodes.keys().copied().collect();
-        for ino in inos {
-            self.remove_data(ino);
-        }
-        st.nodes.clear();
-        st.dirents.clear();
-        st.xattrs.clear();
-        st.dirty.clear();
+        self.forget_all(st);
         st.next_ino = st.next_ino.max(base.max_ino + 1);
         *self.base.write() = Some(base.clone());
         Ok(())

@@ -53,6 +53,19 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("create a temporary directory in /var/tmp")
 }
 
+/// A work directory for a test, and its guard: with HORCRUX_KEEP=1 it is kept (logs and all)
+/// for a look afterwards, and its path printed; otherwise it goes when the guard drops.
+pub fn work_dir() -> (PathBuf, Option<tempfile::TempDir>) {
+    let t = tempdir();
+    let root = t.path().to_path_buf();
+    if std::env::var_os("HORCRUX_KEEP").is_some() {
+        eprintln!("keeping {}", t.keep().display());
+        (root, None)
+    } else {
+        (root, Some(t))
+    }
+}
+
 /// `horcrux ARGS...` to completion.
 pub fn horcrux(args: &[&OsStr]) -> Output {
     Command::new(horcrux_bin())
@@ -181,7 +194,11 @@ impl Mount {
         if let Some(o) = &overlay {
             args.extend(["--overlay-dir".as_ref(), o.as_os_str()]);
         }
-        let stdout = horcrux_ok(&args);
+        Mount::live(horcrux_ok(&args), mountpoint, cache_dir)
+    }
+
+    /// The guard of a mount that `horcrux mount` reported live with `stdout`.
+    pub fn live(stdout: String, mountpoint: &Path, cache_dir: &Path) -> Mount {
         // "mounted VOL@COMMIT on MP (pid N, log: FILE)"
         let pid = stdout
             .split("(pid ")
@@ -885,6 +902,29 @@ pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
 pub fn last_errno() -> i32 {
     // SAFETY: __errno_location always returns this thread's errno.
     unsafe { *libc::__errno_location() }
+}
+
+/// `len` bytes at `off` of `p` read with O_DIRECT: no kernel page cache or readahead in the
+/// way, so each `read_at` is one FUSE read of exactly that range. Short only at the end.
+pub fn read_direct(p: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)?;
+    // O_DIRECT wants an aligned buffer: over-allocate and read into an aligned slice.
+    let mut buf = vec![0u8; len + 4096];
+    let start = buf.as_ptr().align_offset(4096);
+    let slice = &mut buf[start..start + len];
+    let mut done = 0;
+    while done < len {
+        let n = f.read_at(&mut slice[done..], off + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(slice[..done].to_vec())
 }
 
 /// `horcrux cache verify --cache-dir DIR`, which must find nothing bad; its output.

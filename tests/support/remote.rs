@@ -145,58 +145,14 @@ impl Access {
     /// `horcrux mount ACCESS MP --cache-dir CACHE EXTRA...`, which must succeed. The mount is
     /// live on return and unmounted when the returned guard drops.
     pub fn mount(&self, access: &str, mp: &Path, cache: &Path, extra: &[&str]) -> Mount {
-        std::fs::create_dir_all(mp).unwrap();
-        let mut args: Vec<&OsStr> = vec![
-            "mount".as_ref(),
-            access.as_ref(),
-            mp.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
-        ];
-        args.extend(extra.iter().map(OsStr::new));
-        // A writable mount keeps its changes beside the mountpoint, not in the state directory.
-        let overlay = mp.with_extension("overlay");
-        if !extra.contains(&"--read-only") {
-            args.extend(["--overlay-dir".as_ref(), overlay.as_os_str()]);
-        }
-        let stdout = self.ok(&args);
-        // "mounted VOL@COMMIT on MP (pid N, log: FILE)"
-        let pid = stdout
-            .split("(pid ")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in mount's output: {stdout}"));
-        let log = stdout
-            .split("log: ")
-            .nth(1)
-            .map(|r| PathBuf::from(r.trim().trim_end_matches(')')))
-            .unwrap_or_default();
-        Mount {
-            mountpoint: mp.canonicalize().unwrap(),
-            cache_dir: cache.to_path_buf(),
-            pid,
-            log,
-            stdout,
-        }
+        let args = mount_args(access, mp, cache, extra);
+        Mount::live(self.ok(&as_os_strs(&args)), mp, cache)
     }
 
     /// `horcrux mount ...` that must fail; returns its stderr (the mountpoint is created).
     pub fn mount_fails(&self, access: &str, mp: &Path, cache: &Path, extra: &[&str]) -> String {
-        std::fs::create_dir_all(mp).unwrap();
-        let mut args: Vec<&OsStr> = vec![
-            "mount".as_ref(),
-            access.as_ref(),
-            mp.as_os_str(),
-            "--cache-dir".as_ref(),
-            cache.as_os_str(),
-        ];
-        args.extend(extra.iter().map(OsStr::new));
-        let overlay = mp.with_extension("overlay");
-        if !extra.contains(&"--read-only") {
-            args.extend(["--overlay-dir".as_ref(), overlay.as_os_str()]);
-        }
-        let err = self.fails(&args);
+        let args = mount_args(access, mp, cache, extra);
+        let err = self.fails(&as_os_strs(&args));
         // The daemon's log of a failed mount is named in the message: do not leave it behind.
         if let Some(log) = err
             .rsplit_once("(log: ")
@@ -239,34 +195,14 @@ pub fn within<T: Send + 'static>(
 
 /// `read_at` of `len` bytes at `off` with O_DIRECT (no kernel cache or readahead in the way:
 /// each call is one FUSE read), on a thread bounded by `limit`. Panics if it hangs.
-pub fn read_direct(
+pub fn read_direct_bounded(
     path: &Path,
     off: u64,
     len: usize,
     limit: Duration,
 ) -> (std::io::Result<Vec<u8>>, Duration) {
     let p = path.to_path_buf();
-    within(limit, move || {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p)?;
-        // O_DIRECT wants an aligned buffer: over-allocate and read into an aligned slice.
-        let mut buf = vec![0u8; len + 4096];
-        let start = buf.as_ptr().align_offset(4096);
-        let slice = &mut buf[start..start + len];
-        let mut done = 0;
-        while done < len {
-            let n = f.read_at(&mut slice[done..], off + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        Ok(slice[..done].to_vec())
-    })
-    .unwrap_or_else(|| {
+    within(limit, move || super::common::read_direct(&p, off, len)).unwrap_or_else(|| {
         panic!(
             "reading {len} bytes at {off} of {} hung for more than {limit:?}",
             path.display()
@@ -324,4 +260,26 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         .status()
         .unwrap();
     assert!(st.success(), "cp -a {} {}", src.display(), dst.display());
+}
+
+/// `mount ACCESS MP --cache-dir CACHE EXTRA...` (creating MP); a writable mount keeps its
+/// changes beside the mountpoint (`MP.overlay`), not in the state directory.
+fn mount_args(access: &str, mp: &Path, cache: &Path, extra: &[&str]) -> Vec<OsString> {
+    std::fs::create_dir_all(mp).unwrap();
+    let mut args: Vec<OsString> = vec![
+        "mount".into(),
+        access.into(),
+        mp.into(),
+        "--cache-dir".into(),
+        cache.into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    if !extra.contains(&"--read-only") {
+        args.extend(["--overlay-dir".into(), mp.with_extension("overlay").into()]);
+    }
+    args
+}
+
+fn as_os_strs(args: &[OsString]) -> Vec<&OsStr> {
+    args.iter().map(OsString::as_os_str).collect()
 }

@@ -1,13 +1,12 @@
 //! `horcrux generate NAME IN_DIR OUT`: cut a directory into a new repository volume.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use horcrux::format::{DEFAULT_BLOCK_SIZE, check_volume_name, parse_chunk_size};
-use horcrux::generate::{GenerateOptions, NoProgress, Progress, generate};
+use horcrux::generate::{GenerateOptions, generate};
 use horcrux::repo::Repository;
 use horcrux::store::{AccessUrl, parse_one};
 use horcrux::util::human_size;
@@ -32,22 +31,6 @@ pub struct GenerateArgs {
     /// Print nothing but errors (no progress bar, no summary)
     #[arg(short, long)]
     pub quiet: bool,
-}
-
-/// A byte progress bar on stderr.
-struct Bar(indicatif::ProgressBar);
-
-impl Progress for Bar {
-    fn start(&self, total_bytes: u64, total_files: u64) {
-        self.0.set_length(total_bytes);
-        self.0.set_message(format!("{total_files} files"));
-    }
-    fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -82,24 +65,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         author: author(),
         workers: a.workers,
     };
-    let show_bar = !a.quiet && std::io::stderr().is_terminal();
-    let progress: Box<dyn Progress> = if show_bar {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(0),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        bar.set_prefix("generating");
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} ({msg})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        Box::new(Bar(bar))
-    } else {
-        Box::new(NoProgress)
-    };
+    let progress = crate::progress::tree_progress("generating", a.quiet);
     let started = Instant::now();
     let r = generate(&opts, &repo, runtime.handle(), progress.as_ref())?;
     let secs = started.elapsed().as_secs_f64();

@@ -1,14 +1,13 @@
 //! `horcrux import SRC DST [--name VOL]`: an original Horcrux volume (`<name>.meta` + `v1/...`
 //! chunk files, from any store) as a new volume of a horcrux repository.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use horcrux::format::{DEFAULT_BLOCK_SIZE, check_volume_name, parse_chunk_size};
-use horcrux::generate::{GenerateOptions, NoProgress, Progress};
+use horcrux::generate::GenerateOptions;
 use horcrux::import::{Original, import};
 use horcrux::repo::Repository;
 use horcrux::store::{AccessUrl, parse_one};
@@ -38,21 +37,6 @@ pub struct ImportArgs {
     /// Print nothing but errors (no progress bar, no summary)
     #[arg(short, long)]
     pub quiet: bool,
-}
-
-struct Bar(indicatif::ProgressBar);
-
-impl Progress for Bar {
-    fn start(&self, total_bytes: u64, total_files: u64) {
-        self.0.set_length(total_bytes);
-        self.0.set_message(format!("{total_files} files"));
-    }
-    fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
 }
 
 pub fn run(a: ImportArgs) -> anyhow::Result<()> {
@@ -109,23 +93,7 @@ pub fn run(a: ImportArgs) -> anyhow::Result<()> {
         author: crate::cmd::generate::author(),
         workers: a.workers,
     };
-    let progress: Box<dyn Progress> = if !a.quiet && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(0),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        bar.set_prefix("importing");
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} ({msg})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        Box::new(Bar(bar))
-    } else {
-        Box::new(NoProgress)
-    };
+    let progress = crate::progress::tree_progress("importing", a.quiet);
     let started = Instant::now();
     let r = import(original, &opts, &repo, runtime.handle(), progress.as_ref())?;
     let secs = started.elapsed().as_secs_f64();
