@@ -116,7 +116,11 @@ fn foreground_mount_unmounts_on_sigterm_and_sigint() {
         assert!(fg.banner.contains("vol@"), "{}", fg.banner);
         assert_eq!(std::fs::read(mnt.join("a.txt")).unwrap(), b"hello\n");
         let st = fg.stop(sig);
-        assert!(st.success(), "exit status after signal {sig}: {st}");
+        assert!(
+            st.success(),
+            "exit status after signal {sig}: {st}; its stderr:\n{}",
+            fg.log_text()
+        );
         assert!(
             !is_mounted(&fg.mountpoint),
             "still mounted after signal {sig}"
@@ -142,7 +146,7 @@ fn foreground_mount_unmounts_on_sigterm_and_sigint() {
     );
     drop(f);
     let st = fg.stop(0);
-    assert!(st.success(), "{st}");
+    assert!(st.success(), "{st}; its stderr:\n{}", fg.log_text());
 }
 
 #[test]

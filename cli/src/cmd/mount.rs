@@ -698,7 +698,17 @@ fn serve(
     let worker = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
-            let r = session.run();
+            let r = match session.run() {
+                // Once an unmounted (or detached) filesystem's last user is gone the kernel
+                // answers DESTROY and aborts the connection: a worker thread caught between two
+                // requests then reads ECONNABORTED rather than ENODEV. Either way the session
+                // ended because the mount did, not because serving failed.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                    tracing::info!("the kernel closed the FUSE connection (aborted at unmount)");
+                    Ok(())
+                }
+                r => r,
+            };
             let _ = done_tx.send(());
             r
         })
