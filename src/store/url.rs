@@ -114,12 +114,7 @@ fn parse_ssh(url: &str, scheme: &str, rest: &str) -> Result<AccessUrl, UrlError>
     } else if let Some(idx) = hostpart.find('/') {
         let (hp, path) = hostpart.split_at(idx);
         let (h, port) = match hp.rsplit_once(':') {
-            Some((h, port)) => {
-                let port: u16 = port
-                    .parse()
-                    .map_err(|_| bad(url, format!("port `{port}` is not a number 1-65535")))?;
-                (h, port)
-            }
+            Some((h, port)) => (h, parse_port(url, port)?),
             None => (hp, 22),
         };
         (h, port, path.to_string())
@@ -131,9 +126,6 @@ fn parse_ssh(url: &str, scheme: &str, rest: &str) -> Result<AccessUrl, UrlError>
     };
     if host.is_empty() {
         return Err(bad(url, "missing host name"));
-    }
-    if port == 0 {
-        return Err(bad(url, "port 0 is not valid"));
     }
     if path.len() <= 1 {
         return Err(bad(url, "missing path after the host"));
@@ -178,11 +170,7 @@ fn parse_s3(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
 fn parse_peer(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
     let (hp, repo) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = match hp.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| bad(url, format!("port `{p}` is not a number 1-65535")))?,
-        ),
+        Some((h, p)) => (h, parse_port(url, p)?),
         None => (hp, 7443),
     };
     if host.is_empty() {
@@ -199,6 +187,15 @@ fn parse_peer(url: &str, rest: &str) -> Result<AccessUrl, UrlError> {
         port,
         repo: repo.to_string(),
     })
+}
+
+/// A TCP port a connection can go to: 1-65535 (0 would mean "any" to a listener, nothing here).
+fn parse_port(url: &str, p: &str) -> Result<u16, UrlError> {
+    match p.parse::<u16>() {
+        Ok(0) => Err(bad(url, "port 0 is not valid: give a port from 1 to 65535")),
+        Ok(port) => Ok(port),
+        Err(_) => Err(bad(url, format!("port `{p}` is not a number 1-65535"))),
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -314,6 +311,10 @@ mod tests {
         assert!(e.contains("absolute"), "{e}");
         let e = parse_one("ssh://u@h:99999/p").unwrap_err().to_string();
         assert!(e.contains("port"), "{e}");
+        for zero in ["ssh://u@h:0/p", "horcrux://h:0/repo"] {
+            let e = parse_one(zero).unwrap_err().to_string();
+            assert!(e.contains("port 0 is not valid"), "{zero}: {e}");
+        }
         let e = parse_one("s3://b/p?colour=red").unwrap_err().to_string();
         assert!(e.contains("unknown option `colour`"), "{e}");
         assert!(parse_access(" , ").is_err());
