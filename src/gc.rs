@@ -689,7 +689,10 @@ pub async fn gc(
         .cloned()
         .collect();
     if !report.orphan_outboards.is_empty() {
-        progress.phase("removing orphan outboards", report.orphan_outboards.len() as u64);
+        progress.phase(
+            "removing orphan outboards",
+            report.orphan_outboards.len() as u64,
+        );
     }
     for o in &report.orphan_outboards {
         if !options.dry_run {

@@ -676,7 +676,9 @@ mod tests {
                 assert!(matches!(e, VerifyError::BadPieceOutboard { .. }), "{e}");
             }
             assert!(check_piece_outboard(id, n as u64, &ob[..ob.len() - 32]).is_err());
-            assert!(check_piece_outboard(id, n as u64, &[ob.clone(), vec![0; 32]].concat()).is_err());
+            assert!(
+                check_piece_outboard(id, n as u64, &[ob.clone(), vec![0; 32]].concat()).is_err()
+            );
             // Another chunk of the same length: its outboard is not this one's.
             let mut d2 = d.clone();
             d2[n - 1] ^= 1;

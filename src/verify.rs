@@ -285,9 +285,7 @@ pub async fn verify(
     let mut results = futures_util::stream::iter(present)
         .map(|(id, key)| {
             let size = sizes[&key];
-            let ob_size = outboards
-                .get(&crate::format::outboard_key(&id))
-                .copied();
+            let ob_size = outboards.get(&crate::format::outboard_key(&id)).copied();
             check_chunk(
                 store.clone(),
                 id,

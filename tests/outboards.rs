@@ -160,6 +160,11 @@ fn a_committed_chunk_has_an_outboard_and_a_cold_small_read_over_ssh_reads_a_piec
     // first the one 16 KiB piece the read falls in — not the block, which follows after.
     let piece = (at - 2 * MIB) / PIECE_SIZE as u64 * PIECE_SIZE as u64;
     assert_eq!(of(&outboard), vec![(8, 64 * 32)], "{reads:?}");
+    eprintln!(
+        "cold 4 KiB read of a committed chunk over SSH: outboard reads {:?}, chunk reads {:?}",
+        of(&outboard),
+        of(&chunk)
+    );
     let p = PIECE_SIZE as u64;
     let asked_first: u64 = of(&chunk)
         .iter()
@@ -214,7 +219,12 @@ fn clone_and_push_carry_outboards_to_file_and_s3() {
     // A commit in the origin, pushed to both. The file copy already holds the new chunk
     // (put there by hand, without outboard), and the origin's outboard of it is damaged:
     // the push sends no chunk, and an outboard made from the origin's chunk.
-    let m = access.mount(&url(&origin), &t.join("m"), &t.join("cm"), &["--no-profile"]);
+    let m = access.mount(
+        &url(&origin),
+        &t.join("m"),
+        &t.join("cm"),
+        &["--no-profile"],
+    );
     let before = chunks(&origin);
     patch_and_commit(&access, &m.mountpoint, MIB + 7, 0x33);
     let new = *chunks(&origin).difference(&before).next().unwrap();
@@ -282,7 +292,11 @@ fn gc_removes_outboards_with_their_chunks_and_orphans() {
         json(&access.ok(&args))
     };
     let dry = gc(&["--dry-run"]);
-    assert_eq!(dry["orphan_outboards"], serde_json::json!([orphan_key]), "{dry}");
+    assert_eq!(
+        dry["orphan_outboards"],
+        serde_json::json!([orphan_key]),
+        "{dry}"
+    );
     assert!(orphan.exists(), "a dry run removed an orphan");
     // The first run records the unreachable chunk and removes the orphan at once.
     let first = gc(&["--grace", "0"]);
@@ -365,9 +379,11 @@ fn verify_warns_about_missing_outboards_fails_on_wrong_ones_and_repairs_both() {
     ]));
     assert_eq!(
         v["outboards_repaired"],
-        serde_json::json!([gone_key.clone(), bad_key.clone()]
-            .into_iter()
-            .collect::<BTreeSet<_>>()),
+        serde_json::json!(
+            [gone_key.clone(), bad_key.clone()]
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        ),
         "{v}"
     );
     assert_eq!(v["chunks_hashed"], 2, "{v}");

@@ -24,8 +24,12 @@ use crate::overlay::{BaseInfo, State};
 /// chunk's piece outboard (FORMAT.md §3a; `None` for a chunk of at most one piece), which the
 /// sink stores after the chunk.
 pub trait ChunkSink {
-    fn put(&self, id: &ChunkId, data: Vec<u8>, outboard: Option<Vec<u8>>)
-    -> Result<(), VolumeError>;
+    fn put(
+        &self,
+        id: &ChunkId,
+        data: Vec<u8>,
+        outboard: Option<Vec<u8>>,
+    ) -> Result<(), VolumeError>;
 }
 
 /// What a snapshot wrote.

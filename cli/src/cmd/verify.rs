@@ -116,7 +116,11 @@ fn print_report(r: &VerifyReport, url: &str, quick: bool, took: std::time::Durat
         human_size(r.chunk_bytes),
         if quick { "present" } else { "hashed" },
         r.outboards,
-        if quick { "of the right size" } else { "checked" },
+        if quick {
+            "of the right size"
+        } else {
+            "checked"
+        },
         if r.on_remotes > 0 {
             format!(
                 ", {} more on registered remotes (lazily fetched)",
@@ -143,7 +147,11 @@ fn print_report(r: &VerifyReport, url: &str, quick: bool, took: std::time::Durat
         println!(
             "  warning: {no_outboard} chunk(s) have no piece outboard, so small cold reads of \
              them fetch whole blocks: `horcrux verify --repair {url}` adds them{}",
-            if quick { " (add --quick to read only those chunks)" } else { "" }
+            if quick {
+                " (add --quick to read only those chunks)"
+            } else {
+                ""
+            }
         );
     }
     if r.orphan_outboards > 0 {
