@@ -146,12 +146,8 @@ fn print_report(r: &VerifyReport, url: &str, quick: bool, took: std::time::Durat
     if no_outboard > 0 {
         println!(
             "  warning: {no_outboard} chunk(s) have no piece outboard, so small cold reads of \
-             them fetch whole blocks: `horcrux verify --repair {url}` adds them{}",
-            if quick {
-                " (add --quick to read only those chunks)"
-            } else {
-                ""
-            }
+             them fetch whole blocks: `horcrux verify --repair {url}` adds them (with --quick \
+             it reads only those chunks)"
         );
     }
     if r.orphan_outboards > 0 {
