@@ -183,12 +183,16 @@ mod tests {
     use crate::store::{FileStore, MirrorConfig, MirrorStore};
 
     #[tokio::test]
-    async fn only_chunks_fall_through() {
+    async fn only_chunks_and_outboards_fall_through() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let local: Arc<dyn Store> = Arc::new(FileStore::new(a.path().to_path_buf()));
         let remote: Arc<dyn Store> = Arc::new(FileStore::new(b.path().to_path_buf()));
         remote
             .put("chunks/ab/abc", Bytes::from_static(b"data"))
+            .await
+            .unwrap();
+        remote
+            .put("outboards/ab/abc", Bytes::from_static(b"pieces"))
             .await
             .unwrap();
         remote
@@ -218,6 +222,11 @@ mod tests {
         assert_eq!(
             &m.get_range("chunks/ab/abc", 1..3).await.unwrap()[..],
             b"at"
+        );
+        // And the chunk's piece outboard (its readers check it against the manifest).
+        assert_eq!(
+            &m.get_range("outboards/ab/abc", 2..6).await.unwrap()[..],
+            b"eces"
         );
         // The remote's refs never show through.
         assert!(
