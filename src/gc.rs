@@ -54,6 +54,13 @@
 //! never leaves a commit without its manifest or chunks, so the invariant that a present commit
 //! is complete (`docs/FORMAT.md` §2) holds at every moment.
 //!
+//! **Piece outboards** (`outboards/`, `docs/FORMAT.md` §3a) are derived data, not objects of
+//! their own: a chunk's outboard is removed right after the chunk, and an outboard whose chunk
+//! is not in the repository (an orphan: a run stopped between the two, a chunk deleted by
+//! hand) is removed by any run that is not a dry run, without a grace period. That is safe
+//! because every writer puts a chunk before its outboard and the listing takes outboards
+//! before chunks: an outboard whose chunk the listing lacks is not one being written.
+//!
 //! **Clocks.** The record times are the *store's* clock, read at the start of each run
 //! (`Store::now`: the mtime a new file gets on a `file://` or SSH repository, the
 //! `Last-Modified` of a probe object on S3), so several hosts collecting one repository agree
@@ -172,6 +179,12 @@ pub struct GcReport {
     pub on_remotes: u64,
     /// The record this run wrote (`None` when there was nothing to record, or `dry_run`).
     pub record: Option<String>,
+    /// Piece outboards removed (with `dry_run`: that a run now would remove): those of the
+    /// chunks removed, and orphans.
+    pub outboards_removed: Tally,
+    /// Piece outboards whose chunk is not in the repository (left by an interrupted removal,
+    /// or by a chunk deleted by hand), sorted; removed unless `dry_run`.
+    pub orphan_outboards: Vec<String>,
 }
 
 /// Errors of a run.
@@ -209,6 +222,8 @@ struct Listing {
     commits: BTreeMap<String, u64>,
     manifests: BTreeMap<String, u64>,
     chunks: BTreeMap<String, u64>,
+    /// Piece outboards (FORMAT.md §3a): not objects of their own, they go with their chunk.
+    outboards: BTreeMap<String, u64>,
 }
 
 impl Listing {
@@ -232,6 +247,13 @@ impl Listing {
 fn chunk_of_key(key: &str) -> Option<ChunkId> {
     let (_, id) = key.strip_prefix("chunks/")?.split_once('/')?;
     id.parse().ok()
+}
+
+/// The chunk a well-formed `outboards/` key is the piece outboard of.
+fn outboard_of_key(key: &str) -> Option<ChunkId> {
+    let (fan, id) = key.strip_prefix("outboards/")?.split_once('/')?;
+    let chunk: ChunkId = id.parse().ok()?;
+    (fan.len() == 2 && id.starts_with(fan)).then_some(chunk)
 }
 
 /// Whether `key` is a well-formed object key (`chunks/ab/ab…`, `manifests/…`, `commits/…`).
@@ -445,6 +467,15 @@ async fn read_refs(repo: &Repository) -> Result<BTreeMap<String, CommitId>, GcEr
 
 async fn list(store: &dyn Store) -> Result<Listing, GcError> {
     let mut l = Listing::default();
+    // Outboards before chunks: every writer puts a chunk before its outboard, so an outboard
+    // listed here whose chunk the next listing lacks is an orphan, not a chunk being written.
+    l.outboards.extend(
+        store
+            .list_sizes("outboards/")
+            .await?
+            .into_iter()
+            .filter(|(k, _)| outboard_of_key(k).is_some()),
+    );
     for (prefix, into) in [
         ("commits/", &mut l.commits),
         ("manifests/", &mut l.manifests),
@@ -609,30 +640,71 @@ pub async fn gc(
             let mut results = futures_util::stream::iter(batch)
                 .map(|k| {
                     let store = store.clone();
+                    let outboard = chunk_of_key(&k)
+                        .map(|id| crate::format::outboard_key(&id))
+                        .filter(|o| listing.outboards.contains_key(o));
                     async move {
                         let mut r = store.delete(&k).await;
-                        // A chunk's piece outboard (FORMAT.md §3a) goes with it, after it.
-                        if let (Ok(()), Some(id)) = (&r, chunk_of_key(&k)) {
-                            r = store.delete(&crate::format::outboard_key(&id)).await;
+                        // A chunk's piece outboard (FORMAT.md §3a) goes with it, after it (one
+                        // put after the listing is an orphan for the next run).
+                        if let (Ok(()), Some(o)) = (&r, &outboard) {
+                            r = store.delete(o).await;
                         }
-                        (k, r)
+                        (k, outboard, r)
                     }
                 })
                 .buffer_unordered(options.concurrency.max(1));
-            while let Some((k, r)) = results.next().await {
+            while let Some((k, outboard, r)) = results.next().await {
                 r?;
                 progress.advance(1);
                 report.removed.add(listing.size(&k).unwrap_or(0));
                 report.removed_keys.push(k);
+                if let Some(o) = outboard {
+                    report.outboards_removed.add(listing.outboards[&o]);
+                }
             }
         }
     } else if options.dry_run {
         for k in &eligible {
             report.removed.add(listing.size(k).unwrap_or(0));
             report.removed_keys.push(k.clone());
+            if let Some(size) = chunk_of_key(k)
+                .and_then(|id| listing.outboards.get(&crate::format::outboard_key(&id)))
+            {
+                report.outboards_removed.add(*size);
+            }
         }
     }
     report.removed_keys.sort();
+
+    // Orphan outboards: derived data of a chunk that is gone, useless to any reader (one is
+    // only used after a check against its chunk's hashes). Removed at once: no writer puts an
+    // outboard before its chunk, so none of them is a chunk in the making.
+    report.orphan_outboards = listing
+        .outboards
+        .keys()
+        .filter(|o| {
+            outboard_of_key(o).is_some_and(|id| !listing.chunks.contains_key(&chunk_key(&id)))
+        })
+        .cloned()
+        .collect();
+    if !report.orphan_outboards.is_empty() {
+        progress.phase(
+            "removing orphan outboards",
+            report.orphan_outboards.len() as u64,
+        );
+    }
+    for o in &report.orphan_outboards {
+        if !options.dry_run {
+            match store.delete(o).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            progress.advance(1);
+        }
+        report.outboards_removed.add(listing.outboards[o]);
+    }
 
     // Rescued objects are reachable now; the rest is unreachable, removed or pending.
     let removed: HashSet<&String> = report.removed_keys.iter().collect();

@@ -30,6 +30,11 @@ pub enum VerifyError {
     PieceHashMismatch { chunk: ChunkId, index: u32 },
     #[error("chunk {chunk}: block hash list does not match the chunk id")]
     OutboardMismatch { chunk: ChunkId },
+    #[error(
+        "chunk {chunk}: its piece outboard {what} (damaged, truncated or another chunk's; \
+         `horcrux verify --repair` rewrites it from the chunk)"
+    )]
+    BadPieceOutboard { chunk: ChunkId, what: String },
     #[error("chunk {chunk}: block {index} has length {got}, expected {expected}")]
     BadLength {
         chunk: ChunkId,
@@ -284,6 +289,104 @@ pub fn outboard_range(len: u64, block_size: u32, index: u32) -> std::ops::Range<
     OUTBOARD_HEADER + first * 32..OUTBOARD_HEADER + end * 32
 }
 
+/// Whether a chunk of `len` bytes has a piece outboard: every chunk of more than one piece
+/// does (a repository where one is missing is repaired by `verify --repair`).
+pub fn has_piece_outboard(len: u64) -> bool {
+    len > PIECE_SIZE as u64
+}
+
+/// Exact length of the piece outboard of a chunk of `len` bytes.
+pub fn piece_outboard_len(len: u64) -> u64 {
+    OUTBOARD_HEADER + 32 * piece_count(len)
+}
+
+/// The CV of every piece of a chunk, in order (none for an empty chunk).
+fn piece_cvs(data: &[u8]) -> Vec<BlockHash> {
+    data.chunks(PIECE_SIZE as usize)
+        .enumerate()
+        .map(|(i, p)| {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(i as u64 * PIECE_SIZE as u64);
+            h.update(p);
+            h.finalize_non_root()
+        })
+        .collect()
+}
+
+/// Chunk id, block hashes and, for a chunk of more than one piece, its piece outboard object
+/// (`generate` and `commit` write both). One pass over the data when blocks are at least a
+/// piece (the usual 1 MiB); two for smaller blocks, whose hashes are not made of pieces.
+pub fn hash_chunk_with_outboard(
+    data: &[u8],
+    block_size: u32,
+) -> (ChunkId, Vec<BlockHash>, Option<Vec<u8>>) {
+    if !has_piece_outboard(data.len() as u64) {
+        let (id, blocks) = hash_chunk(data, block_size);
+        return (id, blocks, None);
+    }
+    if block_size >= PIECE_SIZE {
+        let (id, blocks, pieces) = hash_pieces(data, block_size);
+        return (id, blocks, Some(encode_piece_outboard(&pieces)));
+    }
+    let (id, blocks) = hash_chunk(data, block_size);
+    (id, blocks, Some(encode_piece_outboard(&piece_cvs(data))))
+}
+
+/// Check a whole chunk against its id and, in the same pass, make its piece outboard (`None`
+/// for a chunk of at most one piece). For copies: the outboard is derived from bytes just
+/// verified, so it is right by construction and costs no extra read.
+pub fn verify_chunk_with_outboard<T: AsRef<[u8]>>(
+    chunk: ChunkId,
+    data: T,
+) -> Result<(Verified<T>, Option<Vec<u8>>), VerifyError> {
+    let len = data.as_ref().len() as u64;
+    if !has_piece_outboard(len) {
+        return verify_chunk(chunk, data).map(|v| (v, None));
+    }
+    let pieces = piece_cvs(data.as_ref());
+    if root_of(&pieces, len, PIECE_SIZE) != Some(chunk) {
+        return Err(VerifyError::BlockMismatch { chunk, index: 0 });
+    }
+    Ok((Verified(data), Some(encode_piece_outboard(&pieces))))
+}
+
+/// Check a whole piece outboard object (as read from a store: untrusted) for a chunk of `len`
+/// bytes: header, exact length, and that its piece CVs merge up to the chunk id — so every CV
+/// in it is right, without reading the chunk. (Readers check only the part they use, against
+/// a block hash: `verify_piece_hashes`.)
+pub fn check_piece_outboard(chunk: ChunkId, len: u64, raw: &[u8]) -> Result<(), VerifyError> {
+    let bad = |what: String| Err(VerifyError::BadPieceOutboard { chunk, what });
+    if !has_piece_outboard(len) {
+        return bad(format!(
+            "exists, but a chunk of {len} bytes (one piece) has none"
+        ));
+    }
+    let want = piece_outboard_len(len);
+    if raw.len() as u64 != want {
+        return bad(format!(
+            "is {} bytes long, not {want} (for a chunk of {len} bytes)",
+            raw.len()
+        ));
+    }
+    let h = OUTBOARD_HEADER as usize;
+    let header = encode_piece_outboard(&[]);
+    if raw[..h] != header[..] {
+        return bad(format!(
+            "has an unknown header {:02x?} (expected {:02x?})",
+            &raw[..h],
+            &header[..]
+        ));
+    }
+    let pieces: Vec<BlockHash> = raw[h..]
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect();
+    if root_of(&pieces, len, PIECE_SIZE) != Some(chunk) {
+        return bad("holds piece hashes that do not hash up to the chunk id".into());
+    }
+    Ok(())
+}
+
 /// Piece CVs of a whole chunk, the chunk id and the block hashes, in one pass over the data:
 /// every byte is hashed once (into its piece's CV) and blocks and root are merged from pieces.
 /// Only for chunks longer than one piece; a chunk of one piece has no outboard.
@@ -294,16 +397,7 @@ pub fn hash_pieces(data: &[u8], block_size: u32) -> (ChunkId, Vec<BlockHash>, Ve
         "a chunk of one piece has no outboard"
     );
     assert!(block_size >= PIECE_SIZE && block_size.is_power_of_two());
-    let pieces: Vec<BlockHash> = data
-        .chunks(PIECE_SIZE as usize)
-        .enumerate()
-        .map(|(i, p)| {
-            let mut h = blake3::Hasher::new();
-            h.set_input_offset(i as u64 * PIECE_SIZE as u64);
-            h.update(p);
-            h.finalize_non_root()
-        })
-        .collect();
+    let pieces = piece_cvs(data);
     let per_block = (block_size / PIECE_SIZE) as usize;
     let nblocks = block_count(len, block_size) as usize;
     let blocks: Vec<BlockHash> = if nblocks == 1 {
@@ -546,6 +640,52 @@ mod tests {
                 verify_pieces(&ph, cov.start, &d[cov.start as usize..cov.end as usize]).unwrap();
                 verify_pieces(&ph, r.start, &d[r.start as usize..r.end as usize]).unwrap();
             }
+        }
+    }
+
+    /// The outboard made from verified bytes (copies), the one made while hashing (`generate`,
+    /// `commit`, any block size) and the whole-object check agree; any damage is refused.
+    #[test]
+    fn whole_outboards_are_made_once_and_checked_whole() {
+        let p = PIECE_SIZE as usize;
+        for (n, bs) in [
+            (0, 1 << 20),
+            (p, 1 << 20),
+            (p + 1, 1 << 20),
+            (3 * (1 << 20) + 5, 1 << 20),
+            (7 * p + 3, 4096),
+        ] {
+            let d = data(n);
+            let (id, blocks, ob) = hash_chunk_with_outboard(&d, bs);
+            assert_eq!((id, blocks), hash_chunk(&d, bs), "len {n}");
+            let (_, made) = verify_chunk_with_outboard(id, &d[..]).unwrap();
+            assert_eq!(made, ob, "len {n}");
+            assert_eq!(ob.is_some(), has_piece_outboard(n as u64), "len {n}");
+            let Some(ob) = ob else {
+                // A chunk of one piece has no outboard: one claiming to be its is refused.
+                let other = encode_piece_outboard(&[[0; 32]]);
+                assert!(check_piece_outboard(id, n as u64, &other).is_err());
+                continue;
+            };
+            assert_eq!(ob.len() as u64, piece_outboard_len(n as u64));
+            check_piece_outboard(id, n as u64, &ob).unwrap();
+            for at in [0, 5, 8, ob.len() / 2, ob.len() - 1] {
+                let mut bad = ob.clone();
+                bad[at] ^= 0x10;
+                let e = check_piece_outboard(id, n as u64, &bad).unwrap_err();
+                assert!(matches!(e, VerifyError::BadPieceOutboard { .. }), "{e}");
+            }
+            assert!(check_piece_outboard(id, n as u64, &ob[..ob.len() - 32]).is_err());
+            assert!(
+                check_piece_outboard(id, n as u64, &[ob.clone(), vec![0; 32]].concat()).is_err()
+            );
+            // Another chunk of the same length: its outboard is not this one's.
+            let mut d2 = d.clone();
+            d2[n - 1] ^= 1;
+            let (_, ob2) = verify_chunk_with_outboard(ChunkId::of(&d2), &d2[..]).unwrap();
+            assert!(check_piece_outboard(id, n as u64, &ob2.unwrap()).is_err());
+            // Corrupted chunk bytes never yield an outboard.
+            assert!(verify_chunk_with_outboard(id, &d2[..]).is_err());
         }
     }
 

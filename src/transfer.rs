@@ -9,6 +9,12 @@
 //! commits the destination already has, and their chunks are known to be there: a push after a
 //! small commit reads one or two manifests, not the whole history, and sends only what changed.
 //!
+//! Each chunk copied is followed by its piece outboard (FORMAT.md §3a), made from the chunk's
+//! bytes in the pass that verifies them; a chunk the destination already holds without one
+//! gets it too (the source's, checked against the chunk id, or one made from the source's
+//! chunk). Chunks below the commits the walk stops at are not looked at: `verify --repair`
+//! completes a repository whose older chunks lack outboards.
+//!
 //! Only objects the destination lacks are copied (a re-run after an interruption resumes and
 //! re-sends nothing that arrived), every object is verified against its id on the way, and
 //! refs move by compare-and-swap: a destination branch that is not an ancestor of the source's
@@ -28,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use crate::commit::Commit;
-use crate::format::{chunk_key, commit_key, manifest_key};
+use crate::format::{chunk_key, commit_key, manifest_key, outboard_key};
 use crate::hashtree;
 use crate::ids::{ChunkId, CommitId, ManifestId};
 use crate::manifest::Manifest;
@@ -107,6 +113,10 @@ pub struct CopyReport {
     pub manifests_copied: u64,
     /// Manifest and commit bytes sent.
     pub metadata_bytes: u64,
+    /// Piece outboards written (FORMAT.md §3a): of the chunks copied, and of chunks the
+    /// destination held without one; and their bytes.
+    pub outboards_copied: u64,
+    pub outboard_bytes: u64,
     /// Hex ids of copied commits whose parents were left out (`depth`) or are missing in the
     /// source (itself a shallow copy).
     pub shallow: Vec<String>,
@@ -116,9 +126,10 @@ pub struct CopyReport {
 }
 
 impl CopyReport {
-    /// Everything sent: chunk data, manifests and commits (refs are a few bytes each).
+    /// Everything sent: chunk data, piece outboards, manifests and commits (refs are a few
+    /// bytes each).
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_copied + self.metadata_bytes
+        self.bytes_copied + self.outboard_bytes + self.metadata_bytes
     }
 }
 
@@ -421,37 +432,55 @@ pub async fn copy(
         .filter(|(_, p)| !**p)
         .map(|(c, _)| *c)
         .collect();
+    // Chunks the destination holds without their piece outboard (written by an older horcrux,
+    // or a copy interrupted between the two): the outboard is sent alone.
+    let held: Vec<(ChunkId, u64)> = chunk_list
+        .iter()
+        .zip(&present)
+        .filter(|((_, len), p)| **p && hashtree::has_piece_outboard(*len))
+        .map(|(c, _)| *c)
+        .collect();
+    let keys: Vec<String> = held.iter().map(|(id, _)| outboard_key(id)).collect();
+    let mut has_outboard = Vec::with_capacity(keys.len());
+    for batch in keys.chunks(1000) {
+        has_outboard.extend(dst_store.exists(batch).await?);
+    }
+    let work: Vec<(ChunkId, u64, bool)> = missing
+        .iter()
+        .map(|(id, len)| (*id, *len, true))
+        .chain(
+            held.iter()
+                .zip(&has_outboard)
+                .filter(|(_, p)| !**p)
+                .map(|((id, len), _)| (*id, *len, false)),
+        )
+        .collect();
     progress.start(missing.iter().map(|c| c.1).sum());
 
-    // 4. Copy missing chunks, verified, with bounded parallelism.
+    // 4. Copy missing chunks (and outboards), verified, with bounded parallelism.
     let copied = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
+    let outboards = Arc::new(AtomicU64::new(0));
+    let outboard_bytes = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (id, _len) in missing {
+    for (id, len, chunk_too) in work {
         let permit = sem.clone().acquire_owned().await.expect("open");
         let (s, d) = (src.store().clone(), dst_store.clone());
         let (copied, bytes) = (copied.clone(), bytes.clone());
+        let (outboards, outboard_bytes) = (outboards.clone(), outboard_bytes.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let key = chunk_key(&id);
-            let data = s.get(&key).await?;
-            let data2 = data.clone();
-            let ok = tokio::task::spawn_blocking(move || hashtree::verify_chunk(id, data2).is_ok())
-                .await
-                .expect("hash task");
-            if !ok {
-                return Err(CopyError::Corrupt {
-                    what: "chunk",
-                    id: id.to_hex(),
-                    store: s.describe(),
-                });
+            let sent = copy_chunk(s, d, id, len, chunk_too).await?;
+            if chunk_too {
+                copied.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(sent.chunk, Ordering::Relaxed);
             }
-            let n = data.len() as u64;
-            d.put(&key, data).await?;
-            copied.fetch_add(1, Ordering::Relaxed);
-            bytes.fetch_add(n, Ordering::Relaxed);
-            Ok::<u64, CopyError>(n)
+            if sent.outboard > 0 {
+                outboards.fetch_add(1, Ordering::Relaxed);
+                outboard_bytes.fetch_add(sent.outboard, Ordering::Relaxed);
+            }
+            Ok::<u64, CopyError>(sent.chunk)
         });
         while tasks.len() >= options.concurrency.max(1) * 2 {
             if let Some(r) = tasks.join_next().await {
@@ -462,6 +491,8 @@ pub async fn copy(
     while let Some(r) = tasks.join_next().await {
         progress.advance(r.expect("copy task")?);
     }
+    report.outboards_copied = outboards.load(Ordering::Relaxed);
+    report.outboard_bytes = outboard_bytes.load(Ordering::Relaxed);
     report.chunks_copied = copied.load(Ordering::Relaxed);
     report.bytes_copied = bytes.load(Ordering::Relaxed);
 
@@ -529,6 +560,72 @@ pub async fn copy(
         }
     }
     Ok(report)
+}
+
+/// Bytes one [`copy_chunk`] sent.
+#[derive(Debug, Default)]
+struct Sent {
+    chunk: u64,
+    outboard: u64,
+}
+
+/// Copy chunk `id` (of `len` bytes, as the verified manifest says) from `s` to `d`, verified,
+/// then its piece outboard; with `chunk_too` false, `d` holds the chunk and only lacks the
+/// outboard. An outboard is derived data: made from the chunk's bytes in the pass that
+/// verifies them (so copying a chunk costs no extra read), or, for a chunk not copied, taken
+/// from the source after a check of the whole object against the chunk id — a bad one is
+/// never copied, it is made from the source's chunk instead.
+async fn copy_chunk(
+    s: Arc<dyn Store>,
+    d: Arc<dyn Store>,
+    id: ChunkId,
+    len: u64,
+    chunk_too: bool,
+) -> Result<Sent, CopyError> {
+    let mut sent = Sent::default();
+    let corrupt = |s: &Arc<dyn Store>| CopyError::Corrupt {
+        what: "chunk",
+        id: id.to_hex(),
+        store: s.describe(),
+    };
+    let ob_key = outboard_key(&id);
+    if !chunk_too {
+        match s.get(&ob_key).await {
+            Ok(raw) => match hashtree::check_piece_outboard(id, len, &raw) {
+                Ok(()) => {
+                    sent.outboard = raw.len() as u64;
+                    d.put(&ob_key, raw).await?;
+                    return Ok(sent);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk = %id, store = %s.describe(), error = %e,
+                        "not copying a bad piece outboard: making it from the chunk");
+                }
+            },
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let data = s.get(&chunk_key(&id)).await?;
+    let data2 = data.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        hashtree::verify_chunk_with_outboard(id, data2).map(|(_, ob)| ob)
+    })
+    .await
+    .expect("hash task");
+    let Ok(outboard) = made else {
+        return Err(corrupt(&s));
+    };
+    if chunk_too {
+        sent.chunk = data.len() as u64;
+        d.put(&chunk_key(&id), data).await?;
+    }
+    // After the chunk: an outboard never names a chunk the store does not have.
+    if let Some(ob) = outboard {
+        sent.outboard = ob.len() as u64;
+        d.put(&ob_key, Bytes::from(ob)).await?;
+    }
+    Ok(sent)
 }
 
 /// Whether the destination's ref at `current` may move to `r.id`: a fast-forward for a branch

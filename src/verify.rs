@@ -1,13 +1,18 @@
 //! `verify`: checking a repository end to end — every ref reaches commits and manifests that
 //! are present and match their ids, and every chunk those manifests list is present and
-//! matches its id (read whole and hashed).
+//! matches its id (read whole and hashed), with its piece outboard (FORMAT.md §3a).
 //!
-//! Nothing is changed. Damage is collected and reported, not repaired: a copy from a good
-//! repository (`horcrux push`/`clone`, which only send what is missing) repairs missing
-//! objects; a corrupt object must be removed first. A commit or manifest that does not match
-//! its id stops the run (what it reaches is unknown). Chunks absent here but present on a
-//! registered remote are the data of versions fetched lazily (`crate::remotes`): counted, not
-//! damage.
+//! Damage is collected and reported, not repaired: a copy from a good repository (`horcrux
+//! push`/`clone`, which only send what is missing) repairs missing objects; a corrupt object
+//! must be removed first. A commit or manifest that does not match its id stops the run (what
+//! it reaches is unknown). Chunks absent here but present on a registered remote are the data
+//! of versions fetched lazily (`crate::remotes`): counted, not damage.
+//!
+//! Piece outboards are derived from their chunk, so they are the one thing `verify` can repair
+//! itself (`repair`): a chunk of more than one piece without an outboard (made by an older
+//! horcrux) is a warning — small cold reads of it fetch whole blocks — and a wrong outboard is
+//! damage (readers refuse it, so it costs the same); with `repair` both are written anew from
+//! the chunk's bytes, once these match the chunk id. Nothing else is ever changed.
 
 use std::sync::Arc;
 
@@ -29,6 +34,8 @@ pub struct VerifyOptions {
     pub quick: bool,
     /// Stores of the registered remotes, where lazily fetched chunks are.
     pub remotes: Vec<Arc<dyn Store>>,
+    /// Write the piece outboards that are missing or wrong (from chunks that verify).
+    pub repair: bool,
 }
 
 impl Default for VerifyOptions {
@@ -37,6 +44,7 @@ impl Default for VerifyOptions {
             concurrency: 8,
             quick: false,
             remotes: Vec::new(),
+            repair: false,
         }
     }
 }
@@ -62,12 +70,136 @@ pub struct VerifyReport {
     pub shallow_edges: u64,
     /// Objects no ref reaches (what `gc` would collect).
     pub unreachable: u64,
+    /// Present chunks of more than one piece whose piece outboard is present and right (read
+    /// and checked against the chunk id; with `quick`, of the right size).
+    pub outboards: u64,
+    /// Outboard keys of present chunks that have none: a warning (small cold reads of those
+    /// chunks fetch whole blocks), fixed by `repair`.
+    pub outboards_missing: Vec<String>,
+    /// Outboards that are wrong (damage, unless `repair` replaced them).
+    pub outboards_bad: Vec<String>,
+    /// Outboards `repair` wrote (missing or bad before).
+    pub outboards_repaired: Vec<String>,
+    /// Outboards whose chunk is not here (`gc` removes them).
+    pub orphan_outboards: u64,
 }
 
 impl VerifyReport {
     pub fn ok(&self) -> bool {
-        self.missing.is_empty() && self.corrupt.is_empty()
+        self.missing.is_empty() && self.corrupt.is_empty() && self.unrepaired_bad().is_empty()
     }
+
+    /// Wrong outboards still in place.
+    pub fn unrepaired_bad(&self) -> Vec<&String> {
+        self.outboards_bad
+            .iter()
+            .filter(|k| !self.outboards_repaired.contains(k))
+            .collect()
+    }
+
+    /// Missing outboards still missing.
+    pub fn unrepaired_missing(&self) -> Vec<&String> {
+        self.outboards_missing
+            .iter()
+            .filter(|k| !self.outboards_repaired.contains(k))
+            .collect()
+    }
+}
+
+/// The state of a chunk's piece outboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outboard {
+    /// A chunk of at most one piece has none.
+    NotNeeded,
+    Good,
+    Missing,
+    Bad,
+}
+
+/// What checking one present chunk found.
+#[derive(Debug)]
+struct Checked {
+    key: String,
+    /// Bytes read (0: the chunk was not read).
+    read: u64,
+    /// The chunk disappeared while the run went on.
+    vanished: bool,
+    /// Read, and its content does not match its id.
+    corrupt: bool,
+    hashed: bool,
+    outboard: Outboard,
+    repaired: bool,
+}
+
+/// Check chunk `id` (`key`, `size` bytes by the listing; its outboard listed with `ob_size`).
+async fn check_chunk(
+    store: Arc<dyn Store>,
+    id: ChunkId,
+    key: String,
+    size: u64,
+    ob_size: Option<u64>,
+    quick: bool,
+    repair: bool,
+) -> Result<Checked, StoreError> {
+    let ob_key = crate::format::outboard_key(&id);
+    let outboard = if !hashtree::has_piece_outboard(size) {
+        Outboard::NotNeeded
+    } else {
+        match ob_size {
+            None => Outboard::Missing,
+            Some(n) if n != hashtree::piece_outboard_len(size) => Outboard::Bad,
+            Some(_) if quick => Outboard::Good,
+            Some(_) => match store.get(&ob_key).await {
+                Ok(raw) => match hashtree::check_piece_outboard(id, size, &raw) {
+                    Ok(()) => Outboard::Good,
+                    Err(e) => {
+                        tracing::error!(key = %ob_key, error = %e, "bad piece outboard");
+                        Outboard::Bad
+                    }
+                },
+                Err(e) if e.is_not_found() => Outboard::Missing,
+                Err(e) => return Err(e),
+            },
+        }
+    };
+    let mut c = Checked {
+        key,
+        read: 0,
+        vanished: false,
+        corrupt: false,
+        hashed: false,
+        outboard,
+        repaired: false,
+    };
+    let fix = repair && matches!(outboard, Outboard::Missing | Outboard::Bad);
+    if quick && !fix {
+        return Ok(c);
+    }
+    let data = match store.get(&c.key).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => {
+            c.vanished = true; // removed while we ran
+            return Ok(c);
+        }
+        Err(e) => return Err(e),
+    };
+    c.read = data.len() as u64;
+    c.hashed = true;
+    let made = tokio::task::spawn_blocking(move || {
+        hashtree::verify_chunk_with_outboard(id, data).map(|(_, ob)| ob)
+    })
+    .await
+    .expect("hash task");
+    match made {
+        Err(_) => c.corrupt = true,
+        // Written only from bytes that match the chunk id, after the chunk (which is there).
+        Ok(Some(ob)) if fix => {
+            store.put(&ob_key, bytes::Bytes::from(ob)).await?;
+            c.repaired = true;
+        }
+        Ok(_) => {}
+    }
+    Ok(c)
 }
 
 /// Verify the repository `repo`.
@@ -92,6 +224,14 @@ pub async fn verify(
     };
 
     progress.phase("listing objects", 0);
+    // Outboards before chunks (writers put a chunk first): an outboard listed without its
+    // chunk is an orphan, not one being written.
+    let outboards: std::collections::HashMap<String, u64> = store
+        .list_sizes("outboards/")
+        .await?
+        .into_iter()
+        .filter(|(k, _)| !k.rsplit('/').next().is_some_and(|n| n.starts_with('.')))
+        .collect();
     let mut sizes = std::collections::HashMap::new();
     for prefix in ["chunks/", "manifests/", "commits/"] {
         for (k, size) in store.list_sizes(prefix).await? {
@@ -101,6 +241,13 @@ pub async fn verify(
         }
     }
     report.unreachable = sizes.keys().filter(|k| !marked.keys.contains(*k)).count() as u64;
+    report.orphan_outboards = outboards
+        .keys()
+        .filter(|o| {
+            let chunk = o.strip_prefix("outboards/").map(|r| format!("chunks/{r}"));
+            chunk.is_none_or(|c| !sizes.contains_key(&c))
+        })
+        .count() as u64;
 
     let mut wanted: Vec<(ChunkId, String)> = marked
         .keys
@@ -127,41 +274,58 @@ pub async fn verify(
     report.missing.extend(absent_keys);
     report.missing.sort();
 
-    if !options.quick {
-        progress.phase("reading chunks", report.chunk_bytes);
-        let mut results = futures_util::stream::iter(present)
-            .map(|(id, key)| {
-                let store = store.clone();
-                async move {
-                    let data = match store.get(&key).await {
-                        Ok(d) => d,
-                        Err(e) if e.is_not_found() => return Ok::<_, StoreError>((key, 0, false)),
-                        Err(e) => return Err(e),
-                    };
-                    let n = data.len() as u64;
-                    let ok = tokio::task::spawn_blocking(move || {
-                        hashtree::verify_chunk(id, data).is_ok()
-                    })
-                    .await
-                    .expect("hash task");
-                    Ok((key, n, ok))
-                }
-            })
-            .buffer_unordered(options.concurrency.max(1));
-        while let Some(r) = results.next().await {
-            let (key, n, ok) = r?;
-            progress.advance(n);
-            if n == 0 && !ok {
-                report.missing.push(key); // removed while we ran
-                continue;
-            }
-            report.chunks_hashed += 1;
-            if !ok {
-                tracing::error!(%key, "chunk does not match its id");
-                report.corrupt.push(key);
-            }
+    progress.phase(
+        if options.quick {
+            "checking outboards"
+        } else {
+            "reading chunks"
+        },
+        if options.quick { 0 } else { report.chunk_bytes },
+    );
+    let mut results = futures_util::stream::iter(present)
+        .map(|(id, key)| {
+            let size = sizes[&key];
+            let ob_size = outboards.get(&crate::format::outboard_key(&id)).copied();
+            check_chunk(
+                store.clone(),
+                id,
+                key,
+                size,
+                ob_size,
+                options.quick,
+                options.repair,
+            )
+        })
+        .buffer_unordered(options.concurrency.max(1));
+    while let Some(r) = results.next().await {
+        let c = r?;
+        progress.advance(c.read);
+        if c.vanished {
+            report.missing.push(c.key);
+            continue;
         }
-        report.corrupt.sort();
+        if c.hashed {
+            report.chunks_hashed += 1;
+        }
+        if c.corrupt {
+            tracing::error!(key = %c.key, "chunk does not match its id");
+            report.corrupt.push(c.key.clone());
+        }
+        let ob_key = c.key.replacen("chunks/", "outboards/", 1);
+        match c.outboard {
+            Outboard::NotNeeded => {}
+            Outboard::Good => report.outboards += 1,
+            Outboard::Missing => report.outboards_missing.push(ob_key.clone()),
+            Outboard::Bad => report.outboards_bad.push(ob_key.clone()),
+        }
+        if c.repaired {
+            report.outboards_repaired.push(ob_key);
+        }
     }
+    report.missing.sort();
+    report.corrupt.sort();
+    report.outboards_missing.sort();
+    report.outboards_bad.sort();
+    report.outboards_repaired.sort();
     Ok(report)
 }

@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 
 use crate::cache::Cache;
 use crate::commit::{Commit, CommitStats};
-use crate::format::{FORMAT_VERSION, chunk_key, manifest_key};
+use crate::format::{FORMAT_VERSION, chunk_key, manifest_key, outboard_key};
 use crate::ids::{ChunkId, CommitId, ManifestId};
 use crate::overlay::BaseInfo;
 use crate::repo::{RepoError, Repository};
@@ -91,21 +91,32 @@ pub struct CommitReport {
     pub stats: SnapshotStats,
 }
 
-/// Uploads a chunk unless the store has it already.
+/// Uploads a chunk, then its piece outboard, each unless the store has it already (a chunk
+/// that is there without its outboard, from an older writer, gets it now).
 struct Upload<'a> {
     store: &'a Arc<dyn Store>,
     runtime: &'a Handle,
 }
 
 impl ChunkSink for Upload<'_> {
-    fn put(&self, id: &ChunkId, data: Vec<u8>) -> Result<(), VolumeError> {
-        let key = chunk_key(id);
+    fn put(
+        &self,
+        id: &ChunkId,
+        data: Vec<u8>,
+        outboard: Option<Vec<u8>>,
+    ) -> Result<(), VolumeError> {
+        let keys = [chunk_key(id), outboard_key(id)];
         self.runtime
             .block_on(async {
-                if self.store.exists(std::slice::from_ref(&key)).await?[0] {
-                    return Ok(());
+                let present = self.store.exists(&keys).await?;
+                if !present[0] {
+                    self.store.put(&keys[0], Bytes::from(data)).await?;
                 }
-                self.store.put(&key, Bytes::from(data)).await
+                // After the chunk: an outboard never names a chunk the store does not have.
+                if let (Some(ob), false) = (outboard, present[1]) {
+                    self.store.put(&keys[1], Bytes::from(ob)).await?;
+                }
+                Ok(())
             })
             .map_err(|e| VolumeError::Store(Arc::new(e)))
     }

@@ -170,6 +170,23 @@ fn pull_brings_a_pushed_commit_into_a_live_mount_over_ssh() {
         p.b.mountpoint.as_os_str(),
     ]));
     assert!(out.contains("copied the data it lacked: 2 of"), "{out}");
+    // Every chunk B's origin holds, from the clone or from `pull --data`, came with its piece
+    // outboard (FORMAT.md §3a), and it checks out against the chunk id.
+    for chunk in files_under(&p.origin_b.join("chunks")) {
+        let len = fs::metadata(&chunk).unwrap().len();
+        let id: horcrux::ids::ChunkId = chunk
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if horcrux::hashtree::has_piece_outboard(len) {
+            let ob = fs::read(p.origin_b.join(horcrux::format::outboard_key(&id)))
+                .unwrap_or_else(|e| panic!("no piece outboard for chunk {id}: {e}"));
+            horcrux::hashtree::check_piece_outboard(id, len, &ob).unwrap();
+        }
+    }
     drop(s);
     let m = p.access.mount(
         &url(&p.origin_b),

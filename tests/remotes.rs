@@ -263,13 +263,16 @@ fn a_push_after_a_1_mib_change_sends_one_chunk_and_metadata() {
     let manifest = fs::metadata(origin.join("manifests").join(&manifest_id))
         .unwrap()
         .len();
-    let bound = MIB + manifest + commit_obj;
+    // The chunk's piece outboard (FORMAT.md §3a): an 8-byte header and 32 bytes per 16 KiB.
+    let outboard = 8 + 32 * (MIB / (16 << 10));
+    let bound = MIB + outboard + manifest + commit_obj;
     eprintln!(
-        "1 MiB change: push sent {} chunk(s), {} B of chunk data + {} B of metadata = {} B; \
-         the remote grew by {} B; bound {} B (1 MiB chunk + {manifest} B manifest + \
-         {commit_obj} B commit)",
+        "1 MiB change: push sent {} chunk(s), {} B of chunk data + {} B of piece outboard + \
+         {} B of metadata = {} B; the remote grew by {} B; bound {} B (1 MiB chunk + \
+         {outboard} B outboard + {manifest} B manifest + {commit_obj} B commit)",
         p.n("chunks_copied"),
         p.n("bytes_copied"),
+        p.n("outboard_bytes"),
         p.n("metadata_bytes"),
         p.n("bytes_sent"),
         after - before,
@@ -277,8 +280,10 @@ fn a_push_after_a_1_mib_change_sends_one_chunk_and_metadata() {
     );
     assert_eq!(p.n("chunks_copied"), 1, "{}", p.json);
     assert_eq!(p.n("bytes_copied"), MIB);
+    assert_eq!(p.n("outboards_copied"), 1, "{}", p.json);
+    assert_eq!(p.n("outboard_bytes"), outboard, "{}", p.json);
     assert!(p.n("bytes_sent") <= bound, "{}", p.json);
-    assert_eq!(p.n("bytes_sent"), MIB + manifest + commit_obj);
+    assert_eq!(p.n("bytes_sent"), bound);
     // The ref's bytes changed in place (same length): growth is exactly what was sent.
     assert!(after - before <= bound, "remote grew by {}", after - before);
     assert_eq!(head(&remote, "db", "main"), c);

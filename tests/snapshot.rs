@@ -38,7 +38,20 @@ struct Upload<'a> {
 }
 
 impl ChunkSink for Upload<'_> {
-    fn put(&self, id: &ChunkId, data: Vec<u8>) -> Result<(), VolumeError> {
+    fn put(
+        &self,
+        id: &ChunkId,
+        data: Vec<u8>,
+        outboard: Option<Vec<u8>>,
+    ) -> Result<(), VolumeError> {
+        // A chunk of more than one piece comes with its piece outboard, which checks out.
+        assert_eq!(
+            outboard.is_some(),
+            horcrux::hashtree::has_piece_outboard(data.len() as u64)
+        );
+        if let Some(ob) = &outboard {
+            horcrux::hashtree::check_piece_outboard(*id, data.len() as u64, ob).unwrap();
+        }
         self.fx
             .runtime
             .block_on(

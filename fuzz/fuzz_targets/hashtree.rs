@@ -8,8 +8,8 @@
 #![no_main]
 
 use horcrux::hashtree::{
-    block_count, block_range, checked_block_count, hash_chunk, root_of, verify_block, verify_chunk,
-    verify_outboard,
+    block_count, block_range, check_piece_outboard, checked_block_count, hash_chunk, root_of,
+    verify_block, verify_chunk, verify_chunk_with_outboard, verify_outboard,
 };
 use horcrux::ids::ChunkId;
 use libfuzzer_sys::fuzz_target;
@@ -48,6 +48,8 @@ fuzz_target!(|data: &[u8]| {
         let expected = hashes.last().copied().unwrap_or([0; 32]);
         let _ = verify_block(id, len, bs, index, &expected, tail);
         let _ = verify_chunk(id, tail);
+        // A piece outboard object read from a store: any bytes, any claimed chunk length.
+        let _ = check_piece_outboard(id, len, tail);
     } else {
         // Honest data at a valid block size (1, 2 or 4 KiB: several blocks from small inputs).
         let bs = 1024u32 << ((mode >> 1) % 3);
@@ -65,6 +67,11 @@ fuzz_target!(|data: &[u8]| {
                 bad[block.len() / 2] ^= 1;
                 assert!(verify_block(id, len, bs, i as u32, h, &bad[..]).is_err());
             }
+        }
+        // The piece outboard made while verifying the whole chunk checks out whole.
+        let (_, ob) = verify_chunk_with_outboard(id, rest).expect("honest chunk");
+        if let Some(ob) = ob {
+            check_piece_outboard(id, len, &ob).expect("honest piece outboard");
         }
         if blocks.len() > 1 {
             let mut bad = blocks.clone();

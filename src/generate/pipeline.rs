@@ -576,8 +576,8 @@ fn changed(path: &Path, what: &str) -> GenerateError {
     }
 }
 
-/// Chunk id, block hashes and, for chunks of more than one piece (with blocks of at least one
-/// piece), the piece outboard, in one pass over the data.
+/// Chunk id, block hashes and, for chunks of more than one piece, the piece outboard, in one
+/// pass over the data (two with blocks smaller than a piece).
 pub(super) fn hash_with_outboard(
     data: &[u8],
     block_size: u32,
@@ -586,6 +586,11 @@ pub(super) fn hash_with_outboard(
         let (id, blocks, pieces) = hashtree::hash_pieces(data, block_size);
         let ob = Bytes::from(hashtree::encode_piece_outboard(&pieces));
         return (id, blocks, Some(ob));
+    }
+    if hashtree::has_piece_outboard(data.len() as u64) {
+        // Blocks smaller than a piece: pieces and blocks are hashed apart (rare).
+        let (id, blocks, ob) = hashtree::hash_chunk_with_outboard(data, block_size);
+        return (id, blocks, ob.map(Bytes::from));
     }
     let (id, blocks) = hash_blocks(data, block_size);
     (id, blocks, None)

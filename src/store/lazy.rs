@@ -1,5 +1,5 @@
 //! [`LazyRemotes`]: the registered remotes of a repository, as a last mirror that serves only
-//! the chunks a lazy `fetch`/`pull` left there.
+//! the chunks (and piece outboards) a lazy `fetch`/`pull` left there.
 
 use std::ops::Range;
 use std::path::Path;
@@ -21,8 +21,9 @@ const RELOAD_AFTER: Duration = Duration::from_secs(1);
 /// When the remotes were read, and the store of each that could be opened.
 type Loaded = (Instant, Vec<Arc<dyn Store>>);
 
-/// The chunks of a repository's registered remotes ([`crate::remotes`]): a commit fetched
-/// lazily names chunks that stayed on the remote it came from. Everything else — refs,
+/// The chunks (and their piece outboards) of a repository's registered remotes
+/// ([`crate::remotes`]): a commit fetched lazily names chunks that stayed on the remote it
+/// came from. Everything else — refs,
 /// commits, manifests, listings — is answered "not found", so that as a mirror after the
 /// repository's own stores it never stands in for the repository's refs or metadata; writes
 /// are refused. Registrations are read from `registry` on first use and again when a chunk is
@@ -90,7 +91,10 @@ impl LazyRemotes {
         F: Fn(Arc<dyn Store>) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        if !key.starts_with("chunks/") {
+        // Chunks and their piece outboards (FORMAT.md §3a): the only data a lazily fetched
+        // version leaves on a remote, and both are checked by their readers against hashes
+        // from the repository's own manifests.
+        if !key.starts_with("chunks/") && !key.starts_with("outboards/") {
             return Err(self.not_here(key));
         }
         let mut tried: Vec<String> = Vec::new();
@@ -179,12 +183,16 @@ mod tests {
     use crate::store::{FileStore, MirrorConfig, MirrorStore};
 
     #[tokio::test]
-    async fn only_chunks_fall_through() {
+    async fn only_chunks_and_outboards_fall_through() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let local: Arc<dyn Store> = Arc::new(FileStore::new(a.path().to_path_buf()));
         let remote: Arc<dyn Store> = Arc::new(FileStore::new(b.path().to_path_buf()));
         remote
             .put("chunks/ab/abc", Bytes::from_static(b"data"))
+            .await
+            .unwrap();
+        remote
+            .put("outboards/ab/abc", Bytes::from_static(b"pieces"))
             .await
             .unwrap();
         remote
@@ -214,6 +222,11 @@ mod tests {
         assert_eq!(
             &m.get_range("chunks/ab/abc", 1..3).await.unwrap()[..],
             b"at"
+        );
+        // And the chunk's piece outboard (its readers check it against the manifest).
+        assert_eq!(
+            &m.get_range("outboards/ab/abc", 2..6).await.unwrap()[..],
+            b"eces"
         );
         // The remote's refs never show through.
         assert!(

@@ -15,14 +15,21 @@ use std::sync::atomic::Ordering;
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
 use super::{Attr, DirSink, Volume, VolumeError};
-use crate::hashtree::hash_chunk;
+use crate::hashtree::hash_chunk_with_outboard;
 use crate::ids::{ChunkId, ManifestId};
 use crate::manifest::{ChunkInfo, Extent, Manifest, ManifestWriter, Node, NodeKind, ROOT_INO};
 use crate::overlay::{BaseInfo, State};
 
-/// Where new chunks go (a store upload, typically); called once per new chunk.
+/// Where new chunks go (a store upload, typically); called once per new chunk, with the
+/// chunk's piece outboard (FORMAT.md §3a; `None` for a chunk of at most one piece), which the
+/// sink stores after the chunk.
 pub trait ChunkSink {
-    fn put(&self, id: &ChunkId, data: Vec<u8>) -> Result<(), VolumeError>;
+    fn put(
+        &self,
+        id: &ChunkId,
+        data: Vec<u8>,
+        outboard: Option<Vec<u8>>,
+    ) -> Result<(), VolumeError>;
 }
 
 /// What a snapshot wrote.
@@ -73,9 +80,9 @@ struct Catalog<'s> {
 
 impl Catalog<'_> {
     fn new_chunk(&mut self, data: Vec<u8>) -> Result<u64, VolumeError> {
-        let (id, blocks) = hash_chunk(&data, self.block_size);
+        let (id, blocks, outboard) = hash_chunk_with_outboard(&data, self.block_size);
         let len = data.len() as u64;
-        self.sink.put(&id, data)?;
+        self.sink.put(&id, data, outboard)?;
         let idx = self.next_idx;
         self.next_idx += 1;
         self.w.add_chunk(&ChunkInfo {

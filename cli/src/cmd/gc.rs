@@ -14,7 +14,9 @@ use crate::mounts::{self, Target};
 const GC_HELP: &str = "\
 Removes the chunks, manifests and commits of a repository that no branch or tag of any of
 its volumes reaches: the commits a `reset --hard`, a `push --force` or a `branch -d` left
-behind, and what an interrupted writer put but never referenced. The repository is the one
+behind, and what an interrupted writer put but never referenced. A chunk's piece outboard
+(outboards/...) goes with it; outboards whose chunk is not there (orphans) are removed by
+any run. The repository is the one
 the mount at PATH (default: the current directory) is mounted from, or --access URL; it may be
 local or remote (file://, scp://, ssh://, s3://). With mirrors (URLs separated by commas) only
 the first is collected: run gc on each mirror by itself.
@@ -197,6 +199,9 @@ fn print_report(r: &GcReport, store: &str, grace: Duration) {
             };
             println!("{what}  {k}");
         }
+        for k in &r.orphan_outboards {
+            println!("would remove  {k} (orphan: its chunk is not here)");
+        }
     }
     println!(
         "gc of {store}{}: {} ref{}, {} commit{} reachable",
@@ -226,6 +231,19 @@ fn print_report(r: &GcReport, store: &str, grace: Duration) {
         },
         tally(&r.removed)
     );
+    if r.outboards_removed.objects > 0 {
+        println!(
+            "  outboards:   {} piece outboard(s) {} ({}), of those chunks{}",
+            r.outboards_removed.objects,
+            if r.dry_run { "would go" } else { "removed" },
+            human_size(r.outboards_removed.bytes),
+            if r.orphan_outboards.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} orphan(s)", r.orphan_outboards.len())
+            }
+        );
+    }
     if r.pending.objects > 0 {
         println!(
             "  pending:     {}: unreachable, but not yet found so for {} by an earlier run; a \

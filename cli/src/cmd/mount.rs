@@ -75,7 +75,7 @@ pub struct MountArgs {
     #[arg(long)]
     pub no_fill: bool,
     /// Serve small reads of cold blocks only from whole 1 MiB blocks, not from verified 16 KiB
-    /// pieces (pieces need the chunk's piece outboard, which `generate` writes; S3 sources
+    /// pieces (pieces need the chunk's piece outboard, which every writer stores; S3 sources
     /// always read whole blocks: a small GET is no faster there)
     #[arg(long)]
     pub no_piece_reads: bool,

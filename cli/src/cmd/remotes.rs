@@ -113,7 +113,7 @@ pub(super) fn short(hex: &str) -> &str {
 /// "2 of 5 chunks (1.0 MiB), 1 manifest, 1 commit: 1.1 MiB in 0.3s".
 pub(super) fn sent(r: &CopyReport, t: Instant) -> String {
     format!(
-        "{} of {} chunks ({}), {} manifest{}, {} commit{}: {} in {:.1}s",
+        "{} of {} chunks ({}), {} manifest{}, {} commit{}{}: {} in {:.1}s",
         r.chunks_copied,
         r.chunks,
         human_size(r.bytes_copied),
@@ -121,6 +121,15 @@ pub(super) fn sent(r: &CopyReport, t: Instant) -> String {
         if r.manifests_copied == 1 { "" } else { "s" },
         r.commits_copied,
         if r.commits_copied == 1 { "" } else { "s" },
+        if r.outboards_copied > 0 {
+            format!(
+                ", {} piece outboard{}",
+                r.outboards_copied,
+                if r.outboards_copied == 1 { "" } else { "s" }
+            )
+        } else {
+            String::new()
+        },
         human_size(r.bytes_sent()),
         t.elapsed().as_secs_f64()
     )
