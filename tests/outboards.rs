@@ -140,7 +140,7 @@ fn a_committed_chunk_has_an_outboard_and_a_cold_small_read_over_ssh_reads_a_piec
     );
     let at = off + 100;
     let seen = s.sftp_reads().len();
-    let (got, _) = read_direct(&r.path("big"), at, 4096, Duration::from_secs(30));
+    let (got, _) = read_direct_bounded(&r.path("big"), at, 4096, Duration::from_secs(30));
     assert!(
         got.unwrap() == big[at as usize..at as usize + 4096],
         "wrong bytes"
