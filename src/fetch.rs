@@ -445,9 +445,22 @@ impl Fetcher {
                     });
                 }
             };
-        // An error (not a silence) is retried as the whole block's fetch retries it.
-        let Ok(data) = data else {
-            return WholeBlock;
+        // A source error is the reader's error too, as a silence is: every mirror was asked,
+        // and the whole block's fetch would ask them again with its own full time bound, so a
+        // reader of a cut source (whose small-read sessions fail to connect) waited for its
+        // EIO up to twice as long. A range past the end is left to the block's fetch to report.
+        let data = match data {
+            Ok(d) => d,
+            Err(e) if e.is_past_end() || e.is_not_found() => return WholeBlock,
+            Err(e) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.add(e.kind());
+                return Pieces::Failed(FetchError::Source {
+                    chunk: info.id,
+                    source_name: self.source.describe(),
+                    error: Arc::new(e),
+                });
+            }
         };
         let hashes = match hashes {
             Ok(h) => h,
