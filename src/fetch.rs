@@ -283,6 +283,28 @@ impl Fetcher {
         info: &Arc<ChunkInfo>,
         range: Range<u64>,
     ) -> Result<Bytes, FetchError> {
+        self.read_checked(info, range, false).await
+    }
+
+    /// [`Self::read`] for a caller that has just found `range` not cached
+    /// ([`Self::read_cached`] returned `None`): a small read goes to the source without a
+    /// second look at the cache, which would cost a hop to the blocking pool and an index
+    /// lookup on the way of every cold small read. Whole blocks are still looked up by their
+    /// flight (another process may have cached one).
+    pub async fn read_after_miss(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        self.read_checked(info, range, true).await
+    }
+
+    async fn read_checked(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        range: Range<u64>,
+        missed: bool,
+    ) -> Result<Bytes, FetchError> {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
@@ -290,17 +312,14 @@ impl Fetcher {
         let first = (range.start / bs) as u32;
         let last = ((range.end - 1) / bs) as u32;
         if first == last && self.config.piece_reads {
-            if let Some(b) = self.read_pieces(info, first, range.clone()).await? {
+            if let Some(b) = self.read_pieces(info, first, range.clone(), missed).await? {
                 // The whole block follows into the cache (readers of it wait for that flight),
-                // then the rest of the chunk as usual.
-                self.spawn_fetches(info, first..first + 1, Priority::Prefetch);
-                if self.config.fill_chunks {
-                    self.spawn_fetches(
-                        info,
-                        0..block_count(info.len, self.block_size),
-                        Priority::Background,
-                    );
+                // then the rest of the chunk as usual. Neither delays this reader: the block is
+                // known to be missing (no index lookup), and the fill is planned off its way.
+                if !self.cache.is_full() {
+                    self.spawn_block(info, first, Priority::Prefetch);
                 }
+                self.fill_later(info);
                 return Ok(b);
             }
         }
@@ -328,13 +347,7 @@ impl Fetcher {
             nbytes.fetch_add(part, Ordering::Relaxed);
             blocks.push(bytes);
         }
-        if self.config.fill_chunks {
-            self.spawn_fetches(
-                info,
-                0..block_count(info.len, self.block_size),
-                Priority::Background,
-            );
-        }
+        self.fill_later(info);
         if blocks.len() == 1 {
             let s = (range.start - first as u64 * bs) as usize;
             let e = (range.end - first as u64 * bs) as usize;
@@ -362,8 +375,9 @@ impl Fetcher {
         info: &Arc<ChunkInfo>,
         idx: u32,
         range: Range<u64>,
+        missed: bool,
     ) -> Result<Option<Bytes>, FetchError> {
-        match self.try_pieces(info, idx, range).await {
+        match self.try_pieces(info, idx, range, missed).await {
             Pieces::Served(b) => Ok(Some(b)),
             Pieces::WholeBlock => Ok(None),
             Pieces::Failed(e) => Err(e),
@@ -375,6 +389,7 @@ impl Fetcher {
         info: &Arc<ChunkInfo>,
         idx: u32,
         range: Range<u64>,
+        missed: bool,
     ) -> Pieces {
         use Pieces::WholeBlock;
         let block = block_range(info.len, self.block_size, idx);
@@ -389,42 +404,63 @@ impl Fetcher {
         {
             return WholeBlock;
         }
+        let t0 = std::time::Instant::now();
         let cache = self.cache.clone();
         let info_c = info.clone();
         let bs = self.block_size;
         let r = range.clone();
-        if let Ok(Some(b)) =
-            tokio::task::spawn_blocking(move || cache.read_range(&info_c, bs, r)).await
+        if !missed
+            && let Ok(Some(b)) =
+                tokio::task::spawn_blocking(move || cache.read_range(&info_c, bs, r)).await
         {
             return Pieces::Served(b);
         }
+        let t_cache = t0.elapsed();
         let _busy = BusyGuard::new(&self.foreground_active);
         let _permit = self.foreground.acquire().await.expect("semaphore open");
+        let t_permit = t0.elapsed();
         let ob_key = crate::format::outboard_key(&info.id);
         let ob_range = outboard_range(info.len, bs, idx);
         let ok = |_: &Bytes| true; // checked below, against the block hash
         let both = async {
             tokio::join!(
-                self.source.get_range_checked(&ob_key, ob_range, &ok),
-                self.source
-                    .get_chunk_range_checked(info, bs, cover.clone(), &ok)
+                timed(self.source.get_range_checked(&ob_key, ob_range, &ok), t0),
+                timed(
+                    self.source
+                        .get_chunk_range_checked(info, bs, cover.clone(), &ok),
+                    t0
+                )
             )
         };
-        let (hashes, data) = match tokio::time::timeout(self.config.request_timeout, both).await {
-            Ok(v) => v,
-            Err(_) => {
+        let ((hashes, t_hashes), (data, t_data)) =
+            match tokio::time::timeout(self.config.request_timeout, both).await {
+                Ok(v) => v,
+                Err(_) => {
+                    self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.errors.add(crate::metrics::ErrorKind::Timeout);
+                    return Pieces::Failed(FetchError::Timeout {
+                        chunk: info.id,
+                        source_name: self.source.describe(),
+                        timeout: self.config.request_timeout,
+                    });
+                }
+            };
+        // A source error is the reader's error too, as a silence is: every mirror was asked,
+        // and the whole block's fetch would ask them again with its own full time bound, so a
+        // reader of a cut source (whose small-read sessions fail to connect) waited for its
+        // EIO up to twice as long. A range past the end is left to the block's fetch to report.
+        let data = match data {
+            Ok(d) => d,
+            Err(e) if e.is_past_end() || e.is_not_found() => return WholeBlock,
+            Err(e) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
-                self.metrics.errors.add(crate::metrics::ErrorKind::Timeout);
-                return Pieces::Failed(FetchError::Timeout {
+                self.metrics.errors.add(e.kind());
+                return Pieces::Failed(FetchError::Source {
                     chunk: info.id,
                     source_name: self.source.describe(),
-                    timeout: self.config.request_timeout,
+                    error: Arc::new(e),
                 });
             }
-        };
-        // An error (not a silence) is retried as the whole block's fetch retries it.
-        let Ok(data) = data else {
-            return WholeBlock;
         };
         let hashes = match hashes {
             Ok(h) => h,
@@ -453,6 +489,7 @@ impl Fetcher {
             Ok(ph) => ph,
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                self.source.refused(&ob_key);
                 tracing::warn!(chunk = %info.id, block = idx, error = %e, "bad piece outboard refused");
                 return WholeBlock;
             }
@@ -461,12 +498,22 @@ impl Fetcher {
             Ok(v) => v,
             Err(e) => {
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                self.source.refused(&crate::format::chunk_key(&info.id));
                 // Not logged louder: the whole block is read next, and its failure (or the
                 // source's, with the mirror set-aside) is what the reader's one log line says.
                 tracing::debug!(chunk = %info.id, block = idx, error = %e, "hash mismatch in a piece: refused; reading the whole block");
                 return WholeBlock;
             }
         };
+        tracing::trace!(
+            target: "horcrux::timing",
+            cache_us = t_cache.as_micros() as u64,
+            permit_us = (t_permit - t_cache).as_micros() as u64,
+            hashes_us = (t_hashes - t_permit).as_micros() as u64,
+            piece_us = (t_data - t_permit).as_micros() as u64,
+            verify_us = (t0.elapsed() - t_hashes.max(t_data)).as_micros() as u64,
+            "piece read"
+        );
         self.metrics.piece_reads.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .piece_bytes
@@ -482,6 +529,25 @@ impl Fetcher {
         self.spawn_fetches(info, blocks, Priority::Prefetch);
     }
 
+    /// After a reader's miss, fill the rest of the chunk in the background (if configured).
+    /// Planning the fill needs the chunk's presence bitmap, an index lookup that may wait on
+    /// the cache's writers: it runs on the blocking pool, so the reader that missed gets its
+    /// bytes without waiting for it.
+    fn fill_later(self: &Arc<Self>, info: &Arc<ChunkInfo>) {
+        if !self.config.fill_chunks {
+            return;
+        }
+        let this = self.clone();
+        let info = info.clone();
+        tokio::task::spawn_blocking(move || {
+            this.spawn_fetches(
+                &info,
+                0..block_count(info.len, this.block_size),
+                Priority::Background,
+            )
+        });
+    }
+
     fn spawn_fetches(self: &Arc<Self>, info: &Arc<ChunkInfo>, blocks: Range<u32>, prio: Priority) {
         // Fills and prefetches exist to land blocks in the cache: while its disk is full they
         // would only spend the source's bandwidth. Readers' own fetches go on (and their
@@ -492,25 +558,33 @@ impl Fetcher {
         let present = self.cache.present(info, self.block_size);
         let n = block_count(info.len, self.block_size);
         for b in blocks.start..blocks.end.min(n) {
-            if present.get(b) || self.inflight.lock().contains_key(&(info.id, b)) {
-                continue;
+            if !present.get(b) {
+                self.spawn_block(info, b, prio);
             }
-            let this = self.clone();
-            let info = info.clone();
-            tokio::spawn(async move {
-                // A background fill takes its permit before it becomes a flight: queued fills
-                // are invisible to readers, so a reader never waits behind the fill queue.
-                let _permit = match prio {
-                    Priority::Background => Some(this.background.acquire().await.expect("open")),
-                    _ => None,
-                };
-                if this.block(&info, b, prio).await.is_ok() {
-                    this.metrics
-                        .background_blocks
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            });
         }
+    }
+
+    /// Fetch block `b` of chunk `info` in a task of its own unless it is in flight already.
+    /// Must be called from within the runtime or with its handle entered.
+    fn spawn_block(self: &Arc<Self>, info: &Arc<ChunkInfo>, b: u32, prio: Priority) {
+        if self.inflight.lock().contains_key(&(info.id, b)) {
+            return;
+        }
+        let this = self.clone();
+        let info = info.clone();
+        tokio::spawn(async move {
+            // A background fill takes its permit before it becomes a flight: queued fills
+            // are invisible to readers, so a reader never waits behind the fill queue.
+            let _permit = match prio {
+                Priority::Background => Some(this.background.acquire().await.expect("open")),
+                _ => None,
+            };
+            if this.block(&info, b, prio).await.is_ok() {
+                this.metrics
+                    .background_blocks
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        });
     }
 
     /// One whole verified block, via cache or source, single-flight.
@@ -709,6 +783,12 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// `f`'s output and when it was ready, counted from `t0`.
+async fn timed<F: std::future::Future>(f: F, t0: std::time::Instant) -> (F::Output, Duration) {
+    let r = f.await;
+    (r, t0.elapsed())
 }
 
 /// What a small read of a cold block got from the pieces path.

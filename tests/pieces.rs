@@ -47,6 +47,9 @@ impl Store for Counted {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.inner.get(key).await
     }
+    fn refused(&self, key: &str) {
+        self.inner.refused(key)
+    }
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         self.inner.put(key, data).await
     }
@@ -260,4 +263,39 @@ async fn a_chunk_without_outboard_reads_whole_blocks() {
     t.fetcher.read(&t.info, at..at + 10).await.unwrap();
     assert_eq!(t.store.requests.load(Ordering::SeqCst), before + 1);
     assert_eq!(t.fetcher.metrics().piece_reads.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_repaired_on_the_server_is_read_anew_after_a_refusal() {
+    let s = Sshd::start();
+    let t = setup(&s, 5, true);
+    let chunk_path = t.repo.join(chunk_key(&t.info.id));
+    // Objects change on a server only by replacement (rename), which is what a repair does.
+    let replace = |bytes: &[u8]| {
+        let tmp = chunk_path.with_extension("new");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &chunk_path).unwrap();
+    };
+    let mut bad = t.data.clone();
+    let at = 2 * MIB + 3 * PIECE_SIZE as usize;
+    bad[at + 20] ^= 0x80;
+    replace(&bad);
+    // The damaged block is refused, as a piece and as a block; the sessions that read it
+    // keep the damaged file open...
+    let e = t
+        .fetcher
+        .read(&t.info, at as u64..at as u64 + 4096)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FetchError::Corrupt(_)), "{e}");
+    // ...until the refusal closes those handles: once the chunk is repaired, the next read
+    // opens the file as it is now and gets good bytes, instead of failing through the old
+    // handle for as long as the session lives.
+    replace(&t.data);
+    let got = t
+        .fetcher
+        .read(&t.info, at as u64..at as u64 + 4096)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &t.data[at..at + 4096]);
 }

@@ -206,7 +206,8 @@ async fn conformance_over_ssh_url() {
         )
     );
     conformance(&s, &root).await;
-    assert!(s.open_sessions() >= 1 && s.open_sessions() <= 4);
+    // The default 4 sessions for transfers, and 2 that only small reads may take.
+    assert!(s.open_sessions() >= 1 && s.open_sessions() <= 6);
 
     // The same repository through the generic entry point.
     let generic = horcrux::store::open_store_with(&parse_one(&url).unwrap(), &options(&sshd))
@@ -441,8 +442,12 @@ async fn parallel_range_reads_share_a_bounded_pool() {
     for t in tasks {
         t.await.unwrap();
     }
+    // Reads of up to 256 KiB may also take the 2 sessions kept for small reads.
     let n = s.open_sessions();
-    assert!((1..=4).contains(&n), "{n} sessions for a pool of 4");
+    assert!(
+        (1..=6).contains(&n),
+        "{n} sessions for a pool of 4 (+2 for small reads)"
+    );
 
     // A large exists batch is spread over the sessions and keeps its order.
     for i in 0..50 {
@@ -453,7 +458,7 @@ async fn parallel_range_reads_share_a_bounded_pool() {
     let keys: Vec<String> = (0..200).map(|i| format!("chunks/bb/{i:03}")).collect();
     let found = s.exists(&keys).await.unwrap();
     assert_eq!(found, (0..200).map(|i| i < 50).collect::<Vec<_>>());
-    assert!(s.open_sessions() <= 4);
+    assert!(s.open_sessions() <= 6);
 
     // Concurrent writers of one ref: compare-and-swap lets exactly one win each round.
     s.compare_and_swap("refs/main", None, Bytes::from_static(b"0"))
@@ -818,4 +823,80 @@ async fn auth_child() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_session_that_holds_the_file_open() {
+    let sshd = Sshd::start();
+    let root = sshd.dir().join("repo");
+    let opts = StoreOptions {
+        ssh_sessions: Some(4),
+        ..options(&sshd)
+    };
+    let s = Arc::new(store(&sshd.url(&root), &opts));
+    let keys: Vec<String> = (0..4).map(|i| format!("chunks/c{i}/data")).collect();
+    let data: Vec<Vec<u8>> = (0..4).map(|i| pattern(256 << 10, 10 + i)).collect();
+    for (k, d) in keys.iter().zip(&data) {
+        s.put(k, Bytes::from(d.clone())).await.unwrap();
+    }
+    // Four files read at once: each is opened on some session (which, the pool decides).
+    let mut tasks = Vec::new();
+    for k in keys.clone() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.get_range(&k, 0..4096).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let held = s.open_read_handles();
+    assert_eq!(held, 4, "each file opened once");
+    // Reads one after another, in turn over the four files: each goes to a session that has
+    // its file open, so no file is opened again (a read is one round trip).
+    for round in 0..5u64 {
+        for (k, d) in keys.iter().zip(&data) {
+            let at = (round * 40_000 + 123) as usize;
+            let got = s.get_range(k, at as u64..at as u64 + 4096).await.unwrap();
+            assert!(got == d[at..at + 4096], "{k} at {at}");
+        }
+    }
+    assert_eq!(s.open_read_handles(), held, "a file was opened again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_file_is_read_anew_not_through_its_old_handle() {
+    let sshd = Sshd::start();
+    let root = sshd.dir().join("repo");
+    let opts = StoreOptions {
+        ssh_sessions: Some(2),
+        ..options(&sshd)
+    };
+    let s = store(&sshd.url(&root), &opts);
+    let key = "chunks/ab/obj";
+    let bad = pattern(64 << 10, 21);
+    let good = pattern(64 << 10, 22);
+    s.put(key, Bytes::from(bad.clone())).await.unwrap();
+    assert!(s.get_range(key, 0..4096).await.unwrap() == bad[..4096]);
+    assert_eq!(s.open_read_handles(), 1);
+    // The object is replaced on the server by rename (as every store writes), so the kept
+    // handle still names the old file: objects are immutable, so that is normally the same
+    // bytes...
+    let path = root.join(key);
+    let tmp = root.join("chunks/ab/.obj.new");
+    std::fs::write(&tmp, &good).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert!(
+        s.get_range(key, 4096..8192).await.unwrap() == bad[4096..8192],
+        "the open handle reads the file it opened"
+    );
+    // ...but once a reader refuses its bytes (hash mismatch), the handle is closed and the
+    // file opened again: a repaired object is read as it is now.
+    s.refused(key);
+    assert!(s.get_range(key, 4096..8192).await.unwrap() == good[4096..8192]);
+    assert!(s.get_range(key, 0..100).await.unwrap() == good[..100]);
+    // Refusing a key no session holds open, or a bad key, changes nothing else.
+    s.refused("chunks/zz/none");
+    s.refused("../outside");
+    assert!(s.get_range(key, 100..200).await.unwrap() == good[100..200]);
 }

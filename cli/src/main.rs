@@ -40,7 +40,7 @@ pub struct StoreArgs {
     /// Do not check SSH host keys (exposes you to man-in-the-middle attacks)
     #[arg(long, global = true)]
     pub insecure_ignore_host_key: bool,
-    /// Parallel SSH sessions per host
+    /// Parallel SSH sessions per host for transfers (2 more serve only small reads) [default: 4]
     #[arg(long, global = true, value_name = "N")]
     pub ssh_sessions: Option<usize>,
     /// S3 endpoint of any S3-compatible server, e.g. http://10.0.0.9:3900 (URL `endpoint=` wins)

@@ -429,10 +429,22 @@ impl Filesystem for HorcruxFs {
     ) {
         let _m = self.ops.start("read");
         let _s = tracing::debug_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
-        match self.volume.read(ino.0, fh.0, offset, size) {
+        let t0 = std::time::Instant::now();
+        let r = self.volume.read(ino.0, fh.0, offset, size);
+        let t_volume = t0.elapsed();
+        match r {
             Ok(b) => reply.data(&b),
             Err(e) => reply.error(self.fail("read", ino.0, &e)),
         }
+        // Where a read's time goes (`RUST_LOG=horcrux::timing=trace`; BENCHMARKS.md, "Cold path").
+        tracing::trace!(
+            target: "horcrux::timing",
+            offset,
+            size,
+            volume_us = t_volume.as_micros() as u64,
+            reply_us = (t0.elapsed() - t_volume).as_micros() as u64,
+            "fuse read"
+        );
     }
 
     fn release(

@@ -134,6 +134,17 @@ impl Store for LazyRemotes {
         self.each(key, |s| async move { s.get(key).await }).await
     }
 
+    fn refused(&self, key: &str) {
+        // Best effort: a list being loaded right now is made of fresh stores anyway.
+        if let Ok(loaded) = self.loaded.try_lock()
+            && let Some((_, stores)) = loaded.as_ref()
+        {
+            for s in stores {
+                s.refused(key);
+            }
+        }
+    }
+
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<(), StoreError> {
         self.each(key, |s| async move { s.get_to_file(key, dest).await })
             .await

@@ -238,6 +238,7 @@ impl MirrorStore {
                     return Ok(v);
                 }
                 Ok(Ok((_, false))) => {
+                    self.stores[i].refused(key);
                     // A lone store is not "marked unhealthy" in the log (`failed`): name it
                     // here, so the source of bad bytes is always in the log, once.
                     if self.stores.len() == 1 {
@@ -355,6 +356,12 @@ impl Store for MirrorStore {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.each(key, |s| async move { s.get(key).await.map(|b| (b, true)) })
             .await
+    }
+
+    fn refused(&self, key: &str) {
+        for s in &self.stores {
+            s.refused(key);
+        }
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {

@@ -141,6 +141,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
 
+    /// The bytes this store gave for `key` failed verification. A store that keeps state per
+    /// key (an SSH store's open file handles) drops it, so the next read sees the object as it
+    /// is now on the server (repaired, say) rather than through a handle of the old file.
+    fn refused(&self, key: &str) {
+        let _ = key;
+    }
+
     /// Bytes `range` of chunk `info` (cut in blocks of `block_size`). Peers override this to
     /// send the chunk's block hashes along, so a peer that reads through to its own origin can
     /// verify and cache what it fetches. The caller verifies the bytes either way.

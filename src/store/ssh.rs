@@ -3,9 +3,12 @@
 //! Threading: libssh2 is blocking, so every ssh2 call (connect, handshake, auth, SFTP, and the
 //! teardown of a session) runs on tokio's blocking pool, never on an async worker.
 //!
-//! Sessions: a pool of at most N (default 4) SSH sessions, each with its own SFTP channel,
-//! created lazily. A semaphore bounds how many operations run at once, so reads run in parallel
-//! on up to N sessions. A session whose transport failed (timeout, reset, disconnect) is dropped
+//! Sessions: a pool of at most N (default 4) SSH sessions for bulk transfers plus
+//! `SMALL_READ_SESSIONS` (2) that only small reads may take, each with its own SFTP channel,
+//! created lazily. Semaphores bound how many operations run at once, so reads run in parallel
+//! and a small read (a piece) never queues behind N block transfers. Each session keeps the
+//! files it read last open, and a read goes to a session holding its file when one is idle.
+//! A session whose transport failed (timeout, reset, disconnect) is dropped
 //! and a new one is made on the next use, so the store recovers when the server comes back.
 //! Every blocking libssh2 call is bounded by the session timeout: a dead or frozen server makes a
 //! call fail, never hang.
@@ -33,11 +36,21 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use ssh2::{ErrorCode, FileStat, HashType, HostKeyType, MethodType, OpenFlags, OpenType, Session};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::{AccessUrl, Store, StoreError, StoreOptions};
 
-/// Default number of parallel SSH sessions per store.
+/// Default number of parallel SSH sessions per store for bulk transfers.
 pub const DEFAULT_SESSIONS: usize = 4;
+/// Sessions a store may open beyond its bulk ones, used only by small reads (at most
+/// `SMALL_READ` bytes: a cold small read's pieces and piece hashes, two at once). Without them
+/// a small read waited for a session behind 1 MiB block transfers (the whole blocks that follow
+/// piece reads, chunk fills, a sequential reader's prefetch): 6 ms of a cold 4 KiB read's
+/// median on a loaded machine (BENCHMARKS.md, "Cold path").
+pub const SMALL_READ_SESSIONS: usize = 2;
+/// Largest read that may use the sessions kept for small reads: a quarter of a 1 MiB block,
+/// the most a piece read asks for.
+const SMALL_READ: u64 = 256 << 10;
 /// Default TCP connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on any one blocking SSH call (handshake, auth, one SFTP request).
@@ -101,8 +114,16 @@ fn prefer_fast_transport(sess: &Session) {
     }
 }
 
-/// Files each session keeps open for reading (chunks and piece outboards).
-const OPEN_READS: usize = 8;
+/// Files each session keeps open for reading (chunks and piece outboards). An operation on a
+/// key goes to an idle session that has its file open when there is one, so with a few
+/// sessions this covers the chunks (and their outboards) a reader is busy with: a read of a
+/// recently touched chunk is one SFTP round trip, not three (open, read, close). 32 handles
+/// are 32 file descriptors of the session's sftp-server.
+const OPEN_READS: usize = 32;
+
+/// Keys refused (their bytes failed verification) that [`Inner::refused`] remembers; past
+/// that it forgets them and every handle opened before then is reopened instead.
+const REFUSED_MAX: usize = 256;
 
 /// `exists` spreads key batches over sessions only when each gets at least this many keys.
 const EXISTS_BATCH_MIN: usize = 32;
@@ -150,12 +171,22 @@ struct Inner {
     warned_insecure: AtomicBool,
     connect_timeout: Duration,
     io_timeout: Duration,
+    /// One per session: every operation holds one while it uses a session.
     permits: Arc<Semaphore>,
+    /// Held, besides a session permit, by every operation but a small read: bulk transfers
+    /// never take the last `SMALL_READ_SESSIONS` sessions.
+    bulk: Arc<Semaphore>,
+    /// Sessions for bulk transfers (`--ssh-sessions`); the pool holds up to
+    /// `SMALL_READ_SESSIONS` more.
     sessions: usize,
     /// Pre-open the pool's other sessions after the first success (`StoreOptions::ssh_warm_pool`);
     /// cleared once that was started.
     warm_pool: AtomicBool,
     idle: Mutex<Vec<Conn>>,
+    /// Files whose bytes failed verification: a handle opened before the refusal is closed and
+    /// the file opened again, so a file replaced on the server (repaired, by rename) is read
+    /// anew instead of through the old file's handle.
+    refused: Mutex<Refused>,
     live: Arc<AtomicUsize>,
     tmp_seq: AtomicU64,
     tmp_tag: u64,
@@ -290,10 +321,12 @@ impl SshStore {
                     .ssh_io_timeout
                     .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.min(DEFAULT_CONNECT_TIMEOUT)),
                 io_timeout: options.ssh_io_timeout.unwrap_or(DEFAULT_IO_TIMEOUT),
-                permits: Arc::new(Semaphore::new(sessions)),
+                permits: Arc::new(Semaphore::new(sessions + SMALL_READ_SESSIONS)),
+                bulk: Arc::new(Semaphore::new(sessions)),
                 sessions,
                 warm_pool: AtomicBool::new(options.ssh_warm_pool && sessions > 1),
                 idle: Mutex::new(Vec::new()),
+                refused: Mutex::new(Refused::default()),
                 live: Arc::new(AtomicUsize::new(0)),
                 tmp_seq: AtomicU64::new(0),
                 tmp_tag,
@@ -340,33 +373,92 @@ impl SshStore {
         T: Send + 'static,
         F: Fn(&Inner, &mut Conn) -> Result<T, OpError> + Send + 'static,
     {
-        run(self.inner.clone(), key, f).await
+        run(self.inner.clone(), key, None, false, f).await
+    }
+
+    /// Number of files the idle sessions hold open for reading (tests, diagnostics).
+    pub fn open_read_handles(&self) -> usize {
+        self.inner
+            .idle
+            .lock()
+            .iter()
+            .map(|c| c.open_reads.borrow().len())
+            .sum()
     }
 }
 
-/// Run `f` with a pooled connection on the blocking pool. If a connection taken from the pool
-/// turns out to be dead (the server restarted since it was last used) and the operation is safe
-/// to repeat, it is retried once on a fresh connection.
-async fn run<T, F>(inner: Arc<Inner>, key: &str, f: F) -> Result<T, StoreError>
+/// What [`Inner::refused`] keeps: when each refused file was refused, and a time before which
+/// every handle is suspect (set when the map overflowed and was forgotten).
+#[derive(Default)]
+struct Refused {
+    keys: std::collections::HashMap<String, Instant>,
+    all_before: Option<Instant>,
+}
+
+impl Refused {
+    /// Must a handle of `path` opened at `opened` be reopened?
+    fn stale(&self, path: &str, opened: Instant) -> bool {
+        self.all_before.is_some_and(|t| opened <= t)
+            || self.keys.get(path).is_some_and(|&t| opened <= t)
+    }
+}
+
+/// Run `f` with a pooled connection on the blocking pool, preferring an idle one that holds
+/// `prefer` (a remote path) open; a `small` read may use the sessions bulk transfers leave
+/// free. If a connection taken from the pool turns out to be dead (the server restarted since
+/// it was last used) and the operation is safe to repeat, it is retried once on a fresh
+/// connection.
+async fn run<T, F>(
+    inner: Arc<Inner>,
+    key: &str,
+    prefer: Option<String>,
+    small: bool,
+    f: F,
+) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: Fn(&Inner, &mut Conn) -> Result<T, OpError> + Send + 'static,
 {
+    let t0 = Instant::now();
+    let bulk = if small {
+        None
+    } else {
+        Some(
+            inner
+                .bulk
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("ssh bulk semaphore is never closed"),
+        )
+    };
     let permit = inner
         .permits
         .clone()
         .acquire_owned()
         .await
         .expect("ssh session semaphore is never closed");
+    let t_permit = t0.elapsed();
     let task_inner = inner.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        // The permit moves here so that a cancelled caller cannot let more than N sessions
-        // run at once: it is released when the blocking work is done.
-        let _permit = permit;
-        task_inner.with_conn(f)
+    let (r, t_started, t_done) = tokio::task::spawn_blocking(move || {
+        // The permits move here so that a cancelled caller cannot let more than N sessions
+        // run at once: they are released when the blocking work is done.
+        let _permits = (permit, bulk);
+        let t_started = t0.elapsed();
+        let r = task_inner.with_conn(prefer.as_deref(), f);
+        (r, t_started, t0.elapsed())
     })
     .await
     .expect("ssh store task panicked");
+    tracing::trace!(
+        target: "horcrux::timing",
+        key,
+        permit_us = t_permit.as_micros() as u64,
+        hop_in_us = (t_started - t_permit).as_micros() as u64,
+        work_us = (t_done - t_started).as_micros() as u64,
+        hop_out_us = t0.elapsed().saturating_sub(t_done).as_micros() as u64,
+        "ssh op"
+    );
     if r.is_ok() && inner.warm_pool.swap(false, Ordering::Relaxed) {
         warm_pool(&inner);
     }
@@ -377,9 +469,8 @@ where
 /// never exceeds its size): a handshake costs 10-200 ms, and a cold small read asks for its
 /// piece and the piece hashes on two sessions at once.
 fn warm_pool(inner: &Arc<Inner>) {
-    let missing = inner
-        .sessions
-        .saturating_sub(inner.live.load(Ordering::Relaxed));
+    let pool = inner.sessions + SMALL_READ_SESSIONS;
+    let missing = pool.saturating_sub(inner.live.load(Ordering::Relaxed));
     for _ in 0..missing {
         let Ok(permit) = inner.permits.clone().try_acquire_owned() else {
             return; // in use: those operations open their own sessions
@@ -387,7 +478,7 @@ fn warm_pool(inner: &Arc<Inner>) {
         let inner = inner.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            if inner.live.load(Ordering::Relaxed) >= inner.sessions {
+            if inner.live.load(Ordering::Relaxed) >= pool {
                 return;
             }
             match inner.connect() {
@@ -573,6 +664,7 @@ impl Inner {
 
     fn with_conn<T>(
         &self,
+        prefer: Option<&str>,
         f: impl Fn(&Inner, &mut Conn) -> Result<T, OpError>,
     ) -> Result<T, OpError> {
         let mut retried = false;
@@ -581,7 +673,15 @@ impl Inner {
             let pooled = if retried {
                 None
             } else {
-                self.idle.lock().pop()
+                let mut idle = self.idle.lock();
+                let holder = prefer.and_then(|path| {
+                    idle.iter()
+                        .rposition(|c| c.open_reads.borrow().iter().any(|h| h.path == path))
+                });
+                match holder {
+                    Some(i) => Some(idle.remove(i)),
+                    None => idle.pop(),
+                }
             };
             let reused = pooled.is_some();
             let mut conn = match pooled {
@@ -1115,12 +1215,19 @@ struct Conn {
     /// The last files read (most recent last, at most `OPEN_READS`), kept open: objects are
     /// immutable (replaced only by rename), so a handle stays valid, and block reads of a
     /// recently read chunk (or its piece outboard) skip an open and a close round trip each.
-    open_reads: std::cell::RefCell<Vec<(String, ssh2::File)>>,
+    open_reads: std::cell::RefCell<Vec<OpenRead>>,
     renamer: Option<PosixRenamer>,
     sftp: ssh2::Sftp,
     session: Session,
     socket: TcpStream,
     _live: LiveGuard,
+}
+
+/// A file a session holds open for reading.
+struct OpenRead {
+    path: String,
+    opened: Instant,
+    file: ssh2::File,
 }
 
 /// Counts a connection in its store's number of open sessions while it lives.
@@ -1335,22 +1442,39 @@ impl Conn {
         r
     }
 
-    fn read_exact_at(&self, path: &str, range: Range<u64>) -> Result<Vec<u8>, OpError> {
+    fn read_exact_at(
+        &self,
+        inner: &Inner,
+        path: &str,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, OpError> {
         let len = (range.end - range.start) as usize;
+        let t0 = Instant::now();
         let mut open = self.open_reads.borrow_mut();
-        match open.iter().position(|(k, _)| k == path) {
-            Some(i) => {
-                let h = open.remove(i);
+        let mut opened = false;
+        let held = open.iter().position(|h| h.path == path);
+        if let Some(i) = held {
+            let h = open.remove(i);
+            if inner.refused.lock().stale(path, h.opened) {
+                drop(h); // closes it: the file may have been replaced since
+            } else {
                 open.push(h);
             }
-            None => {
-                if open.len() >= OPEN_READS {
-                    open.remove(0); // closes the least recently used handle
-                }
-                open.push((path.to_string(), self.sftp.open(p(path))?));
-            }
         }
-        let f = &mut open.last_mut().expect("just pushed").1;
+        if open.last().is_none_or(|h| h.path != path) {
+            if open.len() >= OPEN_READS {
+                open.remove(0); // closes the least recently used handle
+            }
+            let opened_at = Instant::now();
+            open.push(OpenRead {
+                path: path.to_string(),
+                opened: opened_at,
+                file: self.sftp.open(p(path))?,
+            });
+            opened = true;
+        }
+        let t_open = t0.elapsed();
+        let f = &mut open.last_mut().expect("just pushed").file;
         let mut buf = vec![0u8; len];
         if len == 0 {
             return Ok(buf);
@@ -1385,6 +1509,15 @@ impl Conn {
             }
             done += n;
         }
+        tracing::trace!(
+            target: "horcrux::timing",
+            path,
+            len,
+            opened,
+            open_us = t_open.as_micros() as u64,
+            read_us = (t0.elapsed() - t_open).as_micros() as u64,
+            "sftp read"
+        );
         Ok(buf)
     }
 
@@ -1669,10 +1802,34 @@ impl Store for SshStore {
             ));
         }
         let path = self.inner.path(key)?;
-        self.run(key, move |_, c| {
-            c.read_exact_at(&path, range.clone()).map(Bytes::from)
-        })
+        let span = tracing::trace_span!(target: "horcrux::timing", "get_range", len = range.end - range.start);
+        let small = range.end - range.start <= SMALL_READ;
+        run(
+            self.inner.clone(),
+            key,
+            Some(path.clone()),
+            small,
+            move |inner, c| {
+                c.read_exact_at(inner, &path, range.clone())
+                    .map(Bytes::from)
+            },
+        )
+        .instrument(span)
         .await
+    }
+
+    fn refused(&self, key: &str) {
+        let Ok(path) = self.inner.path(key) else {
+            return;
+        };
+        // Only marked here (this may run on an async worker, and closing a handle is a round
+        // trip): the session holding it closes it at its next read of the file.
+        let mut r = self.inner.refused.lock();
+        if r.keys.len() >= REFUSED_MAX {
+            r.keys.clear();
+            r.all_before = Some(Instant::now());
+        }
+        r.keys.insert(path, Instant::now());
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -1699,7 +1856,7 @@ impl Store for SshStore {
                 .collect::<Result<Vec<String>, _>>()?;
             let inner = self.inner.clone();
             tasks.spawn(async move {
-                let r = run(inner, "", move |_, c| {
+                let r = run(inner, "", None, false, move |_, c| {
                     paths
                         .iter()
                         .map(|p| c.exists(p))

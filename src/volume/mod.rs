@@ -629,6 +629,7 @@ impl Volume {
         size: u64,
     ) -> Result<Bytes, VolumeError> {
         let node_size = size;
+        let t0 = std::time::Instant::now();
         let extents = self.manifest().extents(ino, offset..end)?;
         let mut parts = Vec::with_capacity(extents.len());
         for e in &extents {
@@ -662,6 +663,7 @@ impl Volume {
                 }
             }
         }
+        let t_catalog = t0.elapsed();
         // Warm path: every piece in the cache, read on this (FUSE worker) thread.
         let mut pieces = Vec::with_capacity(parts.len());
         let mut missing = Vec::new();
@@ -672,15 +674,23 @@ impl Volume {
             }
         }
         if !missing.is_empty() {
+            let t_cached = t0.elapsed();
             let fetcher = self.fetcher.clone();
             let fetched = self.runtime.block_on(async move {
                 let futs = missing.into_iter().map(|(s, t, info, r)| {
                     let f = fetcher.clone();
-                    async move { f.read(&info, r).await.map(|b| (s, t, b)) }
+                    async move { f.read_after_miss(&info, r).await.map(|b| (s, t, b)) }
                 });
                 futures_join_all(futs).await
             })?;
             pieces.extend(fetched);
+            tracing::trace!(
+                target: "horcrux::timing",
+                catalog_us = t_catalog.as_micros() as u64,
+                cache_check_us = (t_cached - t_catalog).as_micros() as u64,
+                fetch_us = (t0.elapsed() - t_cached).as_micros() as u64,
+                "cold base read"
+            );
         }
         self.readahead(ino, fh, offset, end, node_size);
         // Assemble, zero-filling holes between extents.
