@@ -14,6 +14,10 @@
 //!   the block's piece hashes from the chunk's piece outboard (two small requests at once),
 //!   verifies both against the block hash, and serves; the whole block follows behind it into
 //!   the cache. A chunk without an outboard (older repositories) reads whole blocks.
+//! - Runs: prefetches and fills ask the source for up to [`RUN_BLOCKS`] adjacent blocks in
+//!   one request, verify each block alone, and cache them with one `fdatasync`. Every block of
+//!   a run is still its own flight: a reader that needs one waits for the run instead of
+//!   asking again, and falls back to fetching its block alone if the run fails.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -23,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::cache::Cache;
 use crate::hashtree::{
@@ -127,6 +131,26 @@ impl BlockData {
 
 type Flight = Arc<OnceCell<Result<BlockData, FetchError>>>;
 
+/// Largest number of adjacent blocks one prefetch or fill request asks the source for (8 MiB
+/// with 1 MiB blocks). Every request costs a round trip, a signature, a cache `fdatasync` and
+/// SQLite transaction here, and a metadata lookup on an S3 server; with the daemon and the
+/// server sharing the CPUs (bench/remote), that per-request work bounded cold sequential reads.
+/// Bounded so one request is not a large part of a chunk a reader may seek away from, and so a
+/// run still lands in the cache a few MiB at a time.
+pub const RUN_BLOCKS: u32 = 8;
+
+/// What a run delivers to the readers that wait for one of its blocks: the verified blocks in
+/// order (from the run's first block), or `None` if the run failed (each reader then fetches
+/// its block alone and gets its own error).
+type RunOutcome = Option<Arc<Vec<Verified<Bytes>>>>;
+
+/// A run in flight, as a reader of one of its blocks finds it.
+#[derive(Debug, Clone)]
+struct RunWait {
+    first: u32,
+    done: watch::Receiver<Option<RunOutcome>>,
+}
+
 /// Priority of a block fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Priority {
@@ -149,6 +173,8 @@ pub struct Fetcher {
     foreground: Semaphore,
     background: Semaphore,
     inflight: Mutex<HashMap<(ChunkId, u32), Flight>>,
+    /// Blocks claimed by a run in flight (a subset of `inflight`'s keys).
+    runs: Mutex<HashMap<(ChunkId, u32), RunWait>>,
     metrics: FetchMetrics,
     /// Foreground block fetches waiting on the source now; a prefetch job backs off while
     /// there are any (see [`Fetcher::foreground_busy`]).
@@ -199,6 +225,7 @@ impl Fetcher {
             background: Semaphore::new(config.background_concurrency.max(1)),
             config,
             inflight: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
             metrics: FetchMetrics::default(),
             foreground_active: AtomicUsize::new(0),
             no_outboard: Mutex::new(HashSet::new()),
@@ -557,10 +584,62 @@ impl Fetcher {
         }
         let present = self.cache.present(info, self.block_size);
         let n = block_count(info.len, self.block_size);
-        for b in blocks.start..blocks.end.min(n) {
-            if !present.get(b) {
-                self.spawn_block(info, b, prio);
+        let end = blocks.end.min(n);
+        let mut start = blocks.start;
+        while start < end {
+            let run = start..(start + RUN_BLOCKS).min(end);
+            start = run.end;
+            let wanted = {
+                let m = self.inflight.lock();
+                run.clone()
+                    .any(|b| !present.get(b) && !m.contains_key(&(info.id, b)))
+            };
+            if !wanted {
+                continue;
             }
+            let this = self.clone();
+            let info = info.clone();
+            tokio::spawn(async move {
+                // A background fill takes its permit before its blocks become flights: queued
+                // fills are invisible to readers, so a reader never waits behind the fill queue.
+                let _permit = match prio {
+                    Priority::Background => Some(this.background.acquire().await.expect("open")),
+                    _ => None,
+                };
+                this.fetch_run(&info, run, prio).await;
+            });
+        }
+    }
+
+    /// Fetch the blocks of `run` that are neither cached nor in flight, each stretch of
+    /// adjacent ones with one request: claim them as flights, fetch, verify every block, hand
+    /// them to their flights (and to readers already waiting), cache them with one insert,
+    /// then retire the flights.
+    async fn fetch_run(self: &Arc<Self>, info: &Arc<ChunkInfo>, run: Range<u32>, prio: Priority) {
+        let present = self.cache.present(info, self.block_size);
+        // Claim, under the lock, maximal stretches of blocks nobody has or fetches.
+        let mut stretches: Vec<Vec<(u32, Flight)>> = Vec::new();
+        {
+            let mut m = self.inflight.lock();
+            let mut cur: Vec<(u32, Flight)> = Vec::new();
+            for b in run {
+                let key = (info.id, b);
+                if present.get(b) || m.contains_key(&key) {
+                    if !cur.is_empty() {
+                        stretches.push(std::mem::take(&mut cur));
+                    }
+                    continue;
+                }
+                let f: Flight = Arc::new(OnceCell::new());
+                m.insert(key, f.clone());
+                cur.push((b, f));
+            }
+            if !cur.is_empty() {
+                stretches.push(cur);
+            }
+        }
+        for claimed in stretches {
+            self.fetch_stretch(info, claimed, prio).await;
         }
     }
 
@@ -599,9 +678,158 @@ impl Fetcher {
             .map(|(b, _, _)| b)
     }
 
-    /// [`Self::block`], also saying whether this call fetched it from the source and whether it
-    /// came from the cache; with `wait_persist`, a block this call fetched is durable in the
-    /// cache when it returns.
+    async fn fetch_stretch(
+        self: &Arc<Self>,
+        info: &Arc<ChunkInfo>,
+        claimed: Vec<(u32, Flight)>,
+        prio: Priority,
+    ) {
+        let first = claimed[0].0;
+        let last = claimed[claimed.len() - 1].0;
+        let (tx, rx) = watch::channel(None);
+        {
+            let mut runs = self.runs.lock();
+            for (b, _) in &claimed {
+                runs.insert(
+                    (info.id, *b),
+                    RunWait {
+                        first,
+                        done: rx.clone(),
+                    },
+                );
+            }
+        }
+        let blocks = self.fetch_blocks(info, first..last + 1, prio).await;
+        let keys: Vec<(ChunkId, u32)> = claimed.iter().map(|(b, _)| (info.id, *b)).collect();
+        let Some(blocks) = blocks else {
+            // Readers waiting for these blocks fetch them alone; flights nobody waits for are
+            // dropped, so the next reader starts a fetch of its own.
+            let _ = tx.send(Some(None));
+            let mut runs = self.runs.lock();
+            let mut m = self.inflight.lock();
+            for k in &keys {
+                runs.remove(k);
+                m.remove(k);
+            }
+            return;
+        };
+        let blocks = Arc::new(blocks);
+        let _ = tx.send(Some(Some(blocks.clone())));
+        for (i, (_, flight)) in claimed.iter().enumerate() {
+            // Fails only for a flight a reader is initialising: that reader takes its block
+            // from the run's outcome instead.
+            let _ = flight.set(Ok(BlockData::Fetched(blocks[i].clone())));
+        }
+        self.metrics
+            .background_blocks
+            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        // Persist, then retire the flights so later readers find the blocks in the cache.
+        let this = self.clone();
+        let info = info.clone();
+        let persist = tokio::task::spawn_blocking(move || {
+            let items: Vec<(u32, Verified<Bytes>)> = blocks
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (first + i as u32, v.clone()))
+                .collect();
+            if let Err(e) = this.cache.insert_blocks(&info, this.block_size, &items)
+                // A full disk is logged by the cache, rate-limited.
+                && !e.is_disk_full()
+            {
+                tracing::warn!(chunk = %info.id, blocks = ?(first..last + 1), error = %e, "could not cache blocks (served anyway)");
+            }
+            let mut runs = this.runs.lock();
+            let mut m = this.inflight.lock();
+            for k in &keys {
+                runs.remove(k);
+                m.remove(k);
+            }
+        });
+        let _ = persist.await;
+    }
+
+    /// Blocks `blocks` of `info` from the source with one request, each verified; `None` if
+    /// the request failed, timed out or returned bad data (readers then fetch their own
+    /// blocks one by one, with retries and their own errors).
+    async fn fetch_blocks(
+        &self,
+        info: &ChunkInfo,
+        blocks: Range<u32>,
+        prio: Priority,
+    ) -> Option<Vec<Verified<Bytes>>> {
+        let bs = self.block_size;
+        let range = block_range(info.len, bs, blocks.start).start
+            ..block_range(info.len, bs, blocks.end - 1).end;
+        let _permit = match prio {
+            Priority::Foreground | Priority::Prefetch => {
+                Some(self.foreground.acquire().await.expect("semaphore open"))
+            }
+            Priority::Background => None,
+        };
+        let verified: Mutex<Option<Vec<Verified<Bytes>>>> = Mutex::new(None);
+        let check = |data: &Bytes| {
+            let mut out = Vec::with_capacity((blocks.end - blocks.start) as usize);
+            for idx in blocks.clone() {
+                let r = block_range(info.len, bs, idx);
+                let (s, e) = (
+                    (r.start - range.start) as usize,
+                    (r.end - range.start) as usize,
+                );
+                if e > data.len() {
+                    return false;
+                }
+                match hashtree::verify_block(
+                    info.id,
+                    info.len,
+                    bs,
+                    idx,
+                    &info.blocks[idx as usize],
+                    data.slice(s..e),
+                ) {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(block = idx, error = %e, "corrupted data refused");
+                        return false;
+                    }
+                }
+            }
+            *verified.lock() = Some(out);
+            true
+        };
+        let started = std::time::Instant::now();
+        let fetch = self
+            .source
+            .get_chunk_range_checked(info, bs, range.clone(), &check);
+        let outcome = tokio::time::timeout(self.config.request_timeout, fetch).await;
+        self.metrics.fetch_latency.observe(started.elapsed());
+        match outcome {
+            Ok(Ok(_)) => {
+                let v = verified.lock().take()?;
+                self.metrics
+                    .blocks_fetched
+                    .fetch_add(v.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .bytes_fetched
+                    .fetch_add(range.end - range.start, Ordering::Relaxed);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(chunk = %info.id, ?blocks, error = %e, "run fetch failed; blocks are fetched alone");
+                None
+            }
+            Err(_) => {
+                self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(chunk = %info.id, ?blocks, "run fetch timed out; blocks are fetched alone");
+                None
+            }
+        }
+    }
+
+    /// One whole verified block, via cache or source, single-flight; also saying whether this
+    /// call fetched it from the source and whether it came from the cache. With
+    /// `wait_persist`, a block this call fetched is durable in the cache when it returns.
     async fn block_with(
         self: &Arc<Self>,
         info: &Arc<ChunkInfo>,
@@ -671,6 +899,18 @@ impl Fetcher {
         idx: u32,
         prio: Priority,
     ) -> Result<BlockData, FetchError> {
+        // Part of a run in flight: wait for it rather than ask the source again.
+        let run = self.runs.lock().get(&(info.id, idx)).cloned();
+        if let Some(mut run) = run {
+            let _busy =
+                (prio == Priority::Foreground).then(|| BusyGuard::new(&self.foreground_active));
+            if let Ok(outcome) = run.done.wait_for(Option::is_some).await
+                && let Some(Some(blocks)) = &*outcome
+                && let Some(v) = blocks.get((idx - run.first) as usize)
+            {
+                return Ok(BlockData::Fetched(v.clone()));
+            }
+        }
         let r = block_range(info.len, self.block_size, idx);
         // Another process (or an earlier flight) may have cached it meanwhile.
         let cache = self.cache.clone();
@@ -1018,9 +1258,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(full, "chunk was not filled in the background");
+        // Block 5 by the reader, then the fill in runs around it: 0-4, 6-7, 8.
+        assert_eq!(store.gets.load(Ordering::SeqCst), 4);
         assert_eq!(
-            store.gets.load(Ordering::SeqCst),
-            9,
+            f.metrics().bytes_fetched.load(Ordering::Relaxed),
+            info.len,
             "each block fetched exactly once"
         );
         assert_eq!(f.read_cached(&info, 0..info.len).unwrap(), &data[..]);
@@ -1090,6 +1332,68 @@ mod tests {
         assert_eq!(load(&m.hit_blocks) - hb, 2);
         assert_eq!(load(&m.hit_bytes) - hbytes, 4900);
         assert_eq!(load(&m.miss_blocks), 2, "no new miss");
+        assert_eq!(f.inflight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetch_asks_in_runs_and_readers_of_a_run_wait_for_it() {
+        let n = 2 * RUN_BLOCKS as usize;
+        let (_d, store, f, info, data) = setup(Duration::from_millis(300), n * 4096).await;
+        f.prefetch(&info, 0..n as u32);
+        // Readers of blocks inside both runs, while the runs are in flight.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut readers = Vec::new();
+        for b in [1u64, 3, RUN_BLOCKS as u64 + 2] {
+            let (f, info) = (f.clone(), info.clone());
+            readers.push((
+                b,
+                tokio::spawn(async move { f.read(&info, b * 4096 + 7..b * 4096 + 99).await }),
+            ));
+        }
+        for (b, r) in readers {
+            let got = r.await.unwrap().unwrap();
+            let at = b as usize * 4096;
+            assert_eq!(&got[..], &data[at + 7..at + 99]);
+        }
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            2,
+            "one request per run, none for the readers"
+        );
+        let mut whole = None;
+        for _ in 0..500 {
+            whole = f.read_cached(&info, 0..info.len);
+            if whole.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(&whole.expect("runs cached")[..], &data[..]);
+        assert_eq!(f.inflight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_with_a_corrupt_block_caches_nothing_and_readers_fetch_alone() {
+        let (d, store, f, info, data) = setup(Duration::from_millis(100), 4 * 4096).await;
+        let path = d.path().join("repo").join(chunk_key(&info.id));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[2 * 4096 + 10] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        f.prefetch(&info, 0..4);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (f1, i1) = (f.clone(), info.clone());
+        let good = tokio::spawn(async move { f1.read(&i1, 4096..4196).await });
+        let bad = f.read(&info, 2 * 4096..2 * 4096 + 100).await.unwrap_err();
+        assert!(matches!(bad, FetchError::Corrupt(_)), "{bad}");
+        assert_eq!(&good.await.unwrap().unwrap()[..], &data[4096..4196]);
+        // The run, then each reader's own block.
+        assert_eq!(store.gets.load(Ordering::SeqCst), 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(f.read_cached(&info, 2 * 4096..2 * 4096 + 1).is_none());
+        assert!(
+            f.read_cached(&info, 0..1).is_none(),
+            "nothing of the bad run cached"
+        );
         assert_eq!(f.inflight(), 0);
     }
 

@@ -2,9 +2,8 @@
 //! tokio's blocking pool, never on async workers.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -65,22 +64,21 @@ impl FileStore {
 }
 
 fn read_range(path: &Path, range: Range<u64>) -> io::Result<Vec<u8>> {
-    let f = File::open(path)?;
+    let mut f = File::open(path)?;
     let len = (range.end - range.start) as usize;
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        let n = f.read_at(&mut buf[done..], range.start + done as u64)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "range {}..{} is past the end of the object",
-                    range.start, range.end
-                ),
-            ));
-        }
-        done += n;
+    f.seek(SeekFrom::Start(range.start))?;
+    // Read into uninitialised capacity: zeroing a 1 MiB buffer first was 8 % of a peer
+    // server's CPU (bench/peer profile), for bytes overwritten at once.
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "range {}..{} is past the end of the object",
+                range.start, range.end
+            ),
+        ));
     }
     Ok(buf)
 }
