@@ -473,11 +473,18 @@ impl Cache {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        if let Err(err) = e.file.read_exact_at(&mut buf, range.start) {
-            tracing::warn!(chunk = %info.id, error = %err, "reading cached chunk failed");
-            return None;
-        }
+        let len = (range.end - range.start) as usize;
+        let buf = match crate::util::read_at_uninit(&e.file, range.start, len) {
+            Ok(b) if b.len() == len => b,
+            Ok(b) => {
+                tracing::warn!(chunk = %info.id, got = b.len(), wanted = len, "cached chunk file is short");
+                return None;
+            }
+            Err(err) => {
+                tracing::warn!(chunk = %info.id, error = %err, "reading cached chunk failed");
+                return None;
+            }
+        };
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.touch(&info.id);
         Some(Bytes::from(buf))
