@@ -143,6 +143,8 @@ pub const RUN_BLOCKS: u32 = 8;
 /// order (from the run's first block), or `None` if the run failed (each reader then fetches
 /// its block alone and gets its own error).
 type RunOutcome = Option<Arc<Vec<Verified<Bytes>>>>;
+/// Where a run announces its outcome to the readers waiting on its blocks.
+type RunSender = watch::Sender<Option<RunOutcome>>;
 
 /// A run in flight, as a reader of one of its blocks finds it.
 #[derive(Debug, Clone)]
@@ -617,30 +619,46 @@ impl Fetcher {
     /// then retire the flights.
     async fn fetch_run(self: &Arc<Self>, info: &Arc<ChunkInfo>, run: Range<u32>, prio: Priority) {
         let present = self.cache.present(info, self.block_size);
-        // Claim, under the lock, maximal stretches of blocks nobody has or fetches.
-        let mut stretches: Vec<Vec<(u32, Flight)>> = Vec::new();
+        // Claim, under the locks, maximal stretches of blocks nobody has or fetches, and
+        // register each stretch as a run in the same step: a reader that joins one of these
+        // flights must find the run to wait for (else it would ask the source itself), also
+        // for stretches fetched after the first. Lock order: runs, then inflight.
+        let mut stretches: Vec<(Vec<(u32, Flight)>, RunSender)> = Vec::new();
         {
+            let mut runs = self.runs.lock();
             let mut m = self.inflight.lock();
             let mut cur: Vec<(u32, Flight)> = Vec::new();
+            let mut close = |cur: &mut Vec<(u32, Flight)>| {
+                if cur.is_empty() {
+                    return;
+                }
+                let (tx, rx) = watch::channel(None);
+                let first = cur[0].0;
+                for (b, _) in cur.iter() {
+                    let done = rx.clone();
+                    runs.insert((info.id, *b), RunWait { first, done });
+                }
+                stretches.push((std::mem::take(cur), tx));
+            };
             for b in run {
                 let key = (info.id, b);
                 if present.get(b) || m.contains_key(&key) {
-                    if !cur.is_empty() {
-                        stretches.push(std::mem::take(&mut cur));
-                    }
+                    close(&mut cur);
                     continue;
                 }
                 let f: Flight = Arc::new(OnceCell::new());
                 m.insert(key, f.clone());
                 cur.push((b, f));
             }
-            if !cur.is_empty() {
-                stretches.push(cur);
-            }
+            close(&mut cur);
         }
-        for claimed in stretches {
-            self.fetch_stretch(info, claimed, prio).await;
-        }
+        // At once: a reader may be waiting on any of them.
+        futures_util::future::join_all(
+            stretches
+                .into_iter()
+                .map(|(claimed, tx)| self.fetch_stretch(info, claimed, tx, prio)),
+        )
+        .await;
     }
 
     /// Fetch block `b` of chunk `info` in a task of its own unless it is in flight already.
@@ -682,23 +700,11 @@ impl Fetcher {
         self: &Arc<Self>,
         info: &Arc<ChunkInfo>,
         claimed: Vec<(u32, Flight)>,
+        tx: RunSender,
         prio: Priority,
     ) {
         let first = claimed[0].0;
         let last = claimed[claimed.len() - 1].0;
-        let (tx, rx) = watch::channel(None);
-        {
-            let mut runs = self.runs.lock();
-            for (b, _) in &claimed {
-                runs.insert(
-                    (info.id, *b),
-                    RunWait {
-                        first,
-                        done: rx.clone(),
-                    },
-                );
-            }
-        }
         let blocks = self.fetch_blocks(info, first..last + 1, prio).await;
         let keys: Vec<(ChunkId, u32)> = claimed.iter().map(|(b, _)| (info.id, *b)).collect();
         let Some(blocks) = blocks else {
