@@ -346,7 +346,7 @@ impl Fetcher {
                 // then the rest of the chunk as usual. Neither delays this reader: the block is
                 // known to be missing (no index lookup), and the fill is planned off its way.
                 if !self.cache.is_full() {
-                    self.spawn_block(info, first, Priority::Prefetch);
+                    self.spawn_block(info, first);
                 }
                 self.fill_later(info);
                 return Ok(b);
@@ -661,39 +661,26 @@ impl Fetcher {
         .await;
     }
 
-    /// Fetch block `b` of chunk `info` in a task of its own unless it is in flight already.
-    /// Must be called from within the runtime or with its handle entered.
-    fn spawn_block(self: &Arc<Self>, info: &Arc<ChunkInfo>, b: u32, prio: Priority) {
+    /// Fetch block `b` of chunk `info` at prefetch priority, in a task of its own, unless it is
+    /// in flight already. No index lookup: the caller knows the block is missing. Must be
+    /// called from within the runtime or with its handle entered.
+    fn spawn_block(self: &Arc<Self>, info: &Arc<ChunkInfo>, b: u32) {
         if self.inflight.lock().contains_key(&(info.id, b)) {
             return;
         }
         let this = self.clone();
         let info = info.clone();
         tokio::spawn(async move {
-            // A background fill takes its permit before it becomes a flight: queued fills
-            // are invisible to readers, so a reader never waits behind the fill queue.
-            let _permit = match prio {
-                Priority::Background => Some(this.background.acquire().await.expect("open")),
-                _ => None,
-            };
-            if this.block(&info, b, prio).await.is_ok() {
+            if this
+                .block_with(&info, b, Priority::Prefetch, false)
+                .await
+                .is_ok()
+            {
                 this.metrics
                     .background_blocks
                     .fetch_add(1, Ordering::Relaxed);
             }
         });
-    }
-
-    /// One whole verified block, via cache or source, single-flight.
-    async fn block(
-        self: &Arc<Self>,
-        info: &Arc<ChunkInfo>,
-        idx: u32,
-        prio: Priority,
-    ) -> Result<Bytes, FetchError> {
-        self.block_with(info, idx, prio, false)
-            .await
-            .map(|(b, _, _)| b)
     }
 
     async fn fetch_stretch(
