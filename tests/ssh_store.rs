@@ -221,7 +221,9 @@ async fn conformance_over_scp_url_on_port_22() {
     let sshd = match Sshd::try_start_on(22) {
         Ok(s) => s,
         Err(e) => {
-            println!("SKIP: scp:// form needs an sshd on port 22: {e}");
+            sshd::skip_allowed(&format!(
+                "the scp:// form needs a test sshd on port 22, which is taken or refused: {e}"
+            ));
             return;
         }
     };
@@ -379,7 +381,9 @@ async fn refused_authentication_is_a_clear_error() {
     // An encrypted key with no terminal to ask on: say so instead of prompting.
     let locked = sshd::keygen(&sshd.dir().join("locked"), "ed25519", "secret passphrase");
     if std::fs::File::open("/dev/tty").is_ok() {
-        println!("SKIP: encrypted-key check needs a process without a terminal");
+        sshd::skip_allowed(
+            "the encrypted-key check needs a process without a terminal (run it under `setsid`)",
+        );
     } else {
         let opts = StoreOptions {
             ssh_identity: Some(locked),
@@ -766,7 +770,9 @@ fn auth_by_agent_default_keys_and_passphrase_prompt() {
         .output()
         .is_err()
     {
-        println!("SKIP: passphrase prompt needs `script` (util-linux) for a terminal");
+        sshd::skip_allowed(
+            "the passphrase prompt check needs `script` (util-linux) for a terminal",
+        );
         return;
     }
     for (passphrase, expect, what) in [
