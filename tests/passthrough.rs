@@ -4,9 +4,11 @@
 //! in the overlay and `--no-passthrough` mounts are served by the daemon; a checkout shows the
 //! new version's content; assembled files are evicted under the cache bound, except open
 //! ones. Needs root (backing files need CAP_SYS_ADMIN) and Linux ≥ 6.9; elsewhere the tests
-//! that need passthrough are skipped with a message.
+//! that need passthrough fail, or are skipped with a message under HORCRUX_ALLOW_SKIP=1.
 
 mod common;
+#[path = "support/skip.rs"]
+mod skip;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -34,10 +36,9 @@ fn supported() -> bool {
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let ok = root && (major, minor) >= (6, 9);
-    if !ok {
-        eprintln!("skipped: FUSE passthrough needs root and Linux >= 6.9 (kernel {release})");
-    }
-    ok
+    ok || !skip::skip_allowed(&format!(
+        "FUSE passthrough needs root and Linux >= 6.9 (kernel {release})"
+    ))
 }
 
 fn source(t: &Path) -> (PathBuf, Vec<u8>) {
@@ -182,6 +183,17 @@ fn a_fully_cached_file_is_read_by_the_kernel() {
     drop(s);
     assert_eq!(fs::read(m.path("small")).unwrap(), b"tiny");
     assert!(m.log_text().contains("FUSE passthrough enabled"));
+    // `horcrux stats` tells the user so: on, with the passed-through opens counted.
+    let stats: serde_json::Value = serde_json::from_str(&horcrux_ok(&[
+        "stats".as_ref(),
+        "--json".as_ref(),
+        m.path("").as_os_str(),
+    ]))
+    .unwrap();
+    let p = &stats["passthrough"];
+    assert_eq!(p["active"], true, "{stats}");
+    assert!(p["opens"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(p["registered"].as_u64().unwrap() >= 1, "{stats}");
     m.unmount();
 }
 

@@ -1,6 +1,8 @@
 //! The scp/ssh store against a real OpenSSH server on loopback (Debian's `openssh-server`,
 //! started by `support/sshd.rs` with generated host and client keys).
 
+#[path = "support/skip.rs"]
+mod skip;
 #[path = "support/sshd.rs"]
 mod sshd;
 
@@ -221,7 +223,7 @@ async fn conformance_over_scp_url_on_port_22() {
     let sshd = match Sshd::try_start_on(22) {
         Ok(s) => s,
         Err(e) => {
-            sshd::skip_allowed(&format!(
+            skip::skip_allowed(&format!(
                 "the scp:// form needs a test sshd on port 22, which is taken or refused: {e}"
             ));
             return;
@@ -381,7 +383,7 @@ async fn refused_authentication_is_a_clear_error() {
     // An encrypted key with no terminal to ask on: say so instead of prompting.
     let locked = sshd::keygen(&sshd.dir().join("locked"), "ed25519", "secret passphrase");
     if std::fs::File::open("/dev/tty").is_ok() {
-        sshd::skip_allowed(
+        skip::skip_allowed(
             "the encrypted-key check needs a process without a terminal (run it under `setsid`)",
         );
     } else {
@@ -770,7 +772,7 @@ fn auth_by_agent_default_keys_and_passphrase_prompt() {
         .output()
         .is_err()
     {
-        sshd::skip_allowed(
+        skip::skip_allowed(
             "the passphrase prompt check needs `script` (util-linux) for a terminal",
         );
         return;

@@ -95,6 +95,7 @@ pub fn cache_figures(cache: &horcrux::cache::Cache) -> CacheFigures {
             c.evicted_chunks = s.evicted_chunks;
             c.evicted_bytes = s.evicted_bytes;
             c.inserted_bytes = s.inserted_bytes;
+            c.direct_bytes = cache.direct_write_bytes();
         }
         Err(e) => tracing::warn!(error = %e, "metrics: reading the cache index failed"),
     }
@@ -372,6 +373,12 @@ pub fn render_cache(e: &mut Exposition, l: Labels<'_>, c: &CacheFigures) {
         l,
         c.inserted_bytes,
     );
+    e.counter(
+        "horcrux_cache_direct_bytes_total",
+        "Of the bytes written into the cache, those that bypassed the page cache (O_DIRECT)",
+        l,
+        c.direct_bytes,
+    );
 }
 
 /// A mount daemon's report, every sample labelled with its volume.
@@ -403,6 +410,32 @@ pub fn render_mount(e: &mut Exposition, r: &StatsReport, volume_label: &str) {
             "Files with content of their own in the overlay",
             l,
             o.files as f64,
+        );
+    }
+    if let Some(p) = &r.passthrough {
+        e.gauge(
+            "horcrux_passthrough_active",
+            "1 if fully cached files are opened with FUSE passthrough, 0 if every read goes through the daemon",
+            l,
+            if p.active { 1.0 } else { 0.0 },
+        );
+        e.counter(
+            "horcrux_passthrough_opens_total",
+            "Opens the kernel serves from a backing file without the daemon",
+            l,
+            p.opens,
+        );
+        e.counter(
+            "horcrux_passthrough_backing_files_total",
+            "Backing files registered with the kernel",
+            l,
+            p.registered,
+        );
+        e.counter(
+            "horcrux_passthrough_not_cached_total",
+            "Read-only opens served by the daemon because the file was not entirely cached yet",
+            l,
+            p.not_cached,
         );
     }
     for o in &r.ops {

@@ -464,6 +464,22 @@ pub struct StatsReport {
     /// Filesystem operations the kernel asked, by kind (only kinds asked at least once).
     pub ops: Vec<OpFigures>,
     pub prefetch: Option<PrefetchReport>,
+    /// FUSE passthrough of fully cached files (absent from daemons before it was reported).
+    #[serde(default)]
+    pub passthrough: Option<PassthroughFigures>,
+}
+
+/// FUSE passthrough: opens the kernel serves from a backing file without the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassthroughFigures {
+    /// Configured on and offered by the kernel (else every read goes through the daemon).
+    pub active: bool,
+    /// Opens answered with a backing file.
+    pub opens: u64,
+    /// Backing files registered with the kernel.
+    pub registered: u64,
+    /// Read-only opens served by the daemon because the file was not entirely cached yet.
+    pub not_cached: u64,
 }
 
 /// The cache directory (shared by every mount of it: sizes are the directory's, eviction
@@ -479,6 +495,9 @@ pub struct CacheFigures {
     pub evicted_chunks: u64,
     pub evicted_bytes: u64,
     pub inserted_bytes: u64,
+    /// Of `inserted_bytes`, those written bypassing the page cache (`O_DIRECT`).
+    #[serde(default)]
+    pub direct_bytes: u64,
 }
 
 /// Reads through the fetcher, per block touched: from the cache (hit) or the source (miss).
@@ -1382,8 +1401,15 @@ mod tests {
         let mut r = StatsReport {
             volume: "AMCC".into(),
             metrics_addr: Some("127.0.0.1:9184".into()),
+            passthrough: Some(PassthroughFigures {
+                active: true,
+                opens: 4,
+                registered: 1,
+                not_cached: 2,
+            }),
             ..Default::default()
         };
+        r.cache.direct_bytes = 1 << 20;
         r.fetch.errors.insert("verify".into(), 2);
         r.sources.push(SourceFigures {
             source: "file:///r".into(),
@@ -1410,6 +1436,16 @@ mod tests {
         v["data"].as_object_mut().unwrap().remove("metrics_addr");
         let back: Response = decode_line(v.to_string().as_bytes()).unwrap();
         assert!(matches!(back, Response::Stats(r) if r.metrics_addr.is_none()));
+        // Nor does one without the passthrough figures or the direct-write bytes.
+        v["data"].as_object_mut().unwrap().remove("passthrough");
+        v["data"]["cache"]
+            .as_object_mut()
+            .unwrap()
+            .remove("direct_bytes");
+        let back: Response = decode_line(v.to_string().as_bytes()).unwrap();
+        assert!(
+            matches!(back, Response::Stats(r) if r.passthrough.is_none() && r.cache.direct_bytes == 0)
+        );
     }
 
     #[test]

@@ -60,6 +60,16 @@ impl ControlHandler {
                 .prefetcher
                 .status()
                 .map(|p| prefetch_report(p, self.prefetcher.owner())),
+            passthrough: Some({
+                use std::sync::atomic::Ordering::Relaxed;
+                let p = self.volume.passthrough_stats();
+                control::PassthroughFigures {
+                    active: self.volume.passthrough_active(),
+                    opens: p.opens.load(Relaxed),
+                    registered: p.registered.load(Relaxed),
+                    not_cached: p.not_cached.load(Relaxed),
+                }
+            }),
         }
     }
 }

@@ -212,6 +212,24 @@ pub fn render(r: &StatsReport, prev: Option<&StatsReport>) -> String {
         c.evicted_chunks,
         human_size(c.evicted_bytes)
     ));
+    if c.direct_bytes > 0 {
+        line(format!(
+            "          {} written by this mount, {} of it bypassing the page cache",
+            human_size(c.inserted_bytes),
+            human_size(c.direct_bytes)
+        ));
+    }
+    if let Some(p) = &r.passthrough {
+        line(if p.active {
+            format!(
+                "passthru  on: {} opens served by the kernel from {} backing file(s); {} opens \
+                 through the daemon (file not yet entirely cached)",
+                p.opens, p.registered, p.not_cached
+            )
+        } else {
+            "passthru  off: every read goes through the daemon (see the log for why)".into()
+        });
+    }
     match &r.overlay {
         Some(ov) => line(format!(
             "overlay   {} in {} file(s) of their own",
