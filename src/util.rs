@@ -87,6 +87,53 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
+/// Lowers the calling thread's CPU priority (its nice value) by `by` until dropped, where the
+/// process may raise it back: root, or an `RLIMIT_NICE` that allows it. Elsewhere it does
+/// nothing, since a pooled thread left behind at a lower priority would slow whatever runs on
+/// it next. Bulk transfers use it so that, on a busy machine, the work of a small read (its
+/// wake-ups, its decryption) is not queued behind theirs.
+#[derive(Debug)]
+#[must_use = "the priority is restored when this is dropped"]
+pub struct LowerPriority(Option<libc::c_int>);
+
+impl LowerPriority {
+    pub fn new(by: libc::c_int) -> Self {
+        static CAN_RESTORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // Probed on a thread of its own, so that a failed restore strands no pooled thread.
+        let can = *CAN_RESTORE.get_or_init(|| {
+            std::thread::spawn(|| {
+                let before = thread_nice();
+                set_thread_nice(before + 1) && set_thread_nice(before)
+            })
+            .join()
+            .unwrap_or(false)
+        });
+        if !can {
+            return LowerPriority(None);
+        }
+        let before = thread_nice();
+        LowerPriority(set_thread_nice((before + by).min(19)).then_some(before))
+    }
+}
+
+impl Drop for LowerPriority {
+    fn drop(&mut self) {
+        if let Some(before) = self.0 {
+            set_thread_nice(before);
+        }
+    }
+}
+
+fn thread_nice() -> libc::c_int {
+    // SAFETY: getpriority/gettid take plain integers; for the calling thread it cannot fail.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+}
+
+fn set_thread_nice(nice: libc::c_int) -> bool {
+    // SAFETY: as above; PRIO_PROCESS with a thread id sets that one thread's nice value.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -202,51 +249,4 @@ mod time_tests {
         assert_eq!(rfc3339_ns(-1), "1969-12-31T23:59:59.999999999Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
-}
-
-/// Lowers the calling thread's CPU priority (its nice value) by `by` until dropped, where the
-/// process may raise it back: root, or an `RLIMIT_NICE` that allows it. Elsewhere it does
-/// nothing, since a pooled thread left behind at a lower priority would slow whatever runs on
-/// it next. Bulk transfers use it so that, on a busy machine, the work of a small read (its
-/// wake-ups, its decryption) is not queued behind theirs.
-#[derive(Debug)]
-#[must_use = "the priority is restored when this is dropped"]
-pub struct LowerPriority(Option<libc::c_int>);
-
-impl LowerPriority {
-    pub fn new(by: libc::c_int) -> Self {
-        static CAN_RESTORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        // Probed on a thread of its own, so that a failed restore strands no pooled thread.
-        let can = *CAN_RESTORE.get_or_init(|| {
-            std::thread::spawn(|| {
-                let before = thread_nice();
-                set_thread_nice(before + 1) && set_thread_nice(before)
-            })
-            .join()
-            .unwrap_or(false)
-        });
-        if !can {
-            return LowerPriority(None);
-        }
-        let before = thread_nice();
-        LowerPriority(set_thread_nice((before + by).min(19)).then_some(before))
-    }
-}
-
-impl Drop for LowerPriority {
-    fn drop(&mut self) {
-        if let Some(before) = self.0 {
-            set_thread_nice(before);
-        }
-    }
-}
-
-fn thread_nice() -> libc::c_int {
-    // SAFETY: getpriority/gettid take plain integers; for the calling thread it cannot fail.
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-}
-
-fn set_thread_nice(nice: libc::c_int) -> bool {
-    // SAFETY: as above; PRIO_PROCESS with a thread id sets that one thread's nice value.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
 }

@@ -50,7 +50,6 @@ pub const DEFAULT_SESSIONS: usize = 4;
 pub const SMALL_READ_SESSIONS: usize = 2;
 /// How much lower than a small read's the CPU priority (nice value) of a bulk transfer is.
 const BULK_NICE: libc::c_int = 10;
-
 /// Largest read that may use the sessions kept for small reads: a quarter of a 1 MiB block,
 /// the most a piece read asks for.
 const SMALL_READ: u64 = 256 << 10;
@@ -446,11 +445,11 @@ where
     let (r, t_started, t_done) = tokio::task::spawn_blocking(move || {
         // The permits move here so that a cancelled caller cannot let more than N sessions
         // run at once: they are released when the blocking work is done.
+        let _permits = (permit, bulk);
         // A bulk transfer gives way on the CPU to small reads: on a busy machine the
         // decryption of a 1 MiB block (or a fill's run of them) delayed each wake-up of a
         // small read queued behind it by milliseconds.
         let _lower = (!small).then(|| crate::util::LowerPriority::new(BULK_NICE));
-        let _permits = (permit, bulk);
         let t_started = t0.elapsed();
         let r = task_inner.with_conn(prefer.as_deref(), f);
         (r, t_started, t0.elapsed())
