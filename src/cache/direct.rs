@@ -2,13 +2,13 @@
 //!
 //! A block fetched for a reader reaches the kernel's page cache anyway, as the FUSE file's
 //! pages; writing it into the cache file through the page cache as well kept a second copy in
-//! memory and cost the daemon a copy into freshly allocated pages: 28% of its CPU during a cold
-//! sequential read over SSH (BENCHMARKS.md, "Quiet machine, 2026-12-02"). A write goes direct when its
-//! offset and length are multiples of [`ALIGN`] (every whole block but a chunk's short last
-//! one); the bytes are copied into an aligned buffer first unless they already are aligned.
-//! The first filesystem that refuses `O_DIRECT` (`EINVAL`: tmpfs before Linux 6.6, some FUSE
-//! and network filesystems) turns it off for the cache, once, with a log line; writes then go
-//! through the page cache as before.
+//! memory and cost the daemon a copy into freshly allocated pages: 28% of its CPU during a
+//! cold sequential read over SSH (BENCHMARKS.md, "Quiet machine, 2026-12-02"). A write goes
+//! direct when its offset and length are multiples of [`ALIGN`] (every whole block but a
+//! chunk's short last one); the bytes are copied into an aligned buffer first unless they
+//! already are aligned. The first filesystem that refuses `O_DIRECT` (`EINVAL`: tmpfs before
+//! Linux 6.6, some FUSE and network filesystems) turns it off for the cache, once, with a log
+//! line; writes then go through the page cache as before.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::fs::{File, OpenOptions};
