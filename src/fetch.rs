@@ -14,10 +14,10 @@
 //!   the block's piece hashes from the chunk's piece outboard (two small requests at once),
 //!   verifies both against the block hash, and serves; the whole block follows behind it into
 //!   the cache. A chunk without an outboard (older repositories) reads whole blocks.
-//! - Runs: prefetches and fills ask the source for up to [`RUN_BLOCKS`] adjacent blocks in
-//!   one request, verify each block alone, and cache them with one `fdatasync`. Every block of
-//!   a run is still its own flight: a reader that needs one waits for the run instead of
-//!   asking again, and falls back to fetching its block alone if the run fails.
+//! - Runs: prefetches and fills ask the source for up to [`FetchConfig::run_blocks`] adjacent
+//!   blocks in one request, verify each block alone, and cache them with one `fdatasync`.
+//!   Every block of a run is still its own flight: a reader that needs one waits for the run
+//!   instead of asking again, and falls back to fetching its block alone if the run fails.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -70,6 +70,9 @@ pub struct FetchConfig {
     /// Serve small reads of cold blocks from verified 16 KiB pieces (needs piece outboards in
     /// the repository; chunks without one read whole blocks).
     pub piece_reads: bool,
+    /// Most adjacent blocks one prefetch or fill request asks for (at least 1; see
+    /// [`RUN_BLOCKS`], the default).
+    pub run_blocks: u32,
 }
 
 impl Default for FetchConfig {
@@ -80,6 +83,7 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(30),
             fill_chunks: true,
             piece_reads: true,
+            run_blocks: RUN_BLOCKS,
         }
     }
 }
@@ -244,6 +248,11 @@ impl Fetcher {
 
     pub fn block_size(&self) -> u32 {
         self.block_size
+    }
+
+    /// Most adjacent blocks one prefetch or fill request asks for.
+    pub fn run_blocks(&self) -> u32 {
+        self.config.run_blocks.max(1)
     }
 
     /// The mirror set this fetcher reads from (per-source metrics).
@@ -589,7 +598,7 @@ impl Fetcher {
         let end = blocks.end.min(n);
         let mut start = blocks.start;
         while start < end {
-            let run = start..(start + RUN_BLOCKS).min(end);
+            let run = start..(start + self.run_blocks()).min(end);
             start = run.end;
             let wanted = {
                 let m = self.inflight.lock();
@@ -892,17 +901,23 @@ impl Fetcher {
         idx: u32,
         prio: Priority,
     ) -> Result<BlockData, FetchError> {
-        // Part of a run in flight: wait for it rather than ask the source again.
+        // Part of a run in flight: wait for it rather than ask the source again. The time
+        // spent waiting counts against this block's bound: a reader whose run timed out on a
+        // dead source gets its error then, instead of waiting a whole bound again alone (with
+        // the kernel's retry of the page, a cut source's EIO came after three bounds).
+        let mut bound = self.config.request_timeout;
         let run = self.runs.lock().get(&(info.id, idx)).cloned();
         if let Some(mut run) = run {
             let _busy =
                 (prio == Priority::Foreground).then(|| BusyGuard::new(&self.foreground_active));
+            let waiting = std::time::Instant::now();
             if let Ok(outcome) = run.done.wait_for(Option::is_some).await
                 && let Some(Some(blocks)) = &*outcome
                 && let Some(v) = blocks.get((idx - run.first) as usize)
             {
                 return Ok(BlockData::Fetched(v.clone()));
             }
+            bound = bound.saturating_sub(waiting.elapsed());
         }
         let r = block_range(info.len, self.block_size, idx);
         // Another process (or an earlier flight) may have cached it meanwhile.
@@ -963,7 +978,7 @@ impl Fetcher {
                 match r {
                     Err(e) if bad.lock().is_none() && !e.is_not_found() && !e.is_past_end() => {
                         // Give up at half the bound, so the reader gets the source's own error.
-                        if start.elapsed() + backoff > self.config.request_timeout / 2 {
+                        if start.elapsed() + backoff > bound / 2 {
                             return Err(e);
                         }
                         tracing::debug!(chunk = %info.id, block = idx, error = %e, ?backoff, "fetch failed; retrying");
@@ -975,10 +990,14 @@ impl Fetcher {
             }
         };
         let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(self.config.request_timeout, fut).await;
+        let outcome = if bound.is_zero() {
+            None // the run used up the bound: no request that could only be abandoned
+        } else {
+            tokio::time::timeout(bound, fut).await.ok()
+        };
         self.metrics.fetch_latency.observe(started.elapsed());
         match outcome {
-            Ok(Ok(_)) => {
+            Some(Ok(_)) => {
                 let v = verified.lock().take().expect("checked data was kept");
                 self.metrics.blocks_fetched.fetch_add(1, Ordering::Relaxed);
                 self.metrics
@@ -986,7 +1005,7 @@ impl Fetcher {
                     .fetch_add(v.get().len() as u64, Ordering::Relaxed);
                 Ok(BlockData::Fetched(v))
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(v) = bad.lock().take() {
                     self.metrics.errors.add(crate::metrics::ErrorKind::Verify);
@@ -1003,7 +1022,7 @@ impl Fetcher {
                 tracing::debug!(error = %err, block = idx, "fetch failed");
                 Err(err)
             }
-            Err(_) => {
+            None => {
                 self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
                 self.metrics.errors.add(crate::metrics::ErrorKind::Timeout);
                 let err = FetchError::Timeout {
@@ -1388,6 +1407,34 @@ mod tests {
             "nothing of the bad run cached"
         );
         assert_eq!(f.inflight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_of_a_run_that_times_out_gets_its_error_within_its_own_bound() {
+        // A source that answers after 2 s, and a bound of 600 ms: the run times out.
+        let (_d, store, f, info, _) = setup(Duration::ZERO, 4 * 4096).await;
+        let slow = Arc::new(Counting {
+            inner: store.inner.clone(),
+            gets: AtomicUsize::new(0),
+            delay: Duration::from_secs(2),
+            fail_first: 0,
+        });
+        let bound = Duration::from_millis(600);
+        let cfg = FetchConfig {
+            request_timeout: bound,
+            fill_chunks: false,
+            ..Default::default()
+        };
+        let f = Arc::new(Fetcher::new(slow.clone(), f.cache.clone(), BS, cfg));
+        f.prefetch(&info, 0..4);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = std::time::Instant::now();
+        let e = f.read(&info, 2 * 4096..2 * 4096 + 100).await.unwrap_err();
+        let waited = t.elapsed();
+        assert!(matches!(e, FetchError::Timeout { .. }), "{e}");
+        // It joined the run 50 ms in: after the run's timeout, ~50 ms of its own bound were
+        // left for a request of its own, not a whole second bound (which took 1.15 s here).
+        assert!(waited < bound + Duration::from_millis(300), "{waited:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

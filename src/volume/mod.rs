@@ -727,7 +727,7 @@ impl Volume {
             // Ask in runs (the fetcher's request unit) rather than a read's worth at a time:
             // once the window is at its largest, every read moves its end by just the read's
             // size, and one request per 1 MiB block cost the source more CPU than the bytes.
-            let run = (crate::fetch::RUN_BLOCKS as u64 * bs).min(of.window);
+            let run = (self.fetcher.run_blocks() as u64 * bs).min(of.window);
             if from >= to || (to - from < run && to < size) {
                 return;
             }

@@ -79,6 +79,9 @@ pub struct MountArgs {
     /// always read whole blocks: a small GET is no faster there)
     #[arg(long)]
     pub no_piece_reads: bool,
+    /// Most adjacent blocks one read-ahead or fill request asks the source for [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub run_blocks: Option<u32>,
     /// Peers to read chunks from before the origin: one host:port (or host:port/REPO) a line,
     /// `#` comments. Each chunk is asked first of the peer that rendezvous hashing makes its
     /// owner, so a fleet reads each chunk from the origin about once. Needs --tls-dir
@@ -225,6 +228,7 @@ fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
         // responses on a kept-alive connection a delayed ACK late (Garage: 44 ms against 8 ms
         // for a whole block, bench/remote). Pieces pay off over SSH.
         piece_reads: !a.no_piece_reads && !a.access.trim_start().starts_with("s3://"),
+        run_blocks: a.run_blocks.unwrap_or(horcrux::fetch::RUN_BLOCKS),
         ..FetchConfig::default()
     };
     let mirror = MirrorConfig {
