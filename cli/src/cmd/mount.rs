@@ -79,8 +79,9 @@ pub struct MountArgs {
     /// always read whole blocks: a small GET is no faster there)
     #[arg(long)]
     pub no_piece_reads: bool,
-    /// Most adjacent blocks one read-ahead or fill request asks the source for [default: 1 for
-    /// ssh:// and scp:// sources, 8 for the others]
+    /// Most adjacent blocks one read-ahead or fill request asks the source for [default: 8].
+    /// Over SSH, 1 reads large files faster and with less memory, at the cost of a slower
+    /// first byte of small reads while a fill runs
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub run_blocks: Option<u32>,
     /// Peers to read chunks from before the origin: one host:port (or host:port/REPO) a line,
@@ -230,17 +231,10 @@ fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
         // responses on a kept-alive connection a delayed ACK late (Garage: 44 ms against 8 ms
         // for a whole block, bench/remote). Pieces pay off over SSH.
         piece_reads: !a.no_piece_reads && !first.starts_with("s3://"),
-        // Over SSH a block per request: one SFTP read of 8 MiB is pipelined on one session,
-        // where 8 block reads spread over the sessions (bench/remote: 168 -> 190 MiB/s, and
-        // the daemon's peak RSS 233 -> 62 MiB). Runs pay off where a request costs the
-        // server a lookup and a signature check (S3, peers).
-        run_blocks: a.run_blocks.unwrap_or(
-            if ["ssh://", "scp://"].iter().any(|s| first.starts_with(s)) {
-                1
-            } else {
-                horcrux::fetch::RUN_BLOCKS
-            },
-        ),
+        // 8 for every source. Over SSH, 1 made a cold sequential read ~10 % faster and the
+        // daemon's peak RSS 233 -> 62 MiB, but fills of one block per request made a cold
+        // 4 KiB read beside them ~1.5x slower (BENCHMARKS.md, "Quiet machine, 2026-12-02").
+        run_blocks: a.run_blocks.unwrap_or(horcrux::fetch::RUN_BLOCKS),
         ..FetchConfig::default()
     };
     let mirror = MirrorConfig {
