@@ -989,13 +989,14 @@ impl Fetcher {
                 }
             }
         };
-        let started = std::time::Instant::now();
         let outcome = if bound.is_zero() {
             None // the run used up the bound: no request that could only be abandoned
         } else {
-            tokio::time::timeout(bound, fut).await.ok()
+            let started = std::time::Instant::now();
+            let r = tokio::time::timeout(bound, fut).await.ok();
+            self.metrics.fetch_latency.observe(started.elapsed());
+            r
         };
-        self.metrics.fetch_latency.observe(started.elapsed());
         match outcome {
             Some(Ok(_)) => {
                 let v = verified.lock().take().expect("checked data was kept");
@@ -1433,7 +1434,7 @@ mod tests {
         let waited = t.elapsed();
         assert!(matches!(e, FetchError::Timeout { .. }), "{e}");
         // It joined the run 50 ms in: after the run's timeout, ~50 ms of its own bound were
-        // left for a request of its own, not a whole second bound (which took 1.15 s here).
+        // left for a request of its own, not a whole second bound (~1.15 s in all).
         assert!(waited < bound + Duration::from_millis(300), "{waited:?}");
     }
 

@@ -56,7 +56,8 @@ impl Direct {
         }
     }
 
-    /// Write `data` at `offset` through the direct handle `f` if both are aligned.
+    /// Write `data` at `offset` through the direct handle `f` if both are aligned (and direct
+    /// writes are still on: a handle opened before they were turned off is kept by its entry).
     /// `Ok(false)`: not written, write it through the page cache.
     pub(super) fn write_at(
         &self,
@@ -65,7 +66,11 @@ impl Direct {
         data: &[u8],
         offset: u64,
     ) -> io::Result<bool> {
-        if data.is_empty() || data.len() % ALIGN != 0 || offset % ALIGN as u64 != 0 {
+        if self.off.load(Ordering::Relaxed)
+            || data.is_empty()
+            || data.len() % ALIGN != 0
+            || offset % ALIGN as u64 != 0
+        {
             return Ok(false);
         }
         let r = if data.as_ptr() as usize % ALIGN == 0 {

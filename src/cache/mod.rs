@@ -122,6 +122,8 @@ struct Entry {
     len: u64,
     block_size: u32,
     file: File,
+    /// The same file opened `O_DIRECT`, on the first insert (`None`: not available).
+    direct: std::sync::OnceLock<Option<File>>,
     present: RwLock<Bitmap>,
 }
 
@@ -408,6 +410,7 @@ impl Cache {
             len,
             block_size,
             file,
+            direct: Default::default(),
             present: RwLock::new(present),
         });
         self.entries.lock().put(*id, e.clone());
@@ -562,7 +565,7 @@ impl Cache {
         }
         let e = self.get_or_create(info, block_size)?;
         let path = self.chunk_path(&info.id, e.generation);
-        let direct = self.direct.open(&path);
+        let direct = e.direct.get_or_init(|| self.direct.open(&path));
         let mut added = Bitmap::new(block_count(info.len, block_size));
         for (idx, data) in blocks {
             let r = block_range(info.len, block_size, *idx);
@@ -678,6 +681,7 @@ impl Cache {
                 len: info.len,
                 block_size,
                 file,
+                direct: Default::default(),
                 present: RwLock::new(Bitmap::new(block_count(info.len, block_size))),
             });
             self.entries.lock().put(info.id, e.clone());

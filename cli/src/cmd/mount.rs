@@ -222,7 +222,6 @@ fn peer_urls(
 
 /// Fetch and fall-over settings from the command line.
 fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
-    let first = a.access.trim_start();
     let fetch = FetchConfig {
         max_concurrency: a.concurrency,
         request_timeout: a.timeout,
@@ -230,7 +229,7 @@ fn fetch_configs(a: &MountArgs) -> (FetchConfig, MirrorConfig) {
         // Over S3 a 16 KiB ranged GET is no faster than a 1 MiB one: servers answer small
         // responses on a kept-alive connection a delayed ACK late (Garage: 44 ms against 8 ms
         // for a whole block, bench/remote). Pieces pay off over SSH.
-        piece_reads: !a.no_piece_reads && !first.starts_with("s3://"),
+        piece_reads: !a.no_piece_reads && !a.access.trim_start().starts_with("s3://"),
         // 8 for every source. Over SSH, 1 made a cold sequential read ~10 % faster and the
         // daemon's peak RSS 233 -> 62 MiB, but fills of one block per request made a cold
         // 4 KiB read beside them ~1.5x slower (BENCHMARKS.md, "Quiet machine, 2026-12-02").
